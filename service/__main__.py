@@ -1,0 +1,86 @@
+"""Command line: `python -m service` loads the configuration and serves until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from service import __version__
+from service.config import ENV_PREFIX, Config, ConfigError, ServerConfig, load_config
+from service.errors import redact
+from service.server import TokenwireServer
+
+log = logging.getLogger("tokenwire")
+
+_EPILOG = f"""\
+configuration: a TOML file (--config, or ${ENV_PREFIX}CONFIG) with [server] settings and
+[routes.NAME] tables; without one, built-in simulated routes are served. Every [server] key can
+be overridden with an environment variable {ENV_PREFIX}<KEY>, e.g. {ENV_PREFIX}LISTEN=0.0.0.0:50051
+or {ENV_PREFIX}MAX_CONCURRENT_STREAMS=200. Command-line flags win over both.
+[server] keys: {", ".join(ServerConfig.__dataclass_fields__)}.
+"""
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Last line of defence: no credential-shaped text leaves in a log line, tracebacks included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="tokenwire: a gRPC gateway that streams LLM responses (tokenwire.v1).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help=f"TOML configuration file (default: ${ENV_PREFIX}CONFIG)")
+    parser.add_argument("--listen", help="HOST:PORT to listen on (default: localhost:50051; port 0 picks one)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    parser.add_argument("--version", action="version", version=f"tokenwire {__version__}")
+    return parser.parse_args(argv)
+
+
+async def serve(config: Config) -> int:
+    server = TokenwireServer(config)
+    await server.start()
+    log.info("tokenwire %s listening on %s; routes: %s", __version__, server.address, ", ".join(config.routes))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %g s", config.server.shutdown_grace_seconds)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = args.config or (Path(os.environ[ENV_PREFIX + "CONFIG"]) if os.environ.get(ENV_PREFIX + "CONFIG") else None)
+    try:
+        config = load_config(path, os.environ, {"listen": args.listen, "log_level": args.log_level})
+        configure_logging(config.server.log_level)
+        return asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"tokenwire: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

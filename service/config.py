@@ -1,0 +1,218 @@
+"""Settings and routes: a TOML file, environment overrides, and defaults that just work.
+
+Precedence, lowest first: built-in defaults, the config file, `TOKENWIRE_<KEY>` environment
+variables for every key of `[server]`, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TOKENWIRE_"
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file, key and problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    # Address to listen on. Loopback by default; use "0.0.0.0:50051" or "[::]:50051" to serve
+    # other hosts.
+    listen: str = "localhost:50051"
+    # Largest request message accepted, in bytes. Larger requests get INVALID_ARGUMENT.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Largest request metadata (headers) accepted, in bytes.
+    max_metadata_bytes: int = 16 * 1024
+    # Generate streams served at once; more get RESOURCE_EXHAUSTED with a retry delay.
+    max_concurrent_streams: int = 1024
+    # Seconds streams get to finish after SIGTERM/SIGINT before they end with an Error.
+    shutdown_grace_seconds: float = 10.0
+    # Seconds between server keepalive pings on an idle connection, to notice vanished clients.
+    keepalive_time_seconds: float = 30.0
+    # Seconds to wait for a keepalive ping's answer before closing the connection.
+    keepalive_timeout_seconds: float = 10.0
+    # Shortest interval between client pings the server accepts.
+    keepalive_min_ping_interval_seconds: float = 10.0
+    # Python logging level: DEBUG, INFO, WARNING, ERROR.
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    provider: str
+    model: str
+    description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    routes: Mapping[str, RouteConfig]
+
+
+# The built-in routes: a simulated model, plus routes that script faults so that client
+# developers can test their error handling against a real server.
+DEFAULT_ROUTES: dict[str, dict[str, Any]] = {
+    "sim": {
+        "provider": "simulated",
+        "model": "tokenwire-sim-1",
+        "description": "Simulated model: deterministic text at a steady pace, no API key.",
+    },
+    "sim-error": {
+        "provider": "simulated",
+        "model": "tokenwire-sim-1",
+        "description": "Fails with a provider error (UNAVAILABLE) after 8 chunks.",
+        "options": {"fail_after_chunks": 8, "fail_with": "unavailable"},
+    },
+    "sim-down": {
+        "provider": "simulated",
+        "model": "tokenwire-sim-1",
+        "description": "Fails before the first token (UNAVAILABLE, no messages).",
+        "options": {"fail_after_chunks": 0, "fail_with": "unavailable"},
+    },
+    "sim-stall": {
+        "provider": "simulated",
+        "model": "tokenwire-sim-1",
+        "description": "Goes silent after 5 chunks for 30 s, then times out (UNAVAILABLE).",
+        "options": {"stall_after_chunks": 5, "stall_seconds": 30.0},
+    },
+    "sim-slow-start": {
+        "provider": "simulated",
+        "model": "tokenwire-sim-1",
+        "description": "Takes 5 s to the first token, then streams normally.",
+        "options": {"first_token_ms": 5000},
+    },
+}
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Builds the effective configuration; raises ConfigError with a precise message."""
+    data: dict[str, Any] = {}
+    where = "built-in defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"server", "routes"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected server, routes")
+
+    server_values: dict[str, Any] = dict(_table(data, "server", where))
+    for name, value in _env_overrides(env or {}).items():
+        server_values[name] = value
+    server_values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    server = _build_server(server_values, where)
+
+    raw_routes = _table(data, "routes", where) if "routes" in data else DEFAULT_ROUTES
+    routes = {name: _build_route(name, spec, where) for name, spec in raw_routes.items()}
+    if not routes:
+        raise ConfigError(f"{where}: [routes] is empty; configure at least one route")
+    for route in routes.values():
+        for fallback in route.fallbacks:
+            if fallback not in routes:
+                raise ConfigError(f"{where}: route {route.name!r} falls back to unknown route {fallback!r}")
+    return Config(server=server, routes=routes)
+
+
+def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+_SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _SERVER_FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        values[name] = _coerce(name, raw, f"environment variable {ENV_PREFIX + name.upper()}")
+    return values
+
+
+def _coerce(name: str, raw: str, where: str) -> Any:
+    kind = _SERVER_FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
+    unknown = set(values) - set(_SERVER_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown [server] key(s) {sorted(unknown)}")
+    checked: dict[str, Any] = {}
+    for name, value in values.items():
+        kind = _SERVER_FIELDS[name].type
+        ok = (
+            (kind == "int" and isinstance(value, int) and not isinstance(value, bool))
+            or (kind == "float" and isinstance(value, int | float) and not isinstance(value, bool))
+            or (kind == "str" and isinstance(value, str))
+        )
+        if not ok:
+            raise ConfigError(f"{where}: [server] {name} must be a {kind}, got {value!r}")
+        if kind in ("int", "float") and value <= 0:
+            raise ConfigError(f"{where}: [server] {name} must be positive, got {value!r}")
+        checked[name] = float(value) if kind == "float" else value
+    server = ServerConfig(**checked)
+    if server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: [server] log_level must be DEBUG, INFO, WARNING or ERROR")
+    if not re.fullmatch(r".+:\d+", server.listen):
+        raise ConfigError(f"{where}: [server] listen must be HOST:PORT, got {server.listen!r}")
+    return server
+
+
+def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
+    if not _ROUTE_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: route name {name!r} must be 1-128 of letters, digits and ._:/-")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: [routes.{name}] must be a table")
+    unknown = set(spec) - {"provider", "model", "description", "options", "fallbacks"}
+    if unknown:
+        raise ConfigError(f"{where}: [routes.{name}] unknown key(s) {sorted(unknown)}")
+    for key in ("provider", "model"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise ConfigError(f"{where}: [routes.{name}] needs a non-empty string {key!r}")
+    options = spec.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: [routes.{name}] options must be a table")
+    fallbacks = spec.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+        raise ConfigError(f"{where}: [routes.{name}] fallbacks must be a list of route names")
+    return RouteConfig(
+        name=name,
+        provider=spec["provider"],
+        model=spec["model"],
+        description=str(spec.get("description", "")),
+        options=dict(options),
+        fallbacks=tuple(fallbacks),
+    )

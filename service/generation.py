@@ -1,0 +1,175 @@
+"""The gRPC face of the service: Generate and ListModels, validation, and the error firewall.
+
+Whatever happens inside, a caller gets the contract: a plain rich status before Start, a terminal
+Error event mirrored by the status after it, INTERNAL with a correlation id for bugs — never
+grpc's default UNKNOWN with exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import grpc
+
+from service.config import ServerConfig
+from service.errors import ErrorCode, GatewayError, internal_error, invalid_request, new_correlation_id, redact
+from service.routing import Router
+from service.streams import Sequencer, StreamInfo
+from service.validation import prompt_chars, validate_request
+from service.wire import set_status
+from tokenwire.v1 import generation_pb2 as pb
+
+log = logging.getLogger("tokenwire.generation")
+
+Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
+# Retry delay suggested to callers turned away at the concurrency limit.
+OVERLOAD_RETRY_AFTER_SECONDS = 1.0
+
+
+class GenerationService:
+    def __init__(self, router: Router, config: ServerConfig) -> None:
+        self.router = router
+        self.config = config
+        # Handler tasks of the Generate streams in flight: the concurrency limit counts these.
+        self.active: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._shutdown_cancelled: set[asyncio.Task[None]] = set()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self.active)
+
+    async def Generate(self, request: pb.GenerateRequest | None, context: Context) -> None:
+        received_at = time.monotonic()
+        create_time = datetime.now(UTC)
+        stream_id = request.request_id if request is not None and request.request_id else uuid.uuid4().hex
+        task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
+        sequencer: Sequencer | None = None
+        outcome = "OK"
+        try:
+            try:
+                if self.draining:
+                    raise GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down; retry")
+                if request is None:
+                    raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
+                if not request.model:
+                    raise invalid_request("model", "is required: name a route (see ListModels)")
+                route = self.router.get(request.model)
+                remaining = context.time_remaining()
+                generation = validate_request(
+                    request,
+                    route,
+                    stream_id=stream_id,
+                    deadline=None if remaining is None else received_at + remaining,
+                    max_request_bytes=self.config.max_request_bytes,
+                )
+                if len(self.active) >= self.config.max_concurrent_streams:
+                    raise GatewayError(
+                        ErrorCode.SERVER_OVERLOADED,
+                        f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
+                        retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
+                    )
+                self.active.add(task)
+                try:
+                    opened = await self.router.open(route, generation)
+                    sequencer = Sequencer(
+                        StreamInfo(
+                            stream_id=stream_id,
+                            route=route.name,
+                            provider=opened.route.provider.kind,
+                            upstream_model=opened.route.config.model,
+                            received_at=received_at,
+                            create_time=create_time,
+                            prompt_chars=prompt_chars(generation),
+                        )
+                    )
+                    async with contextlib.aclosing(sequencer.run(opened.first, opened.events)) as messages:
+                        async for message in messages:
+                            await context.write(message)
+                finally:
+                    self.active.discard(task)
+            except asyncio.CancelledError:
+                if task not in self._shutdown_cancelled:
+                    outcome = "CANCELLED"
+                    raise
+                # Our own shutdown ended this stream: tell the caller so, instead of a silent cut.
+                task.uncancel()
+                shutting_down = GatewayError(
+                    ErrorCode.SERVER_SHUTTING_DOWN,
+                    "the server shut down before the stream finished; retry",
+                )
+                if sequencer is None:
+                    raise shutting_down from None
+                await context.write(sequencer.error_message(shutting_down))
+            if sequencer is not None and sequencer.failure is not None:
+                set_status(context, sequencer.failure, stream_id)
+                outcome = sequencer.failure.code.value
+        except GatewayError as err:
+            set_status(context, err, stream_id)
+            outcome = err.code.value
+        except Exception:
+            correlation_id = new_correlation_id()
+            log.exception("internal error %s in stream %s", correlation_id, stream_id)
+            set_status(context, internal_error(correlation_id), stream_id)
+            outcome = ErrorCode.INTERNAL.value
+        finally:
+            self._log_outcome(request, stream_id, outcome, sequencer, received_at)
+
+    def _log_outcome(
+        self,
+        request: pb.GenerateRequest | None,
+        stream_id: str,
+        outcome: str,
+        sequencer: Sequencer | None,
+        received_at: float,
+    ) -> None:
+        finish = sequencer.finish if sequencer is not None else None
+        labels = ""
+        if request is not None and request.metadata:
+            labels = " " + " ".join(f"{k[:64]}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
+        log.info(
+            "stream %s route=%s outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
+            stream_id,
+            (request.model[:128] if request is not None else "") or "-",
+            outcome,
+            pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
+            sequencer.sequence if sequencer is not None else 0,
+            (time.monotonic() - received_at) * 1000,
+            redact(labels),
+        )
+
+    async def ListModels(
+        self,
+        request: pb.ListModelsRequest | None,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.Model(
+                    name=route.name,
+                    provider=route.config.provider,
+                    upstream_model=route.config.model,
+                    description=route.config.description,
+                    supports_tools=route.provider.supports_tools,
+                    supports_reasoning=route.provider.supports_reasoning,
+                    fallbacks=route.config.fallbacks,
+                )
+                for route in self.router.routes.values()
+            ]
+        )
+
+    def begin_drain(self) -> None:
+        """New streams are refused from now on; the ones in flight go on."""
+        self.draining = True
+
+    def end_streams(self) -> int:
+        """Ends every stream still in flight with a terminal SERVER_SHUTTING_DOWN error."""
+        for task in list(self.active):
+            self._shutdown_cancelled.add(task)
+            task.cancel("server shutting down")
+        return len(self.active)

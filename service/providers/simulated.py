@@ -1,0 +1,283 @@
+"""The built-in simulated model: deterministic, readable text at a configurable pace, no API key.
+
+It behaves like a real provider where callers can see it: it honours max output tokens (finish
+LENGTH), stop sequences (STOP_SEQUENCE, never streaming any part of the matched sequence), tools
+(streamed tool-call deltas, finish TOOL_CALLS) and reasoning options (reasoning deltas with a
+signature), and reports usage. Route options also script faults — an error after N chunks, a
+stall, a slow first token — so client developers can test their error handling for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from service.config import RouteConfig
+from service.errors import ErrorCode, GatewayError
+from service.events import (
+    ChatMessage,
+    FinishReason,
+    Finished,
+    GenerationRequest,
+    ProviderEvent,
+    ReasoningDelta,
+    ReasoningEffort,
+    Role,
+    TextDelta,
+    ToolCallDelta,
+    ToolChoiceMode,
+    ToolSpec,
+    Usage,
+)
+from service.providers.base import Options, Provider
+
+_SENTENCES = (
+    "Streaming lets a reader start on the first words while the model is still writing the rest.",
+    "Each chunk carries a sequence number, so a gap in the numbers means data was lost.",
+    "A stream ends with exactly one finish or error, and never just stops.",
+    "When a caller hangs up, the gateway closes the provider's stream and the meter stops.",
+    "Usage is reported as final totals, and an unknown count is never shown as zero.",
+    "Errors say whose fault they are and whether a retry is likely to help.",
+    "Time to first token matters more to a person waiting than the total time does.",
+    "A simulated model is handy for tests, because it answers the same way every time.",
+    "Tool calls arrive in pieces, and the pieces join into one JSON object.",
+    "Backpressure means a slow reader slows the upstream instead of filling memory.",
+)
+_THOUGHTS = (
+    "The question is about streaming, so I should explain what arrives first and why.",
+    "I will keep the answer short and concrete, and mention what can go wrong.",
+    "A reader cares about the first words, the order of the pieces and a clear ending.",
+)
+_REASONING_TOKENS = {ReasoningEffort.LOW: 12, ReasoningEffort.MEDIUM: 24, ReasoningEffort.HIGH: 48}
+
+# Scripted faults: name -> (error code, provider HTTP status, retry-after seconds).
+_FAULTS: dict[str, tuple[ErrorCode, int | None, float | None]] = {
+    "unavailable": (ErrorCode.PROVIDER_UNAVAILABLE, 503, None),
+    "overloaded": (ErrorCode.PROVIDER_UNAVAILABLE, 529, None),
+    "rate_limited": (ErrorCode.PROVIDER_RATE_LIMITED, 429, 1.0),
+    "truncated": (ErrorCode.PROVIDER_STREAM_TRUNCATED, None, None),
+    "bad_request": (ErrorCode.PROVIDER_REJECTED_REQUEST, 400, None),
+    "auth": (ErrorCode.PROVIDER_AUTH_FAILED, 401, None),
+    # An unexpected exception rather than a classified error: shows the server's error firewall.
+    "internal": (ErrorCode.INTERNAL, None, None),
+}
+
+
+def _words(sentences: tuple[str, ...], start: int, count: int) -> list[str]:
+    """Whole sentences from `start` (cycling) until at least `count` words, as streamed tokens."""
+    tokens: list[str] = []
+    i = start
+    while len(tokens) < count:
+        for word in sentences[i % len(sentences)].split(" "):
+            tokens.append(word if not tokens else " " + word)
+        i += 1
+    return tokens
+
+
+def _count_tokens(text: str) -> int:
+    return len(text.split())
+
+
+def _last_text(messages: tuple[ChatMessage, ...], role: Role) -> str:
+    for message in reversed(messages):
+        if message.role is role:
+            return message.text
+    return ""
+
+
+class SimulatedProvider(Provider):
+    kind = "simulated"
+    supports_tools = True
+    supports_reasoning = True
+
+    def __init__(self, route: RouteConfig) -> None:
+        super().__init__(route)
+        o = Options(route)
+        self.first_token_ms = o.number("first_token_ms", 200.0, minimum=0.0, maximum=600_000.0)
+        # 0 streams as fast as the reader takes it.
+        self.tokens_per_second = o.number("tokens_per_second", 40.0, minimum=0.0)
+        self.answer_tokens = o.number("answer_tokens", 60, minimum=1, maximum=1_000_000)
+        self.fail_after_chunks = o.optional_int("fail_after_chunks", minimum=0)
+        self.fail_with = o.choice("fail_with", "unavailable", tuple(_FAULTS))
+        self.stall_after_chunks = o.optional_int("stall_after_chunks", minimum=0)
+        self.stall_seconds = o.number("stall_seconds", 30.0, minimum=0.0, maximum=86_400.0)
+        o.done()
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        return _SimulatedStream(self, request).run()
+
+
+class _SimulatedStream:
+    """One simulated response: paces deltas on an absolute schedule so delays do not drift."""
+
+    def __init__(self, provider: SimulatedProvider, request: GenerationRequest) -> None:
+        self.p = provider
+        self.request = request
+        self.chunks = 0
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.next_at = loop.time() + provider.first_token_ms / 1000.0
+        self.interval = 1.0 / provider.tokens_per_second if provider.tokens_per_second else 0.0
+
+    async def _pace(self) -> None:
+        """Waits for the next delta's slot, then applies the route's scripted faults."""
+        delay = self.next_at - self.loop.time()
+        # sleep(0) even when late: a fast stream must still yield to the loop and to cancellation.
+        await asyncio.sleep(max(delay, 0.0))
+        self.next_at = max(self.next_at, self.loop.time()) + self.interval
+        p = self.p
+        if p.stall_after_chunks is not None and self.chunks == p.stall_after_chunks:
+            await asyncio.sleep(p.stall_seconds)
+            raise GatewayError(
+                ErrorCode.PROVIDER_TIMEOUT,
+                f"simulated provider sent no data for {p.stall_seconds:g} s",
+                provider=p.kind,
+            )
+        if p.fail_after_chunks is not None and self.chunks == p.fail_after_chunks:
+            code, http_status, retry_after = _FAULTS[p.fail_with]
+            if code is ErrorCode.INTERNAL:
+                # Deliberately unclassified, with a credential-shaped string in its text: the
+                # firewall must turn it into INTERNAL with a correlation id and leak nothing.
+                raise RuntimeError("simulated crash; Authorization: Bearer sim-not-a-real-token-0000")
+            raise GatewayError(
+                code,
+                f"simulated provider fault {p.fail_with!r} after {self.chunks} chunk(s)",
+                provider=p.kind,
+                provider_http_status=http_status,
+                retry_after=retry_after,
+            )
+        self.chunks += 1
+
+    async def run(self) -> AsyncIterator[ProviderEvent]:
+        request = self.request
+        last_user = _last_text(request.messages, Role.USER)
+        start = request.seed if request.seed is not None else zlib.crc32(last_user.encode())
+        output_tokens = 0
+        reasoning_tokens = 0
+
+        effort, budget = request.reasoning_effort, request.reasoning_budget_tokens
+        if effort is not None or budget is not None:
+            wanted = min(budget, 64) if budget is not None else _REASONING_TOKENS[effort or ReasoningEffort.MEDIUM]
+            thought = _words(_THOUGHTS, start, wanted)[:wanted]
+            for token in thought:
+                await self._pace()
+                yield ReasoningDelta(token)
+            signature = hashlib.sha256("".join(thought).encode()).hexdigest()[:48]
+            yield ReasoningDelta("", signature)
+            reasoning_tokens = len(thought)
+            output_tokens += reasoning_tokens
+
+        tool = _chosen_tool(request)
+        if tool is not None:
+            arguments = json.dumps(_arguments_for(tool, last_user), ensure_ascii=False)
+            call_id = "call_" + hashlib.sha256(f"{start}:{tool.name}".encode()).hexdigest()[:20]
+            pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)]
+            for i, piece in enumerate(pieces):
+                await self._pace()
+                yield ToolCallDelta(0, call_id if i == 0 else "", tool.name if i == 0 else "", piece)
+            output_tokens += len(pieces)
+            yield Finished(FinishReason.TOOL_CALLS, "tool_calls", usage=self._usage(output_tokens, reasoning_tokens))
+            return
+
+        limit = request.max_output_tokens
+        stops = request.stop_sequences
+        held = ""  # text that may be the start of a stop sequence, not streamed yet
+        for token in _words(_SENTENCES, start, self.p.answer_tokens):
+            if limit is not None and output_tokens - reasoning_tokens >= limit:
+                if held:
+                    yield TextDelta(held)
+                yield Finished(FinishReason.LENGTH, "length", usage=self._usage(output_tokens, reasoning_tokens))
+                return
+            await self._pace()
+            output_tokens += 1
+            held += token
+            if stops:
+                match = _first_stop(held, stops)
+                if match is not None:
+                    index, stop = match
+                    if index:
+                        yield TextDelta(held[:index])
+                    yield Finished(
+                        FinishReason.STOP_SEQUENCE,
+                        "stop_sequence",
+                        stop_sequence=stop,
+                        usage=self._usage(output_tokens, reasoning_tokens),
+                    )
+                    return
+                keep = _longest_stop_prefix(held, stops)
+                ready, held = held[: len(held) - keep], held[len(held) - keep :]
+            else:
+                ready, held = held, ""
+            if ready:
+                yield TextDelta(ready)
+        if held:
+            yield TextDelta(held)
+        yield Finished(FinishReason.STOP, "stop", usage=self._usage(output_tokens, reasoning_tokens))
+
+    def _usage(self, output_tokens: int, reasoning_tokens: int) -> Usage:
+        request = self.request
+        prompt = sum(
+            4 + _count_tokens(m.text) + sum(_count_tokens(c.arguments_json) + 2 for c in m.tool_calls)
+            for m in request.messages
+        )
+        prompt += sum(8 + len(json.dumps(t.parameters)) // 4 for t in request.tools)
+        return Usage(
+            input_tokens=prompt,
+            output_tokens=output_tokens,
+            cache_read_input_tokens=0,
+            cache_write_input_tokens=0,
+            reasoning_tokens=reasoning_tokens,
+        )
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    found: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0 and (found is None or index < found[0]):
+            found = (index, stop)
+    return found
+
+
+def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop sequence."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def _chosen_tool(request: GenerationRequest) -> ToolSpec | None:
+    tools, choice = request.tools, request.tool_choice
+    if not tools or choice.mode is ToolChoiceMode.NONE:
+        return None
+    if request.messages[-1].role is Role.TOOL:
+        return None  # the tool answered: now the model writes text
+    if choice.mode is ToolChoiceMode.NAMED:
+        return next(t for t in tools if t.name == choice.name)
+    if choice.mode is ToolChoiceMode.REQUIRED:
+        return tools[0]
+    # Automatic: call the first tool the user's last message names, so a caller can steer it.
+    last_user = _last_text(request.messages, Role.USER).lower()
+    return next((t for t in tools if t.name.lower() in last_user), None)
+
+
+_PLACEHOLDERS: dict[str, Any] = {"integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+
+
+def _arguments_for(tool: ToolSpec, last_user: str) -> dict[str, Any]:
+    properties = tool.parameters.get("properties", {})
+    if not isinstance(properties, dict):
+        return {}
+    arguments: dict[str, Any] = {}
+    for name, schema in properties.items():
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        arguments[name] = last_user[:60] if kind == "string" else _PLACEHOLDERS.get(str(kind))
+    return arguments

@@ -1,0 +1,124 @@
+"""Builds the grpc.aio server: the generation service, health, reflection, limits, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.config import Config, ConfigError
+from service.generation import GenerationService
+from service.routing import Router
+from tokenwire.v1 import generation_pb2 as pb
+
+log = logging.getLogger("tokenwire.server")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_M = TypeVar("_M", bound=Message)
+
+
+def _lenient(message: type[_M]) -> Callable[[bytes], _M | None]:
+    """A deserializer that hands undecodable bytes to the handler as None.
+
+    grpc turns a deserializer exception into a bare INTERNAL; the contract wants the caller told
+    that its request was malformed (INVALID_ARGUMENT).
+    """
+
+    def decode(data: bytes) -> _M | None:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return None
+
+    return decode
+
+
+def grpc_options(config: Config) -> list[tuple[str, Any]]:
+    s = config.server
+    return [
+        # Requests up to max_request_bytes are validated by the service (INVALID_ARGUMENT with a
+        # message); grpc itself refuses anything over twice that before it is read.
+        ("grpc.max_receive_message_length", 2 * s.max_request_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.max_metadata_size", s.max_metadata_bytes),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.keepalive_min_ping_interval_seconds * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+        # grpc enables SO_REUSEPORT by default, which lets a second server silently share the port.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class TokenwireServer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.generation = GenerationService(self.router, config.server)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=grpc_options(config))
+        self.port = 0
+
+    async def start(self) -> int:
+        g = self.generation
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                g.Generate,
+                request_deserializer=_lenient(pb.GenerateRequest),
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                g.ListModels,
+                request_deserializer=_lenient(pb.ListModelsRequest),
+                response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        listen = self.config.server.listen
+        try:
+            self.port = self.server.add_insecure_port(listen)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise ConfigError(f"cannot listen on {listen}: the address is in use or not valid here")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.config.server.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: NOT_SERVING, new calls refused, streams finish within the grace period, and the
+        ones that cannot get a terminal SERVER_SHUTTING_DOWN error before it ends."""
+        grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.generation.begin_drain()
+        stopping = asyncio.create_task(self.server.stop(grace))
+        # Leave the last part of the grace period for the terminal errors to reach callers.
+        margin = min(1.0, grace / 4)
+        deadline = time.monotonic() + grace - margin
+        while self.generation.active_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        ended = self.generation.end_streams()
+        if ended:
+            log.warning("grace period over: ended %d stream(s) with SERVER_SHUTTING_DOWN", ended)
+        await stopping
+        await self.router.aclose()

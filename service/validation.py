@@ -1,0 +1,223 @@
+"""Request validation: the contract's message in, a provider-neutral request out.
+
+Everything a provider must never see is rejected here with INVALID_ARGUMENT and the offending
+field named, before any provider is called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from google.protobuf import json_format
+
+from service.errors import invalid_request
+from service.events import (
+    ChatMessage,
+    GenerationRequest,
+    ReasoningBlock,
+    ReasoningEffort,
+    Role,
+    ToolCall,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+)
+from service.routing import Route
+from tokenwire.v1 import generation_pb2 as pb
+
+MAX_OUTPUT_TOKENS = 1_000_000
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+MAX_TOOLS = 128
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 256
+
+_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT, pb.ROLE_TOOL: Role.TOOL}
+_TOOL_CHOICES = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    pb.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    pb.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    pb.TOOL_CHOICE_MODE_NAMED: ToolChoiceMode.NAMED,
+}
+_EFFORTS = {
+    pb.REASONING_EFFORT_LOW: ReasoningEffort.LOW,
+    pb.REASONING_EFFORT_MEDIUM: ReasoningEffort.MEDIUM,
+    pb.REASONING_EFFORT_HIGH: ReasoningEffort.HIGH,
+}
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
+
+
+def prompt_chars(request: GenerationRequest) -> int:
+    return sum(len(m.text) + sum(len(c.arguments_json) for c in m.tool_calls) for m in request.messages)
+
+
+def validate_request(
+    request: pb.GenerateRequest,
+    route: Route,
+    *,
+    stream_id: str,
+    deadline: float | None,
+    max_request_bytes: int,
+) -> GenerationRequest:
+    size = request.ByteSize()
+    if size > max_request_bytes:
+        raise invalid_request("request", f"is {size} bytes; this server accepts at most {max_request_bytes}")
+    if not request.messages:
+        raise invalid_request("messages", "at least one message is required")
+    messages = tuple(_message(m, i) for i, m in enumerate(request.messages))
+
+    max_tokens: int | None = None
+    if request.HasField("max_output_tokens"):
+        max_tokens = request.max_output_tokens
+        if not 1 <= max_tokens <= MAX_OUTPUT_TOKENS:
+            raise invalid_request("max_output_tokens", f"must be from 1 to {MAX_OUTPUT_TOKENS}, got {max_tokens}")
+    temperature: float | None = None
+    if request.HasField("temperature"):
+        temperature = request.temperature
+        if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
+            raise invalid_request("temperature", f"must be a finite number from 0 to 2, got {temperature}")
+    top_p: float | None = None
+    if request.HasField("top_p"):
+        top_p = request.top_p
+        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+            raise invalid_request("top_p", f"must be a finite number above 0 and at most 1, got {top_p}")
+
+    stops = tuple(request.stop_sequences)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid_request("stop_sequences", f"at most {MAX_STOP_SEQUENCES} are allowed, got {len(stops)}")
+    for i, stop in enumerate(stops):
+        if not stop or len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise invalid_request(f"stop_sequences[{i}]", f"must be 1 to {MAX_STOP_SEQUENCE_CHARS} characters")
+
+    tools = _tools(request)
+    if tools and not route.provider.supports_tools:
+        raise invalid_request("tools", f"route {route.name!r} does not support tools")
+    choice = _tool_choice(request, tools)
+
+    effort: ReasoningEffort | None = None
+    budget: int | None = None
+    if request.HasField("reasoning"):
+        reasoning = request.reasoning
+        if reasoning.effort != pb.REASONING_EFFORT_UNSPECIFIED:
+            if reasoning.effort not in _EFFORTS:
+                raise invalid_request("reasoning.effort", f"unknown value {reasoning.effort}")
+            effort = _EFFORTS[reasoning.effort]
+        if reasoning.HasField("budget_tokens"):
+            budget = reasoning.budget_tokens
+            if not 1 <= budget <= MAX_OUTPUT_TOKENS:
+                raise invalid_request("reasoning.budget_tokens", f"must be from 1 to {MAX_OUTPUT_TOKENS}, got {budget}")
+        if (effort is not None or budget is not None) and not route.provider.supports_reasoning:
+            raise invalid_request("reasoning", f"route {route.name!r} does not support reasoning options")
+
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        raise invalid_request("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    _check_metadata(request)
+
+    return GenerationRequest(
+        stream_id=stream_id,
+        route=route.name,
+        upstream_model=route.config.model,
+        messages=messages,
+        max_output_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop_sequences=stops,
+        seed=request.seed if request.HasField("seed") else None,
+        tools=tools,
+        tool_choice=choice,
+        reasoning_effort=effort,
+        reasoning_budget_tokens=budget,
+        deadline=deadline,
+    )
+
+
+def _message(m: pb.Message, i: int) -> ChatMessage:
+    field = f"messages[{i}]"
+    role = _ROLES.get(m.role)
+    if role is None:
+        raise invalid_request(f"{field}.role", f"must be system, user, assistant or tool; got {_enum_name(pb.Role, m.role)}")
+    if role in (Role.SYSTEM, Role.USER) and not m.text:
+        raise invalid_request(f"{field}.text", f"must not be empty in a {role.value} message")
+    if role is not Role.ASSISTANT and (m.tool_calls or m.reasoning):
+        raise invalid_request(field, "only assistant messages carry tool_calls and reasoning")
+    if role is Role.ASSISTANT and not (m.text or m.tool_calls or m.reasoning):
+        raise invalid_request(field, "an assistant message needs text, tool_calls or reasoning")
+    if (role is Role.TOOL) != bool(m.tool_call_id):
+        raise invalid_request(f"{field}.tool_call_id", "is required in tool messages and only there")
+    calls = []
+    for j, call in enumerate(m.tool_calls):
+        where = f"{field}.tool_calls[{j}]"
+        if not call.id or not call.name:
+            raise invalid_request(where, "id and name are required")
+        if not _is_json_object(call.arguments_json):
+            raise invalid_request(f"{where}.arguments_json", "must be a JSON object")
+        calls.append(ToolCall(call.id, call.name, call.arguments_json))
+    return ChatMessage(
+        role=role,
+        text=m.text,
+        tool_calls=tuple(calls),
+        tool_call_id=m.tool_call_id,
+        reasoning=tuple(ReasoningBlock(r.text, r.signature) for r in m.reasoning),
+    )
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _tools(request: pb.GenerateRequest) -> tuple[ToolSpec, ...]:
+    if len(request.tools) > MAX_TOOLS:
+        raise invalid_request("tools", f"at most {MAX_TOOLS} tools are allowed, got {len(request.tools)}")
+    seen: set[str] = set()
+    tools = []
+    for i, tool in enumerate(request.tools):
+        if not _TOOL_NAME.fullmatch(tool.name):
+            raise invalid_request(f"tools[{i}].name", "must be 1 to 64 letters, digits, '_' or '-'")
+        if tool.name in seen:
+            raise invalid_request(f"tools[{i}].name", f"duplicate tool name {tool.name!r}")
+        seen.add(tool.name)
+        parameters = json_format.MessageToDict(tool.parameters) if tool.HasField("parameters") else {}
+        tools.append(ToolSpec(tool.name, tool.description, parameters))
+    return tuple(tools)
+
+
+def _tool_choice(request: pb.GenerateRequest, tools: tuple[ToolSpec, ...]) -> ToolChoice:
+    choice = request.tool_choice
+    mode = _TOOL_CHOICES.get(choice.mode)
+    if mode is None:
+        raise invalid_request("tool_choice.mode", f"unknown value {choice.mode}")
+    if mode is ToolChoiceMode.NAMED:
+        if not any(t.name == choice.name for t in tools):
+            raise invalid_request("tool_choice.name", f"names no tool of the request: {choice.name[:64]!r}")
+    elif choice.name:
+        raise invalid_request("tool_choice.name", "is only allowed with TOOL_CHOICE_MODE_NAMED")
+    if mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.NAMED) and not tools:
+        raise invalid_request("tool_choice", "requires at least one tool")
+    return ToolChoice(mode, choice.name)
+
+
+def _check_metadata(request: pb.GenerateRequest) -> None:
+    if len(request.metadata) > MAX_METADATA_ENTRIES:
+        raise invalid_request("metadata", f"at most {MAX_METADATA_ENTRIES} entries are allowed")
+    for key, value in request.metadata.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise invalid_request(
+                "metadata",
+                f"keys must be 1 to {MAX_METADATA_KEY_CHARS} and values at most {MAX_METADATA_VALUE_CHARS} characters",
+            )

@@ -1,0 +1,80 @@
+"""Errors on the wire: the in-stream `Error` event and the rich status that mirrors it."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from service.errors import GatewayError, redact
+from tokenwire.v1 import generation_pb2 as pb
+
+ERROR_DOMAIN = "tokenwire"
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_ERROR_CODES = {name.removeprefix("ERROR_CODE_"): value for name, value in pb.ErrorCode.items()}
+_FAULTS = {"CALLER": pb.FAULT_CALLER, "PROVIDER": pb.FAULT_PROVIDER, "SERVER": pb.FAULT_SERVER}
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def error_event(err: GatewayError, last_sequence: int) -> pb.Error:
+    event = pb.Error(
+        code=_ERROR_CODES[err.code.value],
+        fault=_FAULTS[err.code.fault.value],
+        grpc_code=err.status.value[0],
+        message=redact(err.message),
+        retryable=err.retryable,
+        provider=err.provider,
+        last_sequence=last_sequence,
+        correlation_id=err.correlation_id,
+    )
+    if err.retry_after is not None:
+        event.retry_after.CopyFrom(_duration(err.retry_after))
+    if err.provider_http_status is not None:
+        event.provider_http_status = err.provider_http_status
+    return event
+
+
+def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying google.rpc.Status with ErrorInfo, RetryInfo and BadRequest."""
+    info = error_details_pb2.ErrorInfo(
+        reason=err.code.value,
+        domain=ERROR_DOMAIN,
+        metadata={"fault": err.code.fault.value, "retryable": "true" if err.retryable else "false"},
+    )
+    for key, value in (
+        ("stream_id", stream_id),
+        ("provider", err.provider),
+        ("correlation_id", err.correlation_id),
+        ("provider_http_status", "" if err.provider_http_status is None else str(err.provider_http_status)),
+    ):
+        if value:
+            info.metadata[key] = value
+    details = [info]
+    if err.retryable and err.retry_after is not None:
+        details.append(error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_after)))
+    if err.field_violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=redact(d))
+                    for f, d in err.field_violations
+                ]
+            )
+        )
+    status = status_pb2.Status(code=err.status.value[0], message=redact(err.message))
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def set_status(context: grpc.aio.ServicerContext[object, object], err: GatewayError, stream_id: str) -> None:
+    context.set_code(err.status)
+    context.set_details(redact(err.message))
+    context.set_trailing_metadata(status_metadata(err, stream_id))
