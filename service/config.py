@@ -123,15 +123,20 @@ def load_config(
     server_values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     server = _build_server(server_values, where)
 
-    raw_routes = _table(data, "routes", where) if "routes" in data else DEFAULT_ROUTES
-    routes = {name: _build_route(name, spec, where) for name, spec in raw_routes.items()}
+    routes = build_routes(_table(data, "routes", where) if "routes" in data else DEFAULT_ROUTES, where)
+    return Config(server=server, routes=routes)
+
+
+def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig]:
+    """Checks `[routes.NAME]` tables and the fallbacks between them."""
+    routes = {name: _build_route(name, spec, where) for name, spec in tables.items()}
     if not routes:
         raise ConfigError(f"{where}: [routes] is empty; configure at least one route")
     for route in routes.values():
         for fallback in route.fallbacks:
             if fallback not in routes:
                 raise ConfigError(f"{where}: route {route.name!r} falls back to unknown route {fallback!r}")
-    return Config(server=server, routes=routes)
+    return routes
 
 
 def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import secrets
+import traceback
 from dataclasses import dataclass
 
 import grpc
@@ -156,3 +157,8 @@ def redact(text: str) -> str:
     text = _SECRET_PATTERNS[0].sub(r"\1 [redacted]", text)
     text = _SECRET_PATTERNS[1].sub("sk-[redacted]", text)
     return _SECRET_PATTERNS[2].sub(r"\1[redacted]", text)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A traceback for the server's log, with anything credential-shaped removed at the source."""
+    return redact("".join(traceback.format_exception(exc)).rstrip())

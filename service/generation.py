@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import grpc
 
 from service.config import ServerConfig
-from service.errors import ErrorCode, GatewayError, internal_error, invalid_request, new_correlation_id, redact
+from service.errors import describe_exception, ErrorCode, GatewayError, internal_error, invalid_request, new_correlation_id, redact
 from service.routing import Router
 from service.streams import Sequencer, StreamInfo
 from service.validation import prompt_chars, validate_request
@@ -112,9 +112,9 @@ class GenerationService:
         except GatewayError as err:
             set_status(context, err, stream_id)
             outcome = err.code.value
-        except Exception:
+        except Exception as exc:
             correlation_id = new_correlation_id()
-            log.exception("internal error %s in stream %s", correlation_id, stream_id)
+            log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
             set_status(context, internal_error(correlation_id), stream_id)
             outcome = ErrorCode.INTERNAL.value
         finally:

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from service.errors import ErrorCode, GatewayError, internal_error, new_correlation_id
+from service.errors import describe_exception, ErrorCode, GatewayError, internal_error, new_correlation_id
 from service.events import (
     Finished,
     ProviderEvent,
@@ -126,9 +126,9 @@ class Sequencer:
                     )
         except GatewayError as err:
             self.failure = err
-        except Exception:
+        except Exception as exc:
             correlation_id = new_correlation_id()
-            log.exception("internal error %s in stream %s", correlation_id, self.info.stream_id)
+            log.error("internal error %s in stream %s: %s", correlation_id, self.info.stream_id, describe_exception(exc))
             self.failure = internal_error(correlation_id)
         finally:
             await events.aclose()

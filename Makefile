@@ -1,0 +1,70 @@
+# tokenwire — `make run` serves, `make test` tests. Both set up .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+BUF := node_modules/.bin/buf
+PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
+ARGS ?=
+
+.PHONY: help setup run test lint proto proto-check breaking demo clean
+
+help:
+	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
+	@echo "make test         run the test suite"
+	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
+	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
+	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(STAMP) $(NODE_STAMP)
+
+run: $(STAMP)
+	$(PY) -m service --config config/tokenwire.toml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m tokenwire_client $(ARGS)
+
+lint: $(STAMP) $(NODE_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	$(BUF) lint
+	$(MAKE) --no-print-directory breaking
+	$(MAKE) --no-print-directory proto-check
+
+# The contract must stay wire- and source-compatible with the previous commit of main.
+breaking: $(NODE_STAMP)
+	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+		echo "buf breaking against HEAD~1"; $(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit with a contract, nothing to compare"; fi
+
+proto: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+# Fails when the committed stubs differ from what the .proto files generate.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
+	for f in $$(cd $$tmp && find tokenwire -type f); do \
+		cmp -s "$$tmp/$$f" "$$f" || { echo "generated stubs are stale: $$f (run 'make proto')"; exit 1; }; \
+	done; echo "generated stubs match protos/"
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""Shared fixtures: real tokenwire servers on 127.0.0.1:0 and real gRPC channels to them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from service.config import Config, ServerConfig, build_routes
+from service.events import GenerationRequest, ProviderEvent
+from service.providers import KINDS
+from service.providers.simulated import SimulatedProvider
+from service.server import TokenwireServer
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+FAST = {"first_token_ms": 1, "tokens_per_second": 0}
+# A pace slow enough that a test can act in the middle of a stream.
+SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
+
+TEST_ROUTES: dict[str, dict[str, Any]] = {
+    "sim": {"provider": "simulated", "model": "tokenwire-sim-1", "options": FAST},
+    "slow": {"provider": "recording", "model": "tokenwire-sim-1", "options": SLOW},
+    "recorded": {"provider": "recording", "model": "tokenwire-sim-1", "options": FAST},
+    "error-after-3": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 3}},
+    "down": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0}},
+    "rate-limited": {
+        "provider": "simulated",
+        "model": "m",
+        "options": FAST | {"fail_after_chunks": 0, "fail_with": "rate_limited"},
+    },
+    "crash-before": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0, "fail_with": "internal"}},
+    "crash-after": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 2, "fail_with": "internal"}},
+    "stall": {"provider": "simulated", "model": "m", "options": FAST | {"stall_after_chunks": 2, "stall_seconds": 0.2}},
+}
+
+
+@dataclass
+class Recorder:
+    """What the recording provider saw: every request that reached it, and every stream it closed."""
+
+    requests: list[GenerationRequest] = field(default_factory=list)
+    closed: list[float] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)
+
+
+RECORDER = Recorder()
+
+
+class RecordingProvider(SimulatedProvider):
+    """The simulated provider, plus a record of what reached it and when its stream was closed."""
+
+    kind = "recording"
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        return self._recorded(request)
+
+    async def _recorded(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        RECORDER.requests.append(request)
+        completed = False
+        try:
+            async for event in super().stream(request):
+                yield event
+            completed = True
+        finally:
+            RECORDER.closed.append(asyncio.get_running_loop().time())
+            RECORDER.finished.append(completed)
+
+
+@pytest.fixture(autouse=True)
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    monkeypatch.setitem(KINDS, "recording", RecordingProvider)
+    RECORDER.requests.clear()
+    RECORDER.closed.clear()
+    RECORDER.finished.clear()
+    yield RECORDER
+
+
+def make_config(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Config:
+    values = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0} | server
+    return Config(
+        server=dataclasses.replace(ServerConfig(), **values),
+        routes=build_routes(routes if routes is not None else TEST_ROUTES, "test"),
+    )
+
+
+@dataclass
+class Running:
+    server: TokenwireServer
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GenerationServiceStub
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[..., Any]]:
+    """Starts servers with custom settings: `running = await start_server(max_concurrent_streams=2)`."""
+    started: list[Running] = []
+
+    async def start(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Running:
+        srv = TokenwireServer(make_config(routes, **server))
+        port = await srv.start()
+        address = f"127.0.0.1:{port}"
+        channel = grpc.aio.insecure_channel(address)
+        running = Running(srv, address, channel, pb_grpc.GenerationServiceStub(channel))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.channel.close()
+        await running.server.stop(grace=0.5)
+
+
+@pytest.fixture
+async def running(start_server: Callable[..., Any]) -> Running:
+    result: Running = await start_server()
+    return result
+
+
+@pytest.fixture
+def stub(running: Running) -> pb_grpc.GenerationServiceStub:
+    return running.stub
+
+
+@pytest.fixture(scope="session")
+def live_address() -> Iterator[str]:
+    """A server in a thread of its own, for blocking clients: grpcurl, the demo CLI, sync stubs."""
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        async def main() -> None:
+            srv = TokenwireServer(make_config())
+            holder["port"] = await srv.start()
+            holder["stop"] = asyncio.Event()
+            holder["loop"] = asyncio.get_running_loop()
+            ready.set()
+            await holder["stop"].wait()
+            await srv.stop(grace=0.5)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, name="live-server", daemon=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(KINDS, "recording", RecordingProvider)
+        thread.start()
+        assert ready.wait(10), "server did not start"
+    yield f"127.0.0.1:{holder['port']}"
+    holder["loop"].call_soon_threadsafe(holder["stop"].set)
+    thread.join(10)
+
+
+def request(model: str = "sim", text: str = "Tell me about streaming.", **fields: Any) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text=text)], **fields)
+
+
+async def collect(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode, Any]:
+    """Reads a whole Generate call: its messages, its status code and its trailing metadata."""
+    messages: list[pb.GenerateResponse] = []
+    try:
+        async for m in call:
+            messages.append(m)
+    except grpc.aio.AioRpcError:
+        pass
+    return messages, await call.code(), await call.trailing_metadata()
+
+
+def rich_status(trailing: Any) -> status_pb2.Status:
+    for key, value in trailing or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no rich status in trailing metadata")
+
+
+def detail(status: status_pb2.Status, kind: type[Any]) -> Any:
+    for any_ in status.details:
+        if any_.Is(kind.DESCRIPTOR):
+            out = kind()
+            any_.Unpack(out)
+            return out
+    return None
+
+
+def assert_well_formed(messages: list[pb.GenerateResponse]) -> None:
+    """The contract's stream invariants: Start at 1, no gaps, exactly one terminal event, last."""
+    assert messages, "no messages"
+    assert [m.sequence for m in messages] == list(range(1, len(messages) + 1))
+    assert messages[0].WhichOneof("event") == "start"
+    kinds = [m.WhichOneof("event") for m in messages]
+    assert sum(k in ("finish", "error") for k in kinds) == 1
+    assert kinds[-1] in ("finish", "error")
+
+
+ErrorInfo = error_details_pb2.ErrorInfo
+RetryInfo = error_details_pb2.RetryInfo
+BadRequest = error_details_pb2.BadRequest
