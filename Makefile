@@ -53,15 +53,18 @@ breaking: $(NODE_STAMP)
 		echo "buf breaking against HEAD~1"; $(BUF) breaking --against '.git#ref=HEAD~1'; \
 	else echo "buf breaking: no previous commit with a contract, nothing to compare"; fi
 
+# Python modules, type stubs, and a descriptor set with comments for server reflection.
+PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --include_source_info
 proto: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
-		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	$(PROTOC) --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+		--descriptor_set_out=tokenwire/v1/generation.binpb $(PROTOS)
 
 # Fails when the committed stubs differ from what the .proto files generate.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
-		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null; \
+	mkdir -p $$tmp/tokenwire/v1; \
+	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
+		--descriptor_set_out=$$tmp/tokenwire/v1/generation.binpb $(PROTOS) >/dev/null; \
 	for f in $$(cd $$tmp && find tokenwire -type f); do \
 		cmp -s "$$tmp/$$f" "$$f" || { echo "generated stubs are stale: $$f (run 'make proto')"; exit 1; }; \
 	done; echo "generated stubs match protos/"
