@@ -1,0 +1,136 @@
+"""The server as an operator runs it: `python -m service` in a process of its own, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import assert_well_formed, request
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_seconds = {grace}
+
+[routes.short]
+provider = "simulated"
+model = "m"
+options = {{ first_token_ms = 1, tokens_per_second = 50, answer_tokens = 20 }}
+
+[routes.long]
+provider = "simulated"
+model = "m"
+options = {{ first_token_ms = 1, tokens_per_second = 20, answer_tokens = 2000 }}
+"""
+
+
+class ServerProcess:
+    def __init__(self, tmp_path: Path, grace: float) -> None:
+        path = tmp_path / "tokenwire.toml"
+        path.write_text(CONFIG.format(grace=grace))
+        self.log = tmp_path / "server.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "--config", str(path)],
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.address = self._wait_for_address()
+
+    def _wait_for_address(self) -> str:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = re.search(r"listening on (\S+);", self.log.read_text())
+            if found:
+                return found.group(1)
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise AssertionError("server did not report its address: " + self.log.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+async def read_rest(call: Any, into: list[pb.GenerateResponse] | None = None) -> list[pb.GenerateResponse]:
+    """Reads a call started with read() to its end (grpc forbids mixing read() and iteration)."""
+    messages = [] if into is None else into
+    while (message := await call.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path, grace=2.0)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_idle_server_exits_0_on_signal(server_process: ServerProcess, sig: signal.Signals) -> None:
+    server_process.proc.send_signal(sig)
+    assert server_process.proc.wait(10) == 0
+    assert "stopped" in server_process.log.read_text()
+
+
+async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_down(
+    server_process: ServerProcess,
+) -> None:
+    async with grpc.aio.insecure_channel(server_process.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        short = stub.Generate(request(model="short"))
+        long = stub.Generate(request(model="long"))
+        await short.read()
+        await long.read()
+
+        signalled_at = time.monotonic()
+        server_process.proc.send_signal(signal.SIGTERM)
+        for _ in range(50):
+            reply = await health.Check(health_pb2.HealthCheckRequest())
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.02)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        refused = stub.Generate(request(model="short"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await refused.read()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        short_rest = await read_rest(short)
+        assert await short.code() == grpc.StatusCode.OK
+        assert short_rest[-1].WhichOneof("event") == "finish"
+
+        long_rest: list[pb.GenerateResponse] = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_rest(long, long_rest)
+        ended_after = time.monotonic() - signalled_at
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = long_rest[-1].error
+    assert error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN and error.retryable
+    assert error.last_sequence == long_rest[-1].sequence - 1
+    assert ended_after < 2.0  # before the grace period is over
+    assert server_process.proc.wait(10) == 0
+
+
+def test_whole_streams_survive_being_read_by_a_sync_client(server_process: ServerProcess) -> None:
+    with grpc.insecure_channel(server_process.address) as channel:
+        messages = list(pb_grpc.GenerationServiceStub(channel).Generate(request(model="short"), timeout=10))
+    assert_well_formed(messages)
