@@ -7,6 +7,7 @@ gRPC. The gRPC layer converts the contract's messages to and from these types.
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,3 +144,5 @@ class Finished:
 
 
 ProviderEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finished
+# What a provider returns for one response; the consumer closes it with aclose().
+EventStream = AsyncGenerator[ProviderEvent, None]

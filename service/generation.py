@@ -17,7 +17,15 @@ from datetime import UTC, datetime
 import grpc
 
 from service.config import ServerConfig
-from service.errors import describe_exception, ErrorCode, GatewayError, internal_error, invalid_request, new_correlation_id, redact
+from service.errors import (
+    ErrorCode,
+    GatewayError,
+    describe_exception,
+    internal_error,
+    invalid_request,
+    new_correlation_id,
+    redact,
+)
 from service.routing import Router
 from service.streams import Sequencer, StreamInfo
 from service.validation import prompt_chars, validate_request
@@ -37,6 +45,9 @@ class GenerationService:
         self.config = config
         # Handler tasks of the Generate streams in flight: the concurrency limit counts these.
         self.active: set[asyncio.Task[None]] = set()
+        # Set while no stream is in flight: what a draining shutdown waits for.
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.draining = False
         self._shutdown_cancelled: set[asyncio.Task[None]] = set()
 
@@ -75,6 +86,7 @@ class GenerationService:
                         retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
                     )
                 self.active.add(task)
+                self.idle.clear()
                 try:
                     opened = await self.router.open(route, generation)
                     sequencer = Sequencer(
@@ -93,6 +105,8 @@ class GenerationService:
                             await context.write(message)
                 finally:
                     self.active.discard(task)
+                    if not self.active:
+                        self.idle.set()
             except asyncio.CancelledError:
                 if task not in self._shutdown_cancelled:
                     outcome = "CANCELLED"

@@ -6,12 +6,12 @@ to the caller, so a failure is still a plain status (and, later, the place to re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.config import RouteConfig
 from service.errors import ErrorCode, GatewayError
-from service.events import GenerationRequest, ProviderEvent
+from service.events import EventStream, GenerationRequest, ProviderEvent
 from service.providers import create_provider
 from service.providers.base import Provider
 
@@ -30,7 +30,7 @@ class Route:
 class OpenedStream:
     route: Route
     first: ProviderEvent
-    events: AsyncIterator[ProviderEvent]
+    events: EventStream
 
 
 class Router:

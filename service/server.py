@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -69,7 +69,7 @@ class TokenwireServer:
 
     async def start(self) -> int:
         g = self.generation
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 g.Generate,
                 request_deserializer=_lenient(pb.GenerateRequest),
@@ -111,9 +111,9 @@ class TokenwireServer:
         stopping = asyncio.create_task(self.server.stop(grace))
         # Leave the last part of the grace period for the terminal errors to reach callers.
         margin = min(1.0, grace / 4)
-        deadline = time.monotonic() + grace - margin
-        while self.generation.active_streams and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace - margin):
+                await self.generation.idle.wait()
         ended = self.generation.end_streams()
         if ended:
             log.warning("grace period over: ended %d stream(s) with SERVER_SHUTTING_DOWN", ended)

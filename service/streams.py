@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from service.errors import describe_exception, ErrorCode, GatewayError, internal_error, new_correlation_id
+from service.errors import ErrorCode, GatewayError, describe_exception, internal_error, new_correlation_id
 from service.events import (
+    EventStream,
     Finished,
     ProviderEvent,
     ReasoningDelta,
@@ -89,7 +90,7 @@ class Sequencer:
             ),
         )
 
-    async def run(self, first: ProviderEvent, events: AsyncIterator[ProviderEvent]) -> AsyncIterator[pb.GenerateResponse]:
+    async def run(self, first: ProviderEvent, events: EventStream) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Yields Start, the deltas, and one terminal event. Closes `events` on every path."""
         yield self.start_message()
         event: ProviderEvent | None = first
@@ -128,7 +129,9 @@ class Sequencer:
             self.failure = err
         except Exception as exc:
             correlation_id = new_correlation_id()
-            log.error("internal error %s in stream %s: %s", correlation_id, self.info.stream_id, describe_exception(exc))
+            log.error(
+                "internal error %s in stream %s: %s", correlation_id, self.info.stream_id, describe_exception(exc)
+            )
             self.failure = internal_error(correlation_id)
         finally:
             await events.aclose()

@@ -36,7 +36,12 @@ MAX_METADATA_ENTRIES = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 256
 
-_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT, pb.ROLE_TOOL: Role.TOOL}
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
 _TOOL_CHOICES = {
     pb.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.AUTO,
     pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
@@ -148,7 +153,9 @@ def _message(m: pb.Message, i: int) -> ChatMessage:
     field = f"messages[{i}]"
     role = _ROLES.get(m.role)
     if role is None:
-        raise invalid_request(f"{field}.role", f"must be system, user, assistant or tool; got {_enum_name(pb.Role, m.role)}")
+        raise invalid_request(
+            f"{field}.role", f"must be system, user, assistant or tool; got {_enum_name(pb.Role, m.role)}"
+        )
     if role in (Role.SYSTEM, Role.USER) and not m.text:
         raise invalid_request(f"{field}.text", f"must not be empty in a {role.value} message")
     if role is not Role.ASSISTANT and (m.tool_calls or m.reasoning):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -74,7 +76,7 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
     return ((_STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
-def set_status(context: grpc.aio.ServicerContext[object, object], err: GatewayError, stream_id: str) -> None:
+def set_status(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, stream_id: str) -> None:
     context.set_code(err.status)
     context.set_details(redact(err.message))
     context.set_trailing_metadata(status_metadata(err, stream_id))

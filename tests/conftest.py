@@ -14,7 +14,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from service.config import Config, ServerConfig, build_routes
-from service.events import GenerationRequest, ProviderEvent
+from service.events import EventStream, GenerationRequest
 from service.providers import KINDS
 from service.providers.simulated import SimulatedProvider
 from service.server import TokenwireServer
@@ -36,8 +36,16 @@ TEST_ROUTES: dict[str, dict[str, Any]] = {
         "model": "m",
         "options": FAST | {"fail_after_chunks": 0, "fail_with": "rate_limited"},
     },
-    "crash-before": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0, "fail_with": "internal"}},
-    "crash-after": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 2, "fail_with": "internal"}},
+    "crash-before": {
+        "provider": "simulated",
+        "model": "m",
+        "options": FAST | {"fail_after_chunks": 0, "fail_with": "internal"},
+    },
+    "crash-after": {
+        "provider": "simulated",
+        "model": "m",
+        "options": FAST | {"fail_after_chunks": 2, "fail_with": "internal"},
+    },
     "stall": {"provider": "simulated", "model": "m", "options": FAST | {"stall_after_chunks": 2, "stall_seconds": 0.2}},
 }
 
@@ -59,10 +67,10 @@ class RecordingProvider(SimulatedProvider):
 
     kind = "recording"
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         return self._recorded(request)
 
-    async def _recorded(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+    async def _recorded(self, request: GenerationRequest) -> EventStream:
         RECORDER.requests.append(request)
         completed = False
         try:
@@ -75,16 +83,16 @@ class RecordingProvider(SimulatedProvider):
 
 
 @pytest.fixture(autouse=True)
-def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     monkeypatch.setitem(KINDS, "recording", RecordingProvider)
     RECORDER.requests.clear()
     RECORDER.closed.clear()
     RECORDER.finished.clear()
-    yield RECORDER
+    return RECORDER
 
 
 def make_config(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Config:
-    values = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0} | server
+    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0} | server
     return Config(
         server=dataclasses.replace(ServerConfig(), **values),
         routes=build_routes(routes if routes is not None else TEST_ROUTES, "test"),
@@ -96,7 +104,7 @@ class Running:
     server: TokenwireServer
     address: str
     channel: grpc.aio.Channel
-    stub: pb_grpc.GenerationServiceStub
+    stub: pb_grpc.GenerationServiceAsyncStub
 
 
 @pytest.fixture
@@ -126,7 +134,7 @@ async def running(start_server: Callable[..., Any]) -> Running:
 
 
 @pytest.fixture
-def stub(running: Running) -> pb_grpc.GenerationServiceStub:
+def stub(running: Running) -> pb_grpc.GenerationServiceAsyncStub:
     return running.stub
 
 

@@ -37,7 +37,11 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("empty text", {"messages": [pb.Message(role=pb.ROLE_USER, text="")]}, "messages[0].text"),
     ("no role", {"messages": [pb.Message(text="hi")]}, "messages[0].role"),
     ("unknown role number", {"messages": [pb.Message(role=99, text="hi")]}, "messages[0].role"),  # type: ignore[arg-type]
-    ("tool message without call id", {"messages": [pb.Message(role=pb.ROLE_TOOL, text="x")]}, "messages[0].tool_call_id"),
+    (
+        "tool message without call id",
+        {"messages": [pb.Message(role=pb.ROLE_TOOL, text="x")]},
+        "messages[0].tool_call_id",
+    ),
     ("negative max tokens", {"max_output_tokens": -1}, "max_output_tokens"),
     ("zero max tokens", {"max_output_tokens": 0}, "max_output_tokens"),
     ("huge max tokens", {"max_output_tokens": 2_000_000_000}, "max_output_tokens"),
@@ -146,7 +150,11 @@ async def test_error_after_start_is_a_terminal_event_mirrored_by_the_status(runn
     assert error.fault == pb.FAULT_PROVIDER
     assert error.retryable and error.provider == "simulated" and error.provider_http_status == 503
     assert error.last_sequence == messages[-2].sequence == 4
-    assert code == grpc.StatusCode.UNAVAILABLE == grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == error.grpc_code))
+    assert (
+        code
+        == grpc.StatusCode.UNAVAILABLE
+        == grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == error.grpc_code))
+    )
     status = rich_status(trailing)
     assert status.message == error.message
     info = detail(status, ErrorInfo)

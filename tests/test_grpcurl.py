@@ -31,7 +31,9 @@ def test_list_shows_the_services(live_address: str) -> None:
 def test_describe_shows_the_commented_contract(live_address: str) -> None:
     out = grpcurl(live_address, live_address, "describe", "tokenwire.v1.GenerationService")
     assert out.returncode == 0, out.stderr
-    assert "rpc Generate ( .tokenwire.v1.GenerateRequest ) returns ( stream .tokenwire.v1.GenerateResponse )" in out.stdout
+    assert (
+        "rpc Generate ( .tokenwire.v1.GenerateRequest ) returns ( stream .tokenwire.v1.GenerateResponse )" in out.stdout
+    )
     assert "// Generate streams one model response as sequenced chunks" in out.stdout
     out = grpcurl(live_address, live_address, "describe", "tokenwire.v1.GenerateResponse")
     assert "oneof event" in out.stdout and "Finish finish = 14" in out.stdout

@@ -8,11 +8,11 @@ sequencer (`service.streams`) does them for every provider alike.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 from service.config import ConfigError, RouteConfig
-from service.events import GenerationRequest, ProviderEvent
+from service.events import EventStream, GenerationRequest
 
 _N = TypeVar("_N", int, float)
 
@@ -28,7 +28,7 @@ class Provider(abc.ABC):
         self.route = route
 
     @abc.abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         """Streams one response.
 
         Contract for implementations:
@@ -65,7 +65,7 @@ class Options:
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"from {minimum}" + (f" to {maximum}" if maximum is not None else "")
             raise self._fail(key, f"must be {bound}, got {value!r}")
-        return kind(value)  # type: ignore[return-value]
+        return kind(value)
 
     def optional_int(self, key: str, *, minimum: int) -> int | None:
         if key not in self._values:

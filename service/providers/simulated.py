@@ -13,17 +13,16 @@ import asyncio
 import hashlib
 import json
 import zlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from service.config import RouteConfig
 from service.errors import ErrorCode, GatewayError
 from service.events import (
     ChatMessage,
-    FinishReason,
+    EventStream,
     Finished,
+    FinishReason,
     GenerationRequest,
-    ProviderEvent,
     ReasoningDelta,
     ReasoningEffort,
     Role,
@@ -107,7 +106,7 @@ class SimulatedProvider(Provider):
         self.stall_seconds = o.number("stall_seconds", 30.0, minimum=0.0, maximum=86_400.0)
         o.done()
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         return _SimulatedStream(self, request).run()
 
 
@@ -152,7 +151,7 @@ class _SimulatedStream:
             )
         self.chunks += 1
 
-    async def run(self) -> AsyncIterator[ProviderEvent]:
+    async def run(self) -> EventStream:
         request = self.request
         last_user = _last_text(request.messages, Role.USER)
         start = request.seed if request.seed is not None else zlib.crc32(last_user.encode())
