@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -37,6 +38,11 @@ log = logging.getLogger("tokenwire.generation")
 Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 # Retry delay suggested to callers turned away at the concurrency limit.
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
+
+
+def _metadata_size(metadata: Sequence[tuple[str, str | bytes]] | None) -> int:
+    # grpc's own accounting: name and value lengths plus 32 bytes per entry (as in HPACK).
+    return sum(len(key) + len(value) + 32 for key, value in metadata or ())
 
 
 class GenerationService:
@@ -68,6 +74,13 @@ class GenerationService:
                     raise GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down; retry")
                 if request is None:
                     raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
+                metadata_bytes = _metadata_size(context.invocation_metadata())
+                if metadata_bytes > self.config.max_metadata_bytes:
+                    raise invalid_request(
+                        "metadata",
+                        f"request headers are {metadata_bytes} bytes; this server accepts at most "
+                        f"{self.config.max_metadata_bytes}",
+                    )
                 if not request.model:
                     raise invalid_request("model", "is required: name a route (see ListModels)")
                 route = self.router.get(request.model)

@@ -47,7 +47,9 @@ def grpc_options(config: Config) -> list[tuple[str, Any]]:
         # message); grpc itself refuses anything over twice that before it is read.
         ("grpc.max_receive_message_length", 2 * s.max_request_bytes),
         ("grpc.max_send_message_length", 4 * 1024 * 1024),
-        ("grpc.max_metadata_size", s.max_metadata_bytes),
+        # Metadata is checked the same way; both grpc limits are set so the cut-off is exact.
+        ("grpc.max_metadata_size", 2 * s.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", 2 * s.max_metadata_bytes),
         ("grpc.keepalive_time_ms", int(s.keepalive_time_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from service.config import Config, ServerConfig, build_routes
+from service.config import Config, ServerConfig, build_routes, load_config
 from service.events import EventStream, GenerationRequest
 from service.providers import KINDS
 from service.providers.simulated import SimulatedProvider
@@ -21,6 +23,7 @@ from service.server import TokenwireServer
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = {"first_token_ms": 1, "tokens_per_second": 0}
 # A pace slow enough that a test can act in the middle of a stream.
 SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
@@ -138,32 +141,46 @@ def stub(running: Running) -> pb_grpc.GenerationServiceAsyncStub:
     return running.stub
 
 
-@pytest.fixture(scope="session")
-def live_address() -> Iterator[str]:
+@contextlib.contextmanager
+def serve_in_thread(config: Config) -> Iterator[str]:
     """A server in a thread of its own, for blocking clients: grpcurl, the demo CLI, sync stubs."""
     ready = threading.Event()
     holder: dict[str, Any] = {}
 
-    def run() -> None:
-        async def main() -> None:
-            srv = TokenwireServer(make_config())
-            holder["port"] = await srv.start()
-            holder["stop"] = asyncio.Event()
-            holder["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await holder["stop"].wait()
-            await srv.stop(grace=0.5)
+    async def main() -> None:
+        srv = TokenwireServer(config)
+        holder["port"] = await srv.start()
+        holder["stop"] = asyncio.Event()
+        holder["loop"] = asyncio.get_running_loop()
+        ready.set()
+        await holder["stop"].wait()
+        await srv.stop(grace=0.5)
 
-        asyncio.run(main())
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="live-server", daemon=True)
+    thread.start()
+    assert ready.wait(10), "server did not start"
+    try:
+        yield f"127.0.0.1:{holder['port']}"
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
 
-    thread = threading.Thread(target=run, name="live-server", daemon=True)
+
+@pytest.fixture(scope="session")
+def live_address() -> Iterator[str]:
+    """The test routes (fast, plus scripted faults) served for blocking clients."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(KINDS, "recording", RecordingProvider)
-        thread.start()
-        assert ready.wait(10), "server did not start"
-    yield f"127.0.0.1:{holder['port']}"
-    holder["loop"].call_soon_threadsafe(holder["stop"].set)
-    thread.join(10)
+        with serve_in_thread(make_config()) as address:
+            yield address
+
+
+@pytest.fixture(scope="session")
+def default_address() -> Iterator[str]:
+    """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
+    config = load_config(ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0"})
+    with serve_in_thread(config) as address:
+        yield address
 
 
 def request(model: str = "sim", text: str = "Tell me about streaming.", **fields: Any) -> pb.GenerateRequest:

@@ -141,6 +141,19 @@ async def test_oversized_request_is_invalid_argument(start_server: Any, recorder
     assert recorder.requests == []
 
 
+async def test_oversized_metadata_is_invalid_argument(start_server: Any, recorder: Recorder) -> None:
+    running = await start_server(max_metadata_bytes=1024)
+    call = running.stub.Generate(request(model="recorded"), metadata=(("x-labels", "a" * 1500),))
+    messages, code, trailing = await collect(call)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and messages == []
+    assert [v.field for v in detail(rich_status(trailing), BadRequest).field_violations] == ["metadata"]
+    assert recorder.requests == []
+    # Within the limit, the same call goes through.
+    messages, code, _ = await collect(running.stub.Generate(request(model="recorded"), metadata=(("x-labels", "a"),)))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+
+
 async def test_error_after_start_is_a_terminal_event_mirrored_by_the_status(running: Running) -> None:
     messages, code, trailing = await collect(running.stub.Generate(request(model="error-after-3")))
     assert_well_formed(messages)

@@ -1,0 +1,114 @@
+"""Every command the README shows, run as written (with the live server's address)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BIN = str(Path(sys.executable).parent)
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def commands(prefix: str) -> list[str]:
+    lines = [line.split("  #")[0].strip() for block in blocks("sh") for line in block.splitlines()]
+    return [line for line in lines if line.startswith(prefix)]
+
+
+def run(command: str, address: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"], "TOKENWIRE_TARGET": address}
+    return subprocess.run(
+        command.replace("localhost:50051", address),
+        shell=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def test_readme_shows_the_two_commands() -> None:
+    assert commands("make run") and commands("make test")
+
+
+@pytest.mark.parametrize("command", commands("grpcurl "))
+def test_grpcurl_recipe(default_address: str, command: str) -> None:
+    out = run(command, default_address)
+    if "no-such-route" in command:
+        assert out.returncode != 0 and "Code: NotFound" in out.stderr
+    elif "sim-error" in command:
+        assert out.returncode != 0 and "Code: Unavailable" in out.stderr
+        assert '"error"' in out.stdout and "ERROR_CODE_PROVIDER_UNAVAILABLE" in out.stdout
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip()
+
+
+@pytest.mark.parametrize("command", commands("make demo"))
+def test_demo_recipe(default_address: str, command: str) -> None:
+    out = run(command, default_address)
+    if "sim-error" in command:
+        assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip()
+
+
+def test_python_example(default_address: str) -> None:
+    (example,) = blocks("python")
+    out = subprocess.run(
+        [sys.executable, "-c", example.replace("localhost:50051", default_address)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "length after 20 tokens" in out.stdout
+
+
+@pytest.mark.parametrize("command", [*commands("make run"), *commands("TOKENWIRE_LISTEN=")])
+def test_server_recipes_serve_until_sigterm(command: str, tmp_path: Path) -> None:
+    # Port 0 instead of a fixed port, so a test never fights another server for it.
+    command = re.sub(r"(127\.0\.0\.1|localhost):\d+", "127.0.0.1:0", command)
+    if command.startswith("make run"):
+        command += " ARGS='--listen 127.0.0.1:0'"
+    log = tmp_path / "log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            command,
+            shell=True,
+            cwd=ROOT,
+            stderr=err,
+            env={**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+
+
+@pytest.mark.parametrize("command", commands("python -m service --help"))
+def test_help_recipe(command: str, default_address: str) -> None:
+    out = run(command, default_address)
+    assert out.returncode == 0 and "TOKENWIRE_" in out.stdout
