@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import grpc
@@ -40,7 +40,7 @@ Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
 
 
-def _metadata_size(metadata: Sequence[tuple[str, str | bytes]] | None) -> int:
+def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     # grpc's own accounting: name and value lengths plus 32 bytes per entry (as in HPACK).
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
 

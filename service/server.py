@@ -105,13 +105,16 @@ class TokenwireServer:
         return f"{host}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING, new calls refused, streams finish within the grace period, and the
-        ones that cannot get a terminal SERVER_SHUTTING_DOWN error before it ends."""
+        """Drains within `grace` seconds, then stops.
+
+        During the drain health answers NOT_SERVING and new Generate calls are refused with
+        UNAVAILABLE / SERVER_SHUTTING_DOWN (retryable), while the streams in flight go on. Streams
+        still open near the end of the drain get a terminal SERVER_SHUTTING_DOWN error; the last
+        part of the grace period is left for those errors to reach their callers.
+        """
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.generation.begin_drain()
-        stopping = asyncio.create_task(self.server.stop(grace))
-        # Leave the last part of the grace period for the terminal errors to reach callers.
         margin = min(1.0, grace / 4)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace - margin):
@@ -119,5 +122,5 @@ class TokenwireServer:
         ended = self.generation.end_streams()
         if ended:
             log.warning("grace period over: ended %d stream(s) with SERVER_SHUTTING_DOWN", ended)
-        await stopping
+        await self.server.stop(margin)
         await self.router.aclose()

@@ -102,17 +102,19 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_dow
 
         signalled_at = time.monotonic()
         server_process.proc.send_signal(signal.SIGTERM)
-        for _ in range(50):
+        for _ in range(100):
             reply = await health.Check(health_pb2.HealthCheckRequest())
             if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                 break
             await asyncio.sleep(0.02)
+        # Health is still answered during the drain, so balancers see the server leave.
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-        refused = stub.Generate(request(model="short"))
+        # New streams are refused with a status that says why and that a retry (elsewhere) helps.
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await refused.read()
+            await stub.Generate(request(model="short")).read()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (info.value.details() or "")
 
         short_rest = await read_rest(short)
         assert await short.code() == grpc.StatusCode.OK

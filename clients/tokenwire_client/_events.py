@@ -1,0 +1,260 @@
+"""Typed views of the tokenwire wire messages.
+
+The client never hands protobuf messages to callers: every field that has presence on
+the wire (usage counts, time to first token, tokens per second) becomes ``None`` when
+unset, because "unknown" and 0 mean different things.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from tokenwire.v1 import generation_pb2 as pb
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.ToNanoseconds() / 1e9
+
+
+class FinishReason(StrEnum):
+    """Why the model stopped, normalized across providers."""
+
+    UNSPECIFIED = "unspecified"
+    STOP = "stop"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+    REFUSAL = "refusal"
+    CANCELLED = "cancelled"
+    OTHER = "other"
+
+    @classmethod
+    def from_proto(cls, value: int) -> FinishReason:
+        # A reason added to the contract after this client was built is still a reason
+        # the model stopped for: OTHER says so, and Finished.raw_reason has the detail.
+        return _FINISH_REASONS.get(value, cls.OTHER)
+
+
+_FINISH_REASONS: dict[int, FinishReason] = {
+    pb.FINISH_REASON_UNSPECIFIED: FinishReason.UNSPECIFIED,
+    pb.FINISH_REASON_STOP: FinishReason.STOP,
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    pb.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS,
+    pb.FINISH_REASON_CONTENT_FILTER: FinishReason.CONTENT_FILTER,
+    pb.FINISH_REASON_REFUSAL: FinishReason.REFUSAL,
+    pb.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    pb.FINISH_REASON_OTHER: FinishReason.OTHER,
+}
+
+
+class UsageSource(StrEnum):
+    """Whether token counts were reported by the provider or estimated by the server."""
+
+    UNSPECIFIED = "unspecified"
+    PROVIDER = "provider"
+    ESTIMATED = "estimated"
+
+    @classmethod
+    def from_proto(cls, value: int) -> UsageSource:
+        return _USAGE_SOURCES.get(value, cls.UNSPECIFIED)
+
+
+_USAGE_SOURCES: dict[int, UsageSource] = {
+    pb.USAGE_SOURCE_PROVIDER: UsageSource.PROVIDER,
+    pb.USAGE_SOURCE_ESTIMATED: UsageSource.ESTIMATED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of a whole request; ``None`` means the count is unknown."""
+
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_read_input_tokens: int | None
+    cache_write_input_tokens: int | None
+    reasoning_tokens: int | None
+    source: UsageSource
+
+    @classmethod
+    def from_proto(cls, usage: pb.Usage) -> Usage:
+        return cls(
+            input_tokens=usage.input_tokens if usage.HasField("input_tokens") else None,
+            output_tokens=(usage.output_tokens if usage.HasField("output_tokens") else None),
+            cache_read_input_tokens=(
+                usage.cache_read_input_tokens if usage.HasField("cache_read_input_tokens") else None
+            ),
+            cache_write_input_tokens=(
+                usage.cache_write_input_tokens if usage.HasField("cache_write_input_tokens") else None
+            ),
+            reasoning_tokens=(usage.reasoning_tokens if usage.HasField("reasoning_tokens") else None),
+            source=UsageSource.from_proto(usage.source),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Server-side timing of a request, in seconds."""
+
+    time_to_first_token: float | None
+    total_duration: float
+    output_tokens_per_second: float | None
+
+    @classmethod
+    def from_proto(cls, timing: pb.Timing) -> Timing:
+        return cls(
+            time_to_first_token=(
+                _seconds(timing.time_to_first_token) if timing.HasField("time_to_first_token") else None
+            ),
+            total_duration=_seconds(timing.total_duration),
+            output_tokens_per_second=(
+                timing.output_tokens_per_second if timing.HasField("output_tokens_per_second") else None
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The stream began; names the provider that serves it, after any fallback."""
+
+    sequence: int
+    stream_id: str
+    route: str
+    provider: str
+    upstream_model: str
+    create_time: datetime
+
+    @classmethod
+    def from_proto(cls, sequence: int, start: pb.Start) -> Started:
+        return cls(
+            sequence=sequence,
+            stream_id=start.stream_id,
+            route=start.route,
+            provider=start.provider,
+            upstream_model=start.upstream_model,
+            create_time=start.create_time.ToDatetime(tzinfo=UTC),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    sequence: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    sequence: int
+    text: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call; ``id`` and ``name`` are set on the first piece only."""
+
+    sequence: int
+    index: int
+    id: str
+    name: str
+    arguments_delta: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    sequence: int
+    reason: FinishReason
+    raw_reason: str
+    stop_sequence: str
+    usage: Usage
+    timing: Timing
+
+    @classmethod
+    def from_proto(cls, sequence: int, finish: pb.Finish) -> Finished:
+        return cls(
+            sequence=sequence,
+            reason=FinishReason.from_proto(finish.reason),
+            raw_reason=finish.raw_reason,
+            stop_sequence=finish.stop_sequence,
+            usage=Usage.from_proto(finish.usage),
+            timing=Timing.from_proto(finish.timing),
+        )
+
+
+Event = Started | TextDelta | ReasoningDelta | ToolCallDelta | Heartbeat | Finished
+"""A typed stream event. A terminal Error is not an event: it is raised instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningBlock:
+    text: str
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    index: int
+    id: str
+    name: str
+    arguments_json: str
+
+    def arguments(self) -> Any:
+        """The decoded arguments; a call without argument text has no arguments."""
+        return json.loads(self.arguments_json or "{}")
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A whole response, assembled from a stream that ended with Finish."""
+
+    stream_id: str
+    route: str
+    provider: str
+    upstream_model: str
+    text: str
+    reasoning: list[ReasoningBlock]
+    tool_calls: list[ToolCall]
+    finish_reason: FinishReason
+    raw_finish_reason: str
+    stop_sequence: str
+    usage: Usage
+    timing: Timing
+    last_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A route the server serves, to be named in ``model``."""
+
+    name: str
+    provider: str
+    upstream_model: str
+    description: str
+    supports_tools: bool
+    supports_reasoning: bool
+    fallbacks: list[str]
+
+    @classmethod
+    def from_proto(cls, model: pb.Model) -> ModelInfo:
+        return cls(
+            name=model.name,
+            provider=model.provider,
+            upstream_model=model.upstream_model,
+            description=model.description,
+            supports_tools=model.supports_tools,
+            supports_reasoning=model.supports_reasoning,
+            fallbacks=list(model.fallbacks),
+        )

@@ -1,0 +1,231 @@
+"""tokenwire-demo: stream one answer from a tokenwire server into the terminal.
+
+The last line of a successful run is a summary in a stable format, for scripts to parse:
+
+    time to first token: 123.4 ms · 38.2 tokens/s · finish: stop · usage: 12 in / 40 out
+    · server time to first token: 98.7 ms
+
+(on one line). Numbers that are unknown read "n/a", unknown token counts "?", and
+"(estimated)" follows the usage when the server estimated it. Exit status: 0 on success,
+1 on an error, 2 on a usage error, 130 when interrupted; with --json, the gRPC status code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+
+from google.protobuf.json_format import MessageToJson
+from rich.console import Console
+from rich.table import Table
+
+from tokenwire.v1 import generation_pb2 as pb
+
+from ._client import DEFAULT_TARGET, AsyncClient
+from ._errors import APIStatusError, TokenwireError
+from ._events import (
+    Event,
+    ReasoningDelta,
+    Response,
+    TextDelta,
+    ToolCallDelta,
+    UsageSource,
+)
+from ._messages import build_request, system, user
+
+DEFAULT_PROMPT = "Explain in a few sentences why streaming LLM responses matters."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire-demo",
+        description="Stream one answer from a tokenwire server.",
+    )
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("TOKENWIRE_TARGET", DEFAULT_TARGET),
+        help="server address (default: $TOKENWIRE_TARGET or %(default)s)",
+    )
+    parser.add_argument("--model", default="sim", help="route name (default: %(default)s)")
+    parser.add_argument("--system", help="a system message")
+    parser.add_argument("--max-tokens", type=int, help="most output tokens")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
+    parser.add_argument("--timeout", type=float, help="deadline of the call, seconds")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--json", action="store_true", help="print the raw messages as JSON lines")
+    mode.add_argument("--list", action="store_true", help="list the server's models")
+    return parser
+
+
+class _Screen:
+    """Writes to the terminal, knowing whether stdout is at the start of a line."""
+
+    def __init__(self) -> None:
+        # Streamed pieces must reach the terminal as they are: no wrapping, no markup.
+        self.out = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+        self._at_line_start = True
+
+    def write(self, text: str, style: str = "") -> None:
+        if not text:
+            return
+        self.out.print(text, style=style, end="")
+        self.out.file.flush()
+        self._at_line_start = text.endswith("\n")
+
+    def end_line(self) -> None:
+        if not self._at_line_start:
+            self.write("\n")
+
+    def error(self, message: str) -> None:
+        self.end_line()
+        self.err.print(message, style="red")
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def summary_line(
+    response: Response,
+    *,
+    time_to_first_token: float | None,
+    tokens_per_second: float | None,
+) -> str:
+    """The summary of a run; ``time_to_first_token`` as the client measured it."""
+    usage = response.usage
+
+    def count(tokens: int | None) -> str:
+        return "?" if tokens is None else str(tokens)
+
+    estimated = " (estimated)" if usage.source is UsageSource.ESTIMATED else ""
+    rate = "n/a" if tokens_per_second is None else f"{tokens_per_second:.1f}"
+    return " · ".join(
+        [
+            f"time to first token: {_milliseconds(time_to_first_token)}",
+            f"{rate} tokens/s",
+            f"finish: {response.finish_reason}",
+            f"usage: {count(usage.input_tokens)} in / {count(usage.output_tokens)} out{estimated}",
+            f"server time to first token: {_milliseconds(response.timing.time_to_first_token)}",
+        ]
+    )
+
+
+def _describe(error: TokenwireError) -> str:
+    if not isinstance(error, APIStatusError):
+        return f"error: {error}"
+    if not error.retryable:
+        retry = "not retryable"
+    elif error.retry_after is None:
+        retry = "retryable"
+    else:
+        retry = f"retryable after {error.retry_after:g} s"
+    return f"error: {error} · {retry}"
+
+
+async def _list_models(client: AsyncClient, screen: _Screen) -> int:
+    table = Table("model", "provider", "upstream model", "tools", "reasoning", "fallbacks", "description")
+    for model in await client.list_models():
+        table.add_row(
+            model.name,
+            model.provider,
+            model.upstream_model,
+            "yes" if model.supports_tools else "no",
+            "yes" if model.supports_reasoning else "no",
+            ", ".join(model.fallbacks),
+            model.description,
+        )
+    screen.out.print(table)
+    return 0
+
+
+async def _print_json(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen) -> int:
+    async with client.stream_request(request) as stream:
+        try:
+            async for message in stream.raw_messages:
+                line = MessageToJson(message, indent=None, preserving_proto_field_name=False)
+                print(line, flush=True)
+        except APIStatusError as error:
+            screen.error(_describe(error))
+            code: int = error.code.value[0]
+            return code
+    return 0
+
+
+async def _stream_text(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen) -> int:
+    started_at = time.perf_counter()
+    first_delta_at: float | None = None
+    previous: Event | None = None
+    async with client.stream_request(request) as stream:
+        async for event in stream:
+            if not isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
+                continue
+            if first_delta_at is None:
+                first_delta_at = time.perf_counter()
+            # Reasoning, answer and each tool call get lines of their own.
+            if previous is not None and type(event) is not type(previous):
+                screen.end_line()
+            previous = event
+            match event:
+                case TextDelta():
+                    screen.write(event.text)
+                case ReasoningDelta():
+                    screen.write(event.text, style="dim")
+                case ToolCallDelta():
+                    if event.name:
+                        screen.end_line()
+                        screen.write(f"[tool call {event.name}] ", style="cyan")
+                    screen.write(event.arguments_delta, style="cyan")
+        response = await stream.get_final_response()
+        ended_at = time.perf_counter()
+    screen.end_line()
+    rate = response.timing.output_tokens_per_second
+    output_tokens = response.usage.output_tokens
+    if rate is None and output_tokens and first_delta_at is not None:
+        elapsed = ended_at - first_delta_at
+        rate = output_tokens / elapsed if elapsed > 0 else None
+    summary = summary_line(
+        response,
+        time_to_first_token=(None if first_delta_at is None else first_delta_at - started_at),
+        tokens_per_second=rate,
+    )
+    screen.out.print(summary, style="dim")
+    return 0
+
+
+async def _run(args: argparse.Namespace, screen: _Screen) -> int:
+    async with AsyncClient(args.target, timeout=args.timeout) as client:
+        if args.list:
+            return await _list_models(client, screen)
+        messages = [system(args.system)] if args.system else []
+        request = build_request(
+            args.model,
+            [*messages, user(args.prompt)],
+            max_output_tokens=args.max_tokens,
+            temperature=args.temperature,
+            stop_sequences=args.stop,
+        )
+        if args.json:
+            return await _print_json(client, request, screen)
+        return await _stream_text(client, request, screen)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    screen = _Screen()
+    try:
+        return asyncio.run(_run(args, screen))
+    except TokenwireError as error:
+        screen.error(_describe(error))
+        return 1
+    except KeyboardInterrupt:
+        # asyncio.run has cancelled the task, and leaving the stream's block cancelled
+        # the call: the server and the provider stop too.
+        screen.end_line()
+        screen.err.print("cancelled")
+        return 130
