@@ -29,7 +29,7 @@ from service.errors import (
 )
 from service.routing import Router
 from service.streams import Sequencer, StreamInfo
-from service.validation import prompt_chars, validate_request
+from service.validation import REQUEST_ID, prompt_chars, validate_request
 from service.wire import set_status
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -64,7 +64,9 @@ class GenerationService:
     async def Generate(self, request: pb.GenerateRequest | None, context: Context) -> None:
         received_at = time.monotonic()
         create_time = datetime.now(UTC)
-        stream_id = request.request_id if request is not None and request.request_id else uuid.uuid4().hex
+        # A malformed request_id is rejected below, but must not name the stream in the meantime.
+        given = request.request_id if request is not None else ""
+        stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         sequencer: Sequencer | None = None
         outcome = "OK"

@@ -55,7 +55,7 @@ _EFFORTS = {
     pb.REASONING_EFFORT_HIGH: ReasoningEffort.HIGH,
 }
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def _enum_name(enum: Any, value: int) -> str:
@@ -127,7 +127,7 @@ def validate_request(
         if (effort is not None or budget is not None) and not route.provider.supports_reasoning:
             raise invalid_request("reasoning", f"route {route.name!r} does not support reasoning options")
 
-    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+    if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
         raise invalid_request("request_id", "must be 1 to 128 printable ASCII characters without spaces")
     _check_metadata(request)
 

@@ -31,6 +31,7 @@ SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
 TEST_ROUTES: dict[str, dict[str, Any]] = {
     "sim": {"provider": "simulated", "model": "tokenwire-sim-1", "options": FAST},
     "slow": {"provider": "recording", "model": "tokenwire-sim-1", "options": SLOW},
+    "slow-start": {"provider": "recording", "model": "tokenwire-sim-1", "options": SLOW | {"first_token_ms": 5000}},
     "recorded": {"provider": "recording", "model": "tokenwire-sim-1", "options": FAST},
     "error-after-3": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 3}},
     "down": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0}},

@@ -262,6 +262,25 @@ async def test_cancel_closes_the_provider_stream_promptly(running: Running, reco
     assert running.server.generation.active_streams == 0
 
 
+async def test_cancel_before_the_first_token_closes_the_provider_stream(running: Running, recorder: Recorder) -> None:
+    call = running.stub.Generate(request(model="slow-start"))
+    for _ in range(100):  # wait until the request reached the provider
+        if recorder.requests:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.requests
+    loop = asyncio.get_running_loop()
+    cancelled_at = loop.time()
+    call.cancel()
+    for _ in range(100):
+        if recorder.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.finished == [False]
+    assert recorder.closed[0] - cancelled_at < 0.2
+    assert running.server.generation.active_streams == 0
+
+
 async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
     running: Running, recorder: Recorder
 ) -> None:
@@ -274,3 +293,10 @@ async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
         await asyncio.sleep(0.01)
     assert recorder.finished == [False]
     assert recorder.requests[0].deadline is not None
+
+
+async def test_malformed_request_id_never_names_the_stream(running: Running) -> None:
+    _, code, trailing = await collect(running.stub.Generate(request(request_id="x" * 5000)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    stream_id = detail(rich_status(trailing), ErrorInfo).metadata["stream_id"]
+    assert len(stream_id) == 32 and "x" * 40 not in stream_id
