@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 from google.protobuf.json_format import MessageToJson
 from rich.console import Console
-from rich.table import Table
 
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -129,18 +128,23 @@ def _describe(error: TokenwireError) -> str:
 
 
 async def _list_models(client: AsyncClient, screen: _Screen) -> int:
-    table = Table("model", "provider", "upstream model", "tools", "reasoning", "fallbacks", "description")
+    # Plain aligned columns: descriptions stay on one line, in a terminal or a pipe alike.
+    rows = [("MODEL", "SERVED BY", "FEATURES", "DESCRIPTION")]
     for model in await client.list_models():
-        table.add_row(
-            model.name,
-            model.provider,
-            model.upstream_model,
-            "yes" if model.supports_tools else "no",
-            "yes" if model.supports_reasoning else "no",
-            ", ".join(model.fallbacks),
-            model.description,
+        flags = (("tools", model.supports_tools), ("reasoning", model.supports_reasoning))
+        features = [name for name, on in flags if on]
+        fallbacks = f" (falls back to {', '.join(model.fallbacks)})" if model.fallbacks else ""
+        rows.append(
+            (
+                model.name,
+                f"{model.provider}/{model.upstream_model}",
+                ",".join(features) or "-",
+                model.description + fallbacks,
+            )
         )
-    screen.out.print(table)
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        screen.out.print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]]))
     return 0
 
 
