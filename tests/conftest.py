@@ -184,6 +184,15 @@ def default_address() -> Iterator[str]:
         yield address
 
 
+async def eventually(predicate: Callable[[], object], within: float = 2.0) -> None:
+    """Waits until `predicate()` is true; fails the test if it is not within `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 def request(model: str = "sim", text: str = "Tell me about streaming.", **fields: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text=text)], **fields)
 

@@ -20,6 +20,7 @@ from conftest import (
     assert_well_formed,
     collect,
     detail,
+    eventually,
     request,
     rich_status,
 )
@@ -242,43 +243,30 @@ async def test_concurrency_limit_is_resource_exhausted_and_health_still_answers(
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     for call in calls:
         call.cancel()
-    await asyncio.sleep(0.1)
-    assert running.server.generation.active_streams == 0
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_cancel_closes_the_provider_stream_promptly(running: Running, recorder: Recorder) -> None:
     call = running.stub.Generate(request(model="slow"))
     for _ in range(3):
         await call.read()
-    loop = asyncio.get_running_loop()
-    cancelled_at = loop.time()
+    cancelled_at = asyncio.get_running_loop().time()
     call.cancel()
-    for _ in range(100):
-        if recorder.closed:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
     assert recorder.closed[0] - cancelled_at < 0.2
-    assert running.server.generation.active_streams == 0
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_cancel_before_the_first_token_closes_the_provider_stream(running: Running, recorder: Recorder) -> None:
     call = running.stub.Generate(request(model="slow-start"))
-    for _ in range(100):  # wait until the request reached the provider
-        if recorder.requests:
-            break
-        await asyncio.sleep(0.01)
-    assert recorder.requests
-    loop = asyncio.get_running_loop()
-    cancelled_at = loop.time()
+    await eventually(lambda: recorder.requests)  # the request reached the provider
+    cancelled_at = asyncio.get_running_loop().time()
     call.cancel()
-    for _ in range(100):
-        if recorder.closed:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
     assert recorder.closed[0] - cancelled_at < 0.2
-    assert running.server.generation.active_streams == 0
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
@@ -287,10 +275,7 @@ async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
     messages, code, _ = await collect(running.stub.Generate(request(model="slow"), timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert messages and all(m.WhichOneof("event") in ("start", "text_delta") for m in messages)
-    for _ in range(50):
-        if recorder.closed:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
     assert recorder.requests[0].deadline is not None
 

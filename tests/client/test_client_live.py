@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from conftest import Recorder, Running
+from conftest import Recorder, Running, eventually
 from tokenwire_client import (
     AsyncClient,
     Client,
@@ -91,10 +89,7 @@ async def test_leaving_the_block_early_stops_the_provider(client: AsyncClient, r
         async for event in stream:
             if isinstance(event, TextDelta):
                 break
-    for _ in range(50):
-        if recorder.closed:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
 
 

@@ -1,0 +1,63 @@
+"""Credential-shaped text never leaves in a message, a status detail or a log line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from service.__main__ import configure_logging
+from service.errors import ErrorCode, GatewayError, describe_exception, redact
+from service.wire import error_event, status_metadata
+
+FAKE_KEY = "sk-proj-FAKE0000000000000000"  # shaped like a provider key; not a real one
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"upstream said: invalid key {FAKE_KEY}",
+        "Authorization: Bearer abc.def.ghi-000000",
+        "headers={'x-api-key': 'FAKE-anthropic-0000000'}",
+        '{"api_key": "FAKE-0000000000"}',
+        "password=hunter2hunter2",
+    ],
+)
+def test_redact_removes_credentials(text: str) -> None:
+    cleaned = redact(text)
+    for secret in (FAKE_KEY, "abc.def.ghi-000000", "FAKE-anthropic-0000000", "FAKE-0000000000", "hunter2hunter2"):
+        assert secret not in cleaned
+    assert "[redacted]" in cleaned
+
+
+def test_plain_text_is_unchanged() -> None:
+    text = "unknown route 'gpt-4o'; max_output_tokens must be from 1 to 1000000, got 0"
+    assert redact(text) == text
+
+
+def test_error_event_and_status_are_redacted() -> None:
+    err = GatewayError(
+        ErrorCode.PROVIDER_AUTH_FAILED,
+        f"provider rejected key {FAKE_KEY}",
+        field_violations=(("x", f"bad {FAKE_KEY}"),),
+    )
+    assert FAKE_KEY not in error_event(err, 3).message
+    ((_, details),) = status_metadata(err, "s")
+    assert FAKE_KEY.encode() not in details
+
+
+def test_tracebacks_and_log_lines_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(RuntimeError) as info:
+        raise RuntimeError(f"boom with {FAKE_KEY}")
+    described = describe_exception(info.value)
+    assert FAKE_KEY not in described and "RuntimeError: boom with" in described
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging("INFO")
+    try:
+        logging.getLogger("anything").warning("request failed: Authorization: Bearer %s", FAKE_KEY)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "request failed" in err and FAKE_KEY not in err
