@@ -1,7 +1,9 @@
-"""The error taxonomy: what went wrong, whose fault it is, its gRPC code, and whether to retry.
+"""The error taxonomy: what went wrong, whose fault it is, and whether a retry may help.
 
 Every failure that reaches a caller is a `GatewayError` built by tokenwire's own code with a
-sanitized message; exception text from libraries never becomes a message.
+sanitized message; exception text from libraries never becomes a message. How each code travels
+on the wire (its gRPC status) is `service.wire`'s business, so providers raise these errors
+without knowing anything about gRPC.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ import enum
 import re
 import secrets
 import traceback
-from dataclasses import dataclass
-
-import grpc
 
 
 class Fault(enum.StrEnum):
@@ -21,15 +20,8 @@ class Fault(enum.StrEnum):
     SERVER = "SERVER"
 
 
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    status: grpc.StatusCode
-    fault: Fault
-    retryable: bool
-
-
 class ErrorCode(enum.StrEnum):
-    """Mirrors tokenwire.v1.ErrorCode; the value is the google.rpc.ErrorInfo reason."""
+    """Mirrors tokenwire.v1.ErrorCode (a test keeps them equal); the value is the ErrorInfo reason."""
 
     INVALID_REQUEST = "INVALID_REQUEST"
     ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
@@ -50,39 +42,38 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "INTERNAL"
 
     @property
-    def status(self) -> grpc.StatusCode:
-        return _SPECS[self].status
-
-    @property
     def fault(self) -> Fault:
-        return _SPECS[self].fault
+        if self.name.startswith("PROVIDER_"):
+            return Fault.PROVIDER
+        return Fault.CALLER if self in _CALLER_CODES else Fault.SERVER
 
     @property
     def retryable(self) -> bool:
-        return _SPECS[self].retryable
+        return self in _RETRYABLE_CODES
 
 
-_C = grpc.StatusCode
-_SPECS: dict[ErrorCode, _Spec] = {
-    ErrorCode.INVALID_REQUEST: _Spec(_C.INVALID_ARGUMENT, Fault.CALLER, False),
-    ErrorCode.ROUTE_NOT_FOUND: _Spec(_C.NOT_FOUND, Fault.CALLER, False),
-    ErrorCode.UNAUTHENTICATED: _Spec(_C.UNAUTHENTICATED, Fault.CALLER, False),
-    ErrorCode.PERMISSION_DENIED: _Spec(_C.PERMISSION_DENIED, Fault.CALLER, False),
-    ErrorCode.QUOTA_EXCEEDED: _Spec(_C.RESOURCE_EXHAUSTED, Fault.CALLER, True),
-    ErrorCode.PROVIDER_RATE_LIMITED: _Spec(_C.RESOURCE_EXHAUSTED, Fault.PROVIDER, True),
-    ErrorCode.PROVIDER_UNAVAILABLE: _Spec(_C.UNAVAILABLE, Fault.PROVIDER, True),
-    ErrorCode.PROVIDER_TIMEOUT: _Spec(_C.UNAVAILABLE, Fault.PROVIDER, True),
-    ErrorCode.PROVIDER_STREAM_TRUNCATED: _Spec(_C.UNAVAILABLE, Fault.PROVIDER, True),
-    ErrorCode.PROVIDER_PROTOCOL_ERROR: _Spec(_C.UNAVAILABLE, Fault.PROVIDER, True),
-    ErrorCode.PROVIDER_REJECTED_REQUEST: _Spec(_C.INVALID_ARGUMENT, Fault.PROVIDER, False),
-    # The server's provider key is bad: an operator's problem, never the caller's credentials.
-    ErrorCode.PROVIDER_AUTH_FAILED: _Spec(_C.INTERNAL, Fault.PROVIDER, False),
-    ErrorCode.PROVIDER_ERROR: _Spec(_C.UNAVAILABLE, Fault.PROVIDER, True),
-    ErrorCode.SERVER_SHUTTING_DOWN: _Spec(_C.UNAVAILABLE, Fault.SERVER, True),
-    ErrorCode.SERVER_OVERLOADED: _Spec(_C.RESOURCE_EXHAUSTED, Fault.SERVER, True),
-    ErrorCode.STREAM_DURATION_EXCEEDED: _Spec(_C.DEADLINE_EXCEEDED, Fault.SERVER, False),
-    ErrorCode.INTERNAL: _Spec(_C.INTERNAL, Fault.SERVER, False),
-}
+_CALLER_CODES = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.ROUTE_NOT_FOUND,
+        ErrorCode.UNAUTHENTICATED,
+        ErrorCode.PERMISSION_DENIED,
+        ErrorCode.QUOTA_EXCEEDED,
+    }
+)
+_RETRYABLE_CODES = frozenset(
+    {
+        ErrorCode.QUOTA_EXCEEDED,
+        ErrorCode.PROVIDER_RATE_LIMITED,
+        ErrorCode.PROVIDER_UNAVAILABLE,
+        ErrorCode.PROVIDER_TIMEOUT,
+        ErrorCode.PROVIDER_STREAM_TRUNCATED,
+        ErrorCode.PROVIDER_PROTOCOL_ERROR,
+        ErrorCode.PROVIDER_ERROR,
+        ErrorCode.SERVER_SHUTTING_DOWN,
+        ErrorCode.SERVER_OVERLOADED,
+    }
+)
 
 
 class GatewayError(Exception):
@@ -109,10 +100,6 @@ class GatewayError(Exception):
         self.correlation_id = correlation_id
 
     @property
-    def status(self) -> grpc.StatusCode:
-        return self.code.status
-
-    @property
     def retryable(self) -> bool:
         return self.code.retryable
 
@@ -128,6 +115,10 @@ def invalid_request(field: str, description: str) -> GatewayError:
     )
 
 
+def shutting_down(message: str) -> GatewayError:
+    return GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, message)
+
+
 def new_correlation_id() -> str:
     return "err-" + secrets.token_hex(8)
 
@@ -140,25 +131,28 @@ def internal_error(correlation_id: str) -> GatewayError:
     )
 
 
-# Shapes of credentials that must never leave the process, whatever text they hide in: bearer
-# tokens, provider keys (sk-..., sk-ant-...), and key=value / "key": "value" pairs named like secrets.
-_SECRET_PATTERNS = (
-    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
-    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
-    re.compile(
-        r"(?i)((?:api[_-]?key|authorization|x-api-key|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
-        r"[^\s\"',;]{4,}"
-    ),
+# Shapes of credentials that must never leave the process, whatever text they hide in:
+# authorization schemes, provider keys, and name=value / "name": "value" pairs named like secrets.
+_SCHEME = re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{6,}")
+_KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{8,}|AIza[0-9A-Za-z_-]{20,})")
+_NAMED = re.compile(
+    r"(?i)(\b(?:api[_-]?key|x-api-key|authorization|access[_-]?token|token|secret|password|key)[\"']?\s*[:=]\s*)"
+    r"(\"[^\"]*\"|'[^']*'|[^\s\"',;&]+)"
 )
 
 
 def redact(text: str) -> str:
     """Removes anything shaped like a credential. Defence in depth for messages and log lines."""
-    text = _SECRET_PATTERNS[0].sub(r"\1 [redacted]", text)
-    text = _SECRET_PATTERNS[1].sub("sk-[redacted]", text)
-    return _SECRET_PATTERNS[2].sub(r"\1[redacted]", text)
+    text = _SCHEME.sub(r"\1 [redacted]", text)
+    text = _KEY_SHAPES.sub("[redacted]", text)
+    return _NAMED.sub(r"\1[redacted]", text)
 
 
 def describe_exception(exc: BaseException) -> str:
-    """A traceback for the server's log, with anything credential-shaped removed at the source."""
-    return redact("".join(traceback.format_exception(exc)).rstrip())
+    """The exception's type and frames for the server's log, never its message.
+
+    Exception text can hold anything a library put there (request headers, keys); the type and
+    the frames are enough to find the bug.
+    """
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    return redact(f"{type(exc).__module__}.{type(exc).__qualname__} (message withheld)\n{frames}")

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from service.errors import ErrorCode, GatewayError, describe_exception, internal_error, new_correlation_id
 from service.events import (
@@ -27,7 +27,7 @@ from service.events import (
     ToolCallDelta,
     Usage,
 )
-from service.wire import error_event
+from service.wire import duration, error_event
 from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.streams")
@@ -48,12 +48,6 @@ class StreamInfo:
     received_at: float  # time.monotonic() at request receipt
     create_time: datetime
     prompt_chars: int
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
 
 
 class Sequencer:
@@ -151,9 +145,9 @@ class Sequencer:
     def _finish(self, event: Finished) -> pb.Finish:
         now = time.monotonic()
         usage = self._usage(event.usage)
-        timing = pb.Timing(total_duration=_duration(now - self.info.received_at))
+        timing = pb.Timing(total_duration=duration(now - self.info.received_at))
         if self.first_delta_at is not None:
-            timing.time_to_first_token.CopyFrom(_duration(self.first_delta_at - self.info.received_at))
+            timing.time_to_first_token.CopyFrom(duration(self.first_delta_at - self.info.received_at))
             generating = now - self.first_delta_at
             if usage.HasField("output_tokens") and usage.output_tokens and generating > 0:
                 timing.output_tokens_per_second = usage.output_tokens / generating

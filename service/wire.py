@@ -1,4 +1,5 @@
-"""Errors on the wire: the in-stream `Error` event and the rich status that mirrors it."""
+"""Errors on the wire: each code's gRPC status, the in-stream `Error` event, and the rich status
+that mirrors it."""
 
 from __future__ import annotations
 
@@ -8,16 +9,37 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import GatewayError, redact
+from service.errors import ErrorCode, GatewayError, redact
 from tokenwire.v1 import generation_pb2 as pb
 
 ERROR_DOMAIN = "tokenwire"
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_C = grpc.StatusCode
+STATUS_CODES: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_REQUEST: _C.INVALID_ARGUMENT,
+    ErrorCode.ROUTE_NOT_FOUND: _C.NOT_FOUND,
+    ErrorCode.UNAUTHENTICATED: _C.UNAUTHENTICATED,
+    ErrorCode.PERMISSION_DENIED: _C.PERMISSION_DENIED,
+    ErrorCode.QUOTA_EXCEEDED: _C.RESOURCE_EXHAUSTED,
+    ErrorCode.PROVIDER_RATE_LIMITED: _C.RESOURCE_EXHAUSTED,
+    ErrorCode.PROVIDER_UNAVAILABLE: _C.UNAVAILABLE,
+    ErrorCode.PROVIDER_TIMEOUT: _C.UNAVAILABLE,
+    ErrorCode.PROVIDER_STREAM_TRUNCATED: _C.UNAVAILABLE,
+    ErrorCode.PROVIDER_PROTOCOL_ERROR: _C.UNAVAILABLE,
+    ErrorCode.PROVIDER_REJECTED_REQUEST: _C.INVALID_ARGUMENT,
+    # The server's provider key is bad: an operator's problem, never the caller's credentials.
+    ErrorCode.PROVIDER_AUTH_FAILED: _C.INTERNAL,
+    ErrorCode.PROVIDER_ERROR: _C.UNAVAILABLE,
+    ErrorCode.SERVER_SHUTTING_DOWN: _C.UNAVAILABLE,
+    ErrorCode.SERVER_OVERLOADED: _C.RESOURCE_EXHAUSTED,
+    ErrorCode.STREAM_DURATION_EXCEEDED: _C.DEADLINE_EXCEEDED,
+    ErrorCode.INTERNAL: _C.INTERNAL,
+}
 _ERROR_CODES = {name.removeprefix("ERROR_CODE_"): value for name, value in pb.ErrorCode.items()}
 _FAULTS = {"CALLER": pb.FAULT_CALLER, "PROVIDER": pb.FAULT_PROVIDER, "SERVER": pb.FAULT_SERVER}
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(round(seconds * 1e9))
     return d
@@ -27,7 +49,7 @@ def error_event(err: GatewayError, last_sequence: int) -> pb.Error:
     event = pb.Error(
         code=_ERROR_CODES[err.code.value],
         fault=_FAULTS[err.code.fault.value],
-        grpc_code=err.status.value[0],
+        grpc_code=STATUS_CODES[err.code].value[0],
         message=redact(err.message),
         retryable=err.retryable,
         provider=err.provider,
@@ -35,7 +57,7 @@ def error_event(err: GatewayError, last_sequence: int) -> pb.Error:
         correlation_id=err.correlation_id,
     )
     if err.retry_after is not None:
-        event.retry_after.CopyFrom(_duration(err.retry_after))
+        event.retry_after.CopyFrom(duration(err.retry_after))
     if err.provider_http_status is not None:
         event.provider_http_status = err.provider_http_status
     return event
@@ -58,7 +80,7 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
             info.metadata[key] = value
     details = [info]
     if err.retryable and err.retry_after is not None:
-        details.append(error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_after)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration(err.retry_after)))
     if err.field_violations:
         details.append(
             error_details_pb2.BadRequest(
@@ -68,7 +90,7 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
                 ]
             )
         )
-    status = status_pb2.Status(code=err.status.value[0], message=redact(err.message))
+    status = status_pb2.Status(code=STATUS_CODES[err.code].value[0], message=redact(err.message))
     for detail in details:
         packed = any_pb2.Any()
         packed.Pack(detail)
@@ -77,6 +99,6 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
 
 
 def set_status(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, stream_id: str) -> None:
-    context.set_code(err.status)
+    context.set_code(STATUS_CODES[err.code])
     context.set_details(redact(err.message))
     context.set_trailing_metadata(status_metadata(err, stream_id))
