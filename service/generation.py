@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
@@ -26,8 +27,10 @@ from service.errors import (
     invalid_request,
     new_correlation_id,
     redact,
+    shutting_down,
 )
-from service.routing import Router
+from service.events import GenerationRequest
+from service.routing import OpenedStream, Route, Router
 from service.streams import Sequencer, StreamInfo
 from service.validation import REQUEST_ID, prompt_chars, validate_request
 from service.wire import set_status
@@ -45,17 +48,34 @@ def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
 
 
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """One Generate stream in flight, as shutdown sees it."""
+
+    task: asyncio.Task[None]
+    sequencer: Sequencer | None = None
+    shutdown: bool = False
+
+    @property
+    def interruptible(self) -> bool:
+        """Whether cancelling the handler now is safe: only while it waits for the provider.
+
+        A write is never interrupted: its message may already be on its way, and a second write
+        while it is in flight fails.
+        """
+        return self.sequencer is None or self.sequencer.waiting_upstream
+
+
 class GenerationService:
     def __init__(self, router: Router, config: ServerConfig) -> None:
         self.router = router
         self.config = config
-        # Handler tasks of the Generate streams in flight: the concurrency limit counts these.
-        self.active: set[asyncio.Task[None]] = set()
+        # The Generate streams in flight: the concurrency limit counts these.
+        self.active: dict[asyncio.Task[None], _InFlight] = {}
         # Set while no stream is in flight: what a draining shutdown waits for.
         self.idle = asyncio.Event()
         self.idle.set()
         self.draining = False
-        self._shutdown_cancelled: set[asyncio.Task[None]] = set()
 
     @property
     def active_streams(self) -> int:
@@ -68,76 +88,39 @@ class GenerationService:
         given = request.request_id if request is not None else ""
         stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        sequencer: Sequencer | None = None
+        flight: _InFlight | None = None
         outcome = "OK"
         try:
             try:
-                if self.draining:
-                    raise GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, "the server is shutting down; retry")
-                if request is None:
-                    raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
-                metadata_bytes = _metadata_size(context.invocation_metadata())
-                if metadata_bytes > self.config.max_metadata_bytes:
-                    raise invalid_request(
-                        "metadata",
-                        f"request headers are {metadata_bytes} bytes; this server accepts at most "
-                        f"{self.config.max_metadata_bytes}",
-                    )
-                if not request.model:
-                    raise invalid_request("model", "is required: name a route (see ListModels)")
-                route = self.router.get(request.model)
-                remaining = context.time_remaining()
-                generation = validate_request(
-                    request,
-                    route,
-                    stream_id=stream_id,
-                    deadline=None if remaining is None else received_at + remaining,
-                    max_request_bytes=self.config.max_request_bytes,
-                )
-                if len(self.active) >= self.config.max_concurrent_streams:
-                    raise GatewayError(
-                        ErrorCode.SERVER_OVERLOADED,
-                        f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
-                        retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
-                    )
-                self.active.add(task)
-                self.idle.clear()
+                route, generation = self._admissible(request, context, stream_id, received_at)
+                flight = self._admit(task)
                 try:
                     opened = await self.router.open(route, generation)
-                    sequencer = Sequencer(
-                        StreamInfo(
-                            stream_id=stream_id,
-                            route=route.name,
-                            provider=opened.route.provider.kind,
-                            upstream_model=opened.route.config.model,
-                            received_at=received_at,
-                            create_time=create_time,
-                            prompt_chars=prompt_chars(generation),
-                        )
+                    info = StreamInfo(
+                        stream_id=stream_id,
+                        route=route.name,
+                        provider=opened.route.provider.kind,
+                        upstream_model=opened.route.config.model,
+                        received_at=received_at,
+                        create_time=create_time,
+                        prompt_chars=prompt_chars(generation),
                     )
-                    async with contextlib.aclosing(sequencer.run(opened.first, opened.events)) as messages:
-                        async for message in messages:
-                            await context.write(message)
+                    await self._relay(flight, opened, info, context)
                 finally:
-                    self.active.discard(task)
-                    if not self.active:
-                        self.idle.set()
+                    self._release(task)
             except asyncio.CancelledError:
-                if task not in self._shutdown_cancelled:
-                    outcome = "CANCELLED"
+                if flight is None or not flight.shutdown or task.uncancel() > 0:
+                    remaining = context.time_remaining()
+                    outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                     raise
-                # Our own shutdown ended this stream: tell the caller so, instead of a silent cut.
-                task.uncancel()
-                shutting_down = GatewayError(
-                    ErrorCode.SERVER_SHUTTING_DOWN,
-                    "the server shut down before the stream finished; retry",
-                )
-                if sequencer is None:
-                    raise shutting_down from None
-                await context.write(sequencer.error_message(shutting_down))
-            if sequencer is not None and sequencer.failure is not None:
-                set_status(context, sequencer.failure, stream_id)
-                outcome = sequencer.failure.code.value
+                # Our shutdown interrupted the wait for the provider: say so, never cut silently.
+                if flight.sequencer is None:
+                    raise shutting_down("the server is shutting down; retry") from None
+                await context.write(flight.sequencer.error_message(_stream_shut_down()))
+            failure = flight.sequencer.failure if flight.sequencer is not None else None
+            if failure is not None:
+                set_status(context, failure, stream_id)
+                outcome = failure.code.value
         except GatewayError as err:
             set_status(context, err, stream_id)
             outcome = err.code.value
@@ -147,7 +130,63 @@ class GenerationService:
             set_status(context, internal_error(correlation_id), stream_id)
             outcome = ErrorCode.INTERNAL.value
         finally:
-            self._log_outcome(request, stream_id, outcome, sequencer, received_at)
+            self._log_outcome(request, stream_id, outcome, flight.sequencer if flight else None, received_at)
+
+    def _admissible(
+        self, request: pb.GenerateRequest | None, context: Context, stream_id: str, received_at: float
+    ) -> tuple[Route, GenerationRequest]:
+        """Checks everything a provider must never see; raises GatewayError for the caller."""
+        if self.draining:
+            raise shutting_down("the server is shutting down; retry")
+        if request is None:
+            raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
+        metadata_bytes = _metadata_size(context.invocation_metadata())
+        if metadata_bytes > self.config.max_metadata_bytes:
+            raise invalid_request(
+                "metadata",
+                f"request headers are {metadata_bytes} bytes; this server accepts at most "
+                f"{self.config.max_metadata_bytes}",
+            )
+        if not request.model:
+            raise invalid_request("model", "is required: name a route (see ListModels)")
+        route = self.router.get(request.model)
+        remaining = context.time_remaining()
+        generation = validate_request(
+            request,
+            route,
+            stream_id=stream_id,
+            deadline=None if remaining is None else received_at + remaining,
+            max_request_bytes=self.config.max_request_bytes,
+        )
+        return route, generation
+
+    def _admit(self, task: asyncio.Task[None]) -> _InFlight:
+        if len(self.active) >= self.config.max_concurrent_streams:
+            raise GatewayError(
+                ErrorCode.SERVER_OVERLOADED,
+                f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
+                retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
+            )
+        flight = self.active[task] = _InFlight(task)
+        self.idle.clear()
+        return flight
+
+    def _release(self, task: asyncio.Task[None]) -> None:
+        self.active.pop(task, None)
+        if not self.active:
+            self.idle.set()
+
+    async def _relay(self, flight: _InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
+        """Writes the sequenced stream. The provider's stream is closed on every path out."""
+        async with contextlib.aclosing(opened.events):
+            sequencer = flight.sequencer = Sequencer(info)
+            async with contextlib.aclosing(sequencer.run(opened.first, opened.events)) as messages:
+                async for message in messages:
+                    await context.write(message)
+                    if flight.shutdown and not sequencer.ended:
+                        break
+            if flight.shutdown and not sequencer.ended:
+                await context.write(sequencer.error_message(_stream_shut_down()))
 
     def _log_outcome(
         self,
@@ -160,11 +199,11 @@ class GenerationService:
         finish = sequencer.finish if sequencer is not None else None
         labels = ""
         if request is not None and request.metadata:
-            labels = " " + " ".join(f"{k[:64]}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
+            labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
         log.info(
-            "stream %s route=%s outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
+            "stream %s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
             stream_id,
-            (request.model[:128] if request is not None else "") or "-",
+            request.model[:128] if request is not None else "",
             outcome,
             pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
             sequencer.sequence if sequencer is not None else 0,
@@ -197,8 +236,17 @@ class GenerationService:
         self.draining = True
 
     def end_streams(self) -> int:
-        """Ends every stream still in flight with a terminal SERVER_SHUTTING_DOWN error."""
-        for task in list(self.active):
-            self._shutdown_cancelled.add(task)
-            task.cancel("server shutting down")
+        """Ends every stream in flight with a terminal SERVER_SHUTTING_DOWN error.
+
+        A stream waiting for its provider is interrupted at once; one in the middle of a write
+        ends right after that write returns.
+        """
+        for flight in self.active.values():
+            flight.shutdown = True
+            if flight.interruptible:
+                flight.task.cancel("server shutting down")
         return len(self.active)
+
+
+def _stream_shut_down() -> GatewayError:
+    return shutting_down("the server shut down before the stream finished; retry")

@@ -64,6 +64,13 @@ class Sequencer:
         self.finish: pb.Finish | None = None
         self.first_delta_at: float | None = None
         self.output_chars = 0
+        # True only while waiting for the provider's next event: shutdown may interrupt that.
+        self.waiting_upstream = False
+
+    @property
+    def ended(self) -> bool:
+        """Whether the terminal event has been produced."""
+        return self.finish is not None or self.failure is not None
 
     def _next(self) -> int:
         self.sequence += 1
@@ -86,9 +93,9 @@ class Sequencer:
 
     async def run(self, first: ProviderEvent, events: EventStream) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Yields Start, the deltas, and one terminal event. Closes `events` on every path."""
-        yield self.start_message()
         event: ProviderEvent | None = first
         try:
+            yield self.start_message()
             while True:
                 if isinstance(event, TextDelta):
                     if event.text:
@@ -112,7 +119,11 @@ class Sequencer:
                     self.finish = self._finish(event)
                     yield pb.GenerateResponse(sequence=self._next(), finish=self.finish)
                     return
-                event = await anext(events, None)
+                self.waiting_upstream = True
+                try:
+                    event = await anext(events, None)
+                finally:
+                    self.waiting_upstream = False
                 if event is None:
                     raise GatewayError(
                         ErrorCode.PROVIDER_STREAM_TRUNCATED,

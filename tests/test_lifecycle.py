@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -97,8 +98,8 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_dow
         health = health_pb2_grpc.HealthStub(channel)
         short = stub.Generate(request(model="short"))
         long = stub.Generate(request(model="long"))
-        await short.read()
-        await long.read()
+        short_first = await short.read()
+        long_first = await long.read()
 
         signalled_at = time.monotonic()
         server_process.proc.send_signal(signal.SIGTERM)
@@ -118,6 +119,7 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_dow
 
         short_rest = await read_rest(short)
         assert await short.code() == grpc.StatusCode.OK
+        assert_well_formed([short_first, *short_rest])
         assert short_rest[-1].WhichOneof("event") == "finish"
 
         long_rest: list[pb.GenerateResponse] = []
@@ -125,6 +127,7 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_dow
             await read_rest(long, long_rest)
         ended_after = time.monotonic() - signalled_at
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert_well_formed([long_first, *long_rest])
     error = long_rest[-1].error
     assert error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN and error.retryable
     assert error.last_sequence == long_rest[-1].sequence - 1
@@ -136,3 +139,71 @@ def test_whole_streams_survive_being_read_by_a_sync_client(server_process: Serve
     with grpc.insecure_channel(server_process.address) as channel:
         messages = list(pb_grpc.GenerationServiceStub(channel).Generate(request(model="short"), timeout=10))
     assert_well_formed(messages)
+
+
+def status_mirrors_terminal(messages: list[pb.GenerateResponse], code: grpc.StatusCode) -> bool:
+    last = messages[-1]
+    if last.WhichOneof("event") == "finish":
+        return code == grpc.StatusCode.OK
+    return code.value[0] == last.error.grpc_code and last.error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN
+
+
+async def test_shutdown_ends_every_stream_with_one_terminal_event_even_for_slow_readers(
+    start_server: Any,
+) -> None:
+    flood = {"first_token_ms": 1, "tokens_per_second": 0, "answer_tokens": 100_000}
+    paced = {"first_token_ms": 1, "tokens_per_second": 5, "answer_tokens": 1000}
+    running = await start_server(
+        routes={
+            "flood": {"provider": "simulated", "model": "m", "options": flood},
+            "paced": {"provider": "simulated", "model": "m", "options": paced},
+        }
+    )
+    # Readers that take nothing: a 1 KiB flow-control window fills at once, so these handlers
+    # sit in the middle of a write (of a delta, or of the Finish) when the shutdown comes.
+    tiny_window = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 1024),
+    ]
+    channels = [grpc.aio.insecure_channel(running.address, options=tiny_window) for _ in range(6)]
+    calls = [
+        pb_grpc.GenerationServiceStub(ch).Generate(request(model="flood", seed=1, max_output_tokens=57 + i))
+        for i, ch in enumerate(channels)
+    ]
+    # A stream whose handler waits for its provider when the shutdown comes.
+    waiting = running.stub.Generate(request(model="paced"))
+    calls.append(waiting)
+    await waiting.read()
+    await asyncio.sleep(0.5)  # let the flood streams fill their windows
+
+    stopping = asyncio.create_task(running.server.stop(grace=2.0))
+    await asyncio.sleep(1.6)  # past the point where the server ends what is still open
+
+    async def read(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
+        messages: list[pb.GenerateResponse] = []
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for message in call:
+                messages.append(message)
+        return messages, await call.code()
+
+    try:
+        results = await asyncio.gather(*(read(call) for call in calls[:-1]), read_rest_with_code(waiting))
+    finally:
+        await stopping
+        for channel in channels:
+            await channel.close()
+    for messages, code in results[:-1]:
+        assert_well_formed(messages)
+        assert status_mirrors_terminal(messages, code), (messages[-1], code)
+    rest, code = results[-1]
+    assert rest[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN and code == grpc.StatusCode.UNAVAILABLE
+    assert [m.sequence for m in rest] == list(range(2, len(rest) + 2))  # read() took sequence 1
+    assert running.server.generation.active_streams == 0
+
+
+async def read_rest_with_code(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
+    messages: list[pb.GenerateResponse] = []
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await read_rest(call, messages)
+    return messages, await call.code()
