@@ -100,6 +100,7 @@ async def test_sigterm_drains_short_streams_and_ends_long_ones_with_shutting_dow
         long = stub.Generate(request(model="long"))
         short_first = await short.read()
         long_first = await long.read()
+        assert isinstance(short_first, pb.GenerateResponse) and isinstance(long_first, pb.GenerateResponse)
 
         signalled_at = time.monotonic()
         server_process.proc.send_signal(signal.SIGTERM)
