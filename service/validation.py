@@ -199,9 +199,19 @@ def _tools(request: pb.GenerateRequest) -> tuple[ToolSpec, ...]:
         if tool.name in seen:
             raise invalid_request(f"tools[{i}].name", f"duplicate tool name {tool.name!r}")
         seen.add(tool.name)
-        parameters = json_format.MessageToDict(tool.parameters) if tool.HasField("parameters") else {}
+        parameters = _json_schema(tool, i)
         tools.append(ToolSpec(tool.name, tool.description, parameters))
     return tuple(tools)
+
+
+def _json_schema(tool: pb.Tool, i: int) -> dict[str, Any]:
+    if not tool.HasField("parameters"):
+        return {}
+    try:
+        # JSON has no NaN or Infinity: a schema holding one cannot be sent to any provider.
+        return json_format.MessageToDict(tool.parameters)
+    except ValueError:
+        raise invalid_request(f"tools[{i}].parameters", "must be JSON: NaN and Infinity are not allowed") from None
 
 
 def _tool_choice(request: pb.GenerateRequest, tools: tuple[ToolSpec, ...]) -> ToolChoice:

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import (
@@ -31,6 +32,12 @@ SECRET_SHAPES = ("Bearer", "sim-not-a-real-token", "RuntimeError", "Traceback")
 
 def user(text: str = "hi") -> pb.Message:
     return pb.Message(role=pb.ROLE_USER, text=text)
+
+
+def struct(**fields: Any) -> struct_pb2.Struct:
+    value = struct_pb2.Struct()
+    value.update(fields)
+    return value
 
 
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
@@ -61,6 +68,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("unknown tool choice mode", {"tool_choice": pb.ToolChoice(mode=42)}, "tool_choice.mode"),  # type: ignore[arg-type]
     ("unknown reasoning effort", {"reasoning": pb.ReasoningOptions(effort=9)}, "reasoning.effort"),  # type: ignore[arg-type]
+    ("NaN in tool parameters", {"tools": [pb.Tool(name="t", parameters=struct(max=math.nan))]}, "tools[0].parameters"),
     ("request id with spaces", {"request_id": "a b"}, "request_id"),
     ("too much caller metadata", {"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     (
@@ -285,3 +293,13 @@ async def test_malformed_request_id_never_names_the_stream(running: Running) -> 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     stream_id = detail(rich_status(trailing), ErrorInfo).metadata["stream_id"]
     assert len(stream_id) == 32 and "x" * 40 not in stream_id
+
+
+async def test_caller_text_cannot_forge_log_lines(running: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    forged = "nope\n2026-01-01 00:00:00 ERROR tokenwire.generation: internal error err-0"
+    req = request(model=forged, metadata={"label\nERROR": "x\ny"})
+    _, code, _ = await collect(running.stub.Generate(req))
+    assert code == grpc.StatusCode.NOT_FOUND
+    (line,) = [m for m in caplog.messages if m.startswith("stream ")]
+    assert "\n" not in line and "route='nope\\n2026" in line
