@@ -134,6 +134,8 @@ def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig
         raise ConfigError(f"{where}: [routes] is empty; configure at least one route")
     for route in routes.values():
         for fallback in route.fallbacks:
+            if fallback == route.name:
+                raise ConfigError(f"{where}: route {route.name!r} falls back to itself")
             if fallback not in routes:
                 raise ConfigError(f"{where}: route {route.name!r} falls back to unknown route {fallback!r}")
     return routes

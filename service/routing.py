@@ -1,19 +1,24 @@
 """Routes: a caller's route name -> the provider that serves it, and opening its stream.
 
 A stream is "opened" when its provider produced a first event. Until then nothing has been sent
-to the caller, so a failure is still a plain status (and, later, the place to retry or fall back).
+to the caller, so a failure is still a plain status, and the place to fall back to another route.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.config import RouteConfig
-from service.errors import ErrorCode, GatewayError
+from service.errors import ErrorCode, Fault, GatewayError
 from service.events import EventStream, GenerationRequest, ProviderEvent
 from service.providers import create_provider
 from service.providers.base import Provider
+
+log = logging.getLogger("tokenwire.routing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,14 @@ class OpenedStream:
     events: EventStream
 
 
+def _can_serve(route: Route, request: GenerationRequest) -> bool:
+    """Whether a fallback route supports what the request asks for."""
+    wants_reasoning = request.reasoning_effort is not None or request.reasoning_budget_tokens is not None
+    return (route.provider.supports_tools or not request.tools) and (
+        route.provider.supports_reasoning or not wants_reasoning
+    )
+
+
 class Router:
     def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
         self.routes = {name: Route(config, create_provider(config)) for name, config in sorted(routes.items())}
@@ -47,7 +60,32 @@ class Router:
             ) from None
 
     async def open(self, route: Route, request: GenerationRequest) -> OpenedStream:
-        """Starts the provider's stream and waits for its first event; closes it on failure."""
+        """Starts the route's stream and waits for its first event.
+
+        When the provider fails before that with a retryable error, the route's fallbacks are
+        tried in order: nothing has reached the caller yet, so nothing is replayed. After the
+        first event there is no fallback. Fallbacks of fallbacks are not followed.
+        """
+        candidates = [route, *(self.routes[name] for name in route.config.fallbacks)]
+        usable = [c for c in candidates if c is route or _can_serve(c, request)]
+        for attempt, candidate in enumerate(usable):
+            try:
+                return await self._open(candidate, dataclasses.replace(request, upstream_model=candidate.config.model))
+            except GatewayError as err:
+                last = attempt == len(usable) - 1
+                expired = request.deadline is not None and time.monotonic() >= request.deadline
+                if last or expired or not err.retryable or err.code.fault is not Fault.PROVIDER:
+                    raise
+                log.warning(
+                    "stream %s: route %r failed before its first token (%s); falling back to %r",
+                    request.stream_id,
+                    candidate.name,
+                    err.code.value,
+                    usable[attempt + 1].name,
+                )
+        raise AssertionError("unreachable: the last candidate raises or returns")
+
+    async def _open(self, route: Route, request: GenerationRequest) -> OpenedStream:
         events = route.provider.stream(request)
         try:
             first = await anext(events, None)

@@ -46,6 +46,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("[routes.a]\nprovider = 'simulated'\n", {}, "needs a non-empty string 'model'"),
         ("[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['b']\n", {}, "unknown route 'b'"),
         ("[routes]\n", {}, "[routes] is empty"),
+        ("[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['a']\n", {}, "falls back to itself"),
         ("not toml [", {}, "not valid TOML"),
     ],
 )

@@ -753,7 +753,9 @@ class Start(_message.Message):
     stream_id: _builtins.str
     """Output only. The stream's id: the request's request_id, or one the server generated."""
     route: _builtins.str
-    """Output only. The route that served the request (the request's `model`)."""
+    """Output only. The route the request named (its `model`), also when a fallback route served
+    it; `provider` and `upstream_model` name what actually serves the response.
+    """
     provider: _builtins.str
     """Output only. The provider that serves the response, for example "openai" or "simulated"."""
     upstream_model: _builtins.str
@@ -1169,7 +1171,9 @@ class Model(_message.Message):
     """Output only. Whether the route accepts reasoning options and streams reasoning."""
     @_builtins.property
     def fallbacks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Routes tried, in order, when this one fails before its first token."""
+        """Output only. Routes tried, in order, when this one fails before its first token with an
+        error a retry may fix. Never after the first token: nothing is replayed.
+        """
 
     def __init__(
         self,
