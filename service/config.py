@@ -7,6 +7,7 @@ variables for every key of `[server]`, then command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -149,6 +150,16 @@ def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
 
 
 _SERVER_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+# Sane ranges for the numeric settings; gRPC takes several of them as 32-bit numbers.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_request_bytes": (1024, 512 * 1024 * 1024),
+    "max_metadata_bytes": (1024, 1024 * 1024),
+    "max_concurrent_streams": (1, 1_000_000),
+    "shutdown_grace_seconds": (0.1, 3600),
+    "keepalive_time_seconds": (1, 86_400),
+    "keepalive_timeout_seconds": (1, 3600),
+    "keepalive_min_ping_interval_seconds": (1, 86_400),
+}
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -187,8 +198,10 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
         )
         if not ok:
             raise ConfigError(f"{where}: [server] {name} must be a {kind}, got {value!r}")
-        if kind in ("int", "float") and value <= 0:
-            raise ConfigError(f"{where}: [server] {name} must be positive, got {value!r}")
+        if kind in ("int", "float"):
+            low, high = _BOUNDS[name]
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConfigError(f"{where}: [server] {name} must be from {low:g} to {high:g}, got {value!r}")
         checked[name] = float(value) if kind == "float" else value
     server = ServerConfig(**checked)
     if server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

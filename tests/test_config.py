@@ -41,7 +41,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     [
         ("[server]\nlisten = 5\n", {}, "listen must be a str"),
         ("[server]\nbogus = 1\n", {}, "unknown [server] key(s) ['bogus']"),
-        ("[server]\nmax_concurrent_streams = 0\n", {}, "must be positive"),
+        ("[server]\nmax_concurrent_streams = 0\n", {}, "must be from 1 to 1e+06, got 0"),
+        ("", {"TOKENWIRE_MAX_REQUEST_BYTES": "3000000000"}, "max_request_bytes must be from"),
+        ("", {"TOKENWIRE_KEEPALIVE_TIME_SECONDS": "nan"}, "keepalive_time_seconds must be from"),
+        ("", {"TOKENWIRE_SHUTDOWN_GRACE_SECONDS": "inf"}, "shutdown_grace_seconds must be from"),
         ("", {"TOKENWIRE_MAX_CONCURRENT_STREAMS": "many"}, "is not a valid int"),
         ("[routes.a]\nprovider = 'simulated'\n", {}, "needs a non-empty string 'model'"),
         ("[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['b']\n", {}, "unknown route 'b'"),

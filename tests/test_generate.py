@@ -159,3 +159,22 @@ async def test_health_is_serving(running: Running) -> None:
     for service in ("", "tokenwire.v1.GenerationService"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reasoning_and_tool_calls_count_against_max_output_tokens(running: Running) -> None:
+    req = request(max_output_tokens=2, reasoning=pb.ReasoningOptions(effort=pb.REASONING_EFFORT_HIGH))
+    messages, _, _ = await collect(running.stub.Generate(req))
+    assert_well_formed(messages)
+    assert [m.WhichOneof("event") for m in messages[1:]] == ["reasoning_delta"] * 2 + ["finish"]
+    finish = messages[-1].finish
+    assert finish.reason == pb.FINISH_REASON_LENGTH
+    assert finish.usage.output_tokens == finish.usage.reasoning_tokens == 2
+
+    parameters = struct_pb2.Struct()
+    parameters.update({"type": "object", "properties": {"query": {"type": "string"}}})
+    tools = [pb.Tool(name="t", parameters=parameters)]
+    req = request(max_output_tokens=1, tools=tools, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
+    messages, _, _ = await collect(running.stub.Generate(req))
+    assert [m.WhichOneof("event") for m in messages[1:]] == ["tool_call_delta", "finish"]  # cut off mid-call
+    assert messages[-1].finish.reason == pb.FINISH_REASON_LENGTH
+    assert messages[-1].finish.usage.output_tokens == 1

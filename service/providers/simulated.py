@@ -117,6 +117,8 @@ class _SimulatedStream:
         self.p = provider
         self.request = request
         self.chunks = 0
+        self.output_tokens = 0
+        self.reasoning_tokens = 0
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.next_at = loop.time() + provider.first_token_ms / 1000.0
@@ -151,48 +153,58 @@ class _SimulatedStream:
             )
         self.chunks += 1
 
+    def _at_limit(self) -> bool:
+        """Whether max_output_tokens is spent; reasoning and tool-call tokens count too."""
+        limit = self.request.max_output_tokens
+        return limit is not None and self.output_tokens >= limit
+
+    def _finished(self, reason: FinishReason, raw: str, stop_sequence: str = "") -> Finished:
+        return Finished(reason, raw, stop_sequence=stop_sequence, usage=self._usage())
+
     async def run(self) -> EventStream:
         request = self.request
         last_user = _last_text(request.messages, Role.USER)
         start = request.seed if request.seed is not None else zlib.crc32(last_user.encode())
-        output_tokens = 0
-        reasoning_tokens = 0
 
         effort, budget = request.reasoning_effort, request.reasoning_budget_tokens
         if effort is not None or budget is not None:
             wanted = min(budget, 64) if budget is not None else _REASONING_TOKENS[effort or ReasoningEffort.MEDIUM]
             thought = _words(_THOUGHTS, start, wanted)[:wanted]
             for token in thought:
+                if self._at_limit():
+                    yield self._finished(FinishReason.LENGTH, "length")
+                    return
                 await self._pace()
+                self.output_tokens += 1
+                self.reasoning_tokens += 1
                 yield ReasoningDelta(token)
-            signature = hashlib.sha256("".join(thought).encode()).hexdigest()[:48]
-            yield ReasoningDelta("", signature)
-            reasoning_tokens = len(thought)
-            output_tokens += reasoning_tokens
+            yield ReasoningDelta("", hashlib.sha256("".join(thought).encode()).hexdigest()[:48])
 
         tool = _chosen_tool(request)
         if tool is not None:
             arguments = json.dumps(_arguments_for(tool, last_user), ensure_ascii=False)
             call_id = "call_" + hashlib.sha256(f"{start}:{tool.name}".encode()).hexdigest()[:20]
-            pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)]
-            for i, piece in enumerate(pieces):
+            for i in range(0, len(arguments), 16):
+                if self._at_limit():
+                    # Like a real model cut off mid-call: the arguments are incomplete JSON.
+                    yield self._finished(FinishReason.LENGTH, "length")
+                    return
                 await self._pace()
-                yield ToolCallDelta(0, call_id if i == 0 else "", tool.name if i == 0 else "", piece)
-            output_tokens += len(pieces)
-            yield Finished(FinishReason.TOOL_CALLS, "tool_calls", usage=self._usage(output_tokens, reasoning_tokens))
+                self.output_tokens += 1
+                yield ToolCallDelta(0, "" if i else call_id, "" if i else tool.name, arguments[i : i + 16])
+            yield self._finished(FinishReason.TOOL_CALLS, "tool_calls")
             return
 
-        limit = request.max_output_tokens
         stops = request.stop_sequences
         held = ""  # text that may be the start of a stop sequence, not streamed yet
         for token in _words(_SENTENCES, start, self.p.answer_tokens):
-            if limit is not None and output_tokens - reasoning_tokens >= limit:
+            if self._at_limit():
                 if held:
                     yield TextDelta(held)
-                yield Finished(FinishReason.LENGTH, "length", usage=self._usage(output_tokens, reasoning_tokens))
+                yield self._finished(FinishReason.LENGTH, "length")
                 return
             await self._pace()
-            output_tokens += 1
+            self.output_tokens += 1
             held += token
             if stops:
                 match = _first_stop(held, stops)
@@ -200,12 +212,7 @@ class _SimulatedStream:
                     index, stop = match
                     if index:
                         yield TextDelta(held[:index])
-                    yield Finished(
-                        FinishReason.STOP_SEQUENCE,
-                        "stop_sequence",
-                        stop_sequence=stop,
-                        usage=self._usage(output_tokens, reasoning_tokens),
-                    )
+                    yield self._finished(FinishReason.STOP_SEQUENCE, "stop_sequence", stop)
                     return
                 keep = _longest_stop_prefix(held, stops)
                 ready, held = held[: len(held) - keep], held[len(held) - keep :]
@@ -215,9 +222,9 @@ class _SimulatedStream:
                 yield TextDelta(ready)
         if held:
             yield TextDelta(held)
-        yield Finished(FinishReason.STOP, "stop", usage=self._usage(output_tokens, reasoning_tokens))
+        yield self._finished(FinishReason.STOP, "stop")
 
-    def _usage(self, output_tokens: int, reasoning_tokens: int) -> Usage:
+    def _usage(self) -> Usage:
         request = self.request
         prompt = sum(
             4 + _count_tokens(m.text) + sum(_count_tokens(c.arguments_json) + 2 for c in m.tool_calls)
@@ -226,10 +233,10 @@ class _SimulatedStream:
         prompt += sum(8 + len(json.dumps(t.parameters)) // 4 for t in request.tools)
         return Usage(
             input_tokens=prompt,
-            output_tokens=output_tokens,
+            output_tokens=self.output_tokens,
             cache_read_input_tokens=0,
             cache_write_input_tokens=0,
-            reasoning_tokens=reasoning_tokens,
+            reasoning_tokens=self.reasoning_tokens,
         )
 
 
