@@ -58,7 +58,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def serve(config: Config) -> int:
     server = TokenwireServer(config)
     await server.start()
+    s = config.server
     log.info("tokenwire %s listening on %s; routes: %s", __version__, server.address, ", ".join(config.routes))
+    log.info(
+        "limits: max_concurrent_streams=%d max_request_bytes=%d max_metadata_bytes=%d "
+        "shutdown_grace_seconds=%g keepalive_time_seconds=%g",
+        s.max_concurrent_streams,
+        s.max_request_bytes,
+        s.max_metadata_bytes,
+        s.shutdown_grace_seconds,
+        s.keepalive_time_seconds,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

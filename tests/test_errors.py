@@ -187,6 +187,7 @@ async def test_error_after_start_is_a_terminal_event_mirrored_by_the_status(runn
         "true",
     )
     assert info.metadata["stream_id"] == messages[0].start.stream_id
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_failure_before_first_token_is_a_plain_status_without_messages(running: Running) -> None:
@@ -196,6 +197,7 @@ async def test_failure_before_first_token_is_a_plain_status_without_messages(run
     # Nothing was sent before the failure, so a client may still retry the call transparently.
     assert not await call.initial_metadata()
     assert detail(rich_status(trailing), ErrorInfo).reason == "PROVIDER_UNAVAILABLE"
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_provider_rate_limit_is_resource_exhausted_with_retry_info(running: Running) -> None:
@@ -209,6 +211,7 @@ async def test_stall_ends_with_provider_timeout(running: Running) -> None:
     assert_well_formed(messages)
     assert messages[-1].error.code == pb.ERROR_CODE_PROVIDER_TIMEOUT
     assert code == grpc.StatusCode.UNAVAILABLE
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 @pytest.mark.parametrize("route", ["crash-before", "crash-after"])
@@ -234,6 +237,7 @@ async def test_unexpected_exception_is_internal_with_correlation_id_and_no_leak(
     logged = "\n".join(caplog.messages)
     assert correlation_id in logged
     assert "sim-not-a-real-token" not in caplog.text
+    await eventually(lambda: running.server.generation.active_streams == 0)
 
 
 async def test_concurrency_limit_is_resource_exhausted_and_health_still_answers(start_server: Any) -> None:
