@@ -49,6 +49,7 @@ lint: $(STAMP) $(NODE_STAMP)
 
 # The contract must stay wire- and source-compatible with the previous commit of main.
 breaking: $(NODE_STAMP)
+	@if [ "$$(git rev-parse --is-shallow-repository)" = true ]; then git fetch -q --deepen=1 || true; fi
 	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
 		echo "buf breaking against HEAD~1"; $(BUF) breaking --against '.git#ref=HEAD~1'; \
 	else echo "buf breaking: no previous commit with a contract, nothing to compare"; fi

@@ -83,6 +83,8 @@ class TokenwireServer:
                 response_serializer=pb.ListModelsResponse.SerializeToString,
             ),
         }
+        # As generated code does: registered handlers are grpc's fast path, the generic one its
+        # fallback for lookups by name.
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

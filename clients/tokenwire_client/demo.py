@@ -207,16 +207,24 @@ async def _run(args: argparse.Namespace, screen: _Screen) -> int:
         if args.list:
             return await _list_models(client, screen)
         messages = [system(args.system)] if args.system else []
-        request = build_request(
-            args.model,
-            [*messages, user(args.prompt)],
-            max_output_tokens=args.max_tokens,
-            temperature=args.temperature,
-            stop_sequences=args.stop,
-        )
+        try:
+            request = build_request(
+                args.model,
+                [*messages, user(args.prompt)],
+                max_output_tokens=args.max_tokens,
+                temperature=args.temperature,
+                stop_sequences=args.stop,
+            )
+        except (ValueError, UnicodeError) as exc:
+            # Out-of-range numbers, or text that is not valid Unicode, cannot even be encoded.
+            raise _UsageError(f"cannot build the request: {exc}") from None
         if args.json:
             return await _print_json(client, request, screen)
         return await _stream_text(client, request, screen)
+
+
+class _UsageError(Exception):
+    """The command line asks for something that cannot be sent."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     screen = _Screen()
     try:
         return asyncio.run(_run(args, screen))
+    except _UsageError as error:
+        screen.error(f"error: {error}")
+        return 2
     except TokenwireError as error:
         screen.error(_describe(error))
         return 1

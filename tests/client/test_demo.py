@@ -50,6 +50,12 @@ def test_error_is_one_line_and_exit_1(live_address: str) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_arguments_that_cannot_be_sent_are_a_usage_error(live_address: str) -> None:
+    out = demo("--target", live_address, "--max-tokens", "3000000000")
+    assert out.returncode == 2 and "cannot build the request" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_list_models(live_address: str) -> None:
     out = demo("--target", live_address, "--list")
     assert out.returncode == 0 and "sim" in out.stdout
