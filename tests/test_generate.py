@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -178,3 +179,17 @@ async def test_reasoning_and_tool_calls_count_against_max_output_tokens(running:
     assert [m.WhichOneof("event") for m in messages[1:]] == ["tool_call_delta", "finish"]  # cut off mid-call
     assert messages[-1].finish.reason == pb.FINISH_REASON_LENGTH
     assert messages[-1].finish.usage.output_tokens == 1
+
+
+async def test_hundreds_of_concurrent_streams_are_each_well_formed(running: Running) -> None:
+    async def one(i: int) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
+        messages, code, _ = await collect(running.stub.Generate(request(seed=i, request_id=f"load-{i}")))
+        return messages, code
+
+    results = await asyncio.gather(*(one(i) for i in range(300)))
+    for i, (messages, code) in enumerate(results):
+        assert code == grpc.StatusCode.OK
+        assert_well_formed(messages)
+        assert messages[0].start.stream_id == f"load-{i}"
+        assert messages[-1].finish.reason == pb.FINISH_REASON_STOP
+    assert running.server.generation.active_streams == 0
