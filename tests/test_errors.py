@@ -258,27 +258,27 @@ async def test_concurrency_limit_is_resource_exhausted_and_health_still_answers(
     await eventually(lambda: running.server.generation.active_streams == 0)
 
 
-async def test_cancel_closes_the_provider_stream_promptly(running: Running, recorder: Recorder) -> None:
-    call = running.stub.Generate(request(model="slow"))
-    for _ in range(3):
-        await call.read()
+async def cancel_and_expect_provider_closed(call: Any, running: Running, recorder: Recorder) -> None:
+    """Cancels the call; the provider's stream must close within 200 ms and the slot return."""
     cancelled_at = asyncio.get_running_loop().time()
     call.cancel()
     await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
     assert recorder.closed[0] - cancelled_at < 0.2
     await eventually(lambda: running.server.generation.active_streams == 0)
+
+
+async def test_cancel_closes_the_provider_stream_promptly(running: Running, recorder: Recorder) -> None:
+    call = running.stub.Generate(request(model="slow"))
+    for _ in range(3):
+        await call.read()
+    await cancel_and_expect_provider_closed(call, running, recorder)
 
 
 async def test_cancel_before_the_first_token_closes_the_provider_stream(running: Running, recorder: Recorder) -> None:
     call = running.stub.Generate(request(model="slow-start"))
     await eventually(lambda: recorder.requests)  # the request reached the provider
-    cancelled_at = asyncio.get_running_loop().time()
-    call.cancel()
-    await eventually(lambda: recorder.closed)
-    assert recorder.finished == [False]
-    assert recorder.closed[0] - cancelled_at < 0.2
-    await eventually(lambda: running.server.generation.active_streams == 0)
+    await cancel_and_expect_provider_closed(call, running, recorder)
 
 
 async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
