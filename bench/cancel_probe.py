@@ -1,0 +1,121 @@
+"""Cancel probe: how fast a caller's cancel closes the provider's stream, and whether memory grows.
+
+Runs a real server in this process over a real loopback channel, with the simulated provider
+wrapped to record when its stream is closed. Each cycle opens a stream, reads a few chunks (or
+none: cancel before the first token), cancels, and waits for the provider's stream to close.
+
+    .venv/bin/python bench/cancel_probe.py --cycles 2000
+
+Prints the cancel-to-close latency (p50/p99/max) and the process RSS before and after. Bounded
+in count and time; talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+
+from service.config import Config, ServerConfig, build_routes
+from service.events import EventStream, GenerationRequest
+from service.providers import KINDS
+from service.providers.simulated import SimulatedProvider
+from service.server import TokenwireServer
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+
+class Probe:
+    """What the provider side saw of the current cycle."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.closed_at = 0.0
+
+
+PROBE = Probe()
+
+
+class ProbedProvider(SimulatedProvider):
+    kind = "probed"
+
+    def stream(self, request: GenerationRequest) -> EventStream:
+        return self._probed(request)
+
+    async def _probed(self, request: GenerationRequest) -> EventStream:
+        PROBE.started.set()
+        try:
+            async for event in super().stream(request):
+                yield event
+        finally:
+            PROBE.closed_at = time.perf_counter()
+            PROBE.closed.set()
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def main(cycles: int) -> None:
+    KINDS["probed"] = ProbedProvider
+    streaming = {"first_token_ms": 1, "tokens_per_second": 200, "answer_tokens": 10_000}
+    waiting = streaming | {"first_token_ms": 60_000}  # cancelled before its first token
+    routes = build_routes(
+        {
+            "streaming": {"provider": "probed", "model": "m", "options": streaming},
+            "waiting": {"provider": "probed", "model": "m", "options": waiting},
+        },
+        "probe",
+    )
+    config = Config(dataclasses.replace(ServerConfig(), listen="127.0.0.1:0"), routes)
+    server = TokenwireServer(config)
+    port = await server.start()
+    latencies: list[float] = []
+    messages = [pb.Message(role=pb.ROLE_USER, text="hi")]
+    rss: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        started = time.monotonic()
+        for cycle in range(cycles):
+            PROBE.started.clear()
+            PROBE.closed.clear()
+            chunks = cycle % 4  # 0: cancel before the first token; 1-3: after some chunks
+            call = stub.Generate(pb.GenerateRequest(model="streaming" if chunks else "waiting", messages=messages))
+            async with asyncio.timeout(10):
+                for _ in range(chunks):
+                    await call.read()
+                await PROBE.started.wait()  # the provider has the request
+                cancelled_at = time.perf_counter()
+                call.cancel()
+                await PROBE.closed.wait()
+            latencies.append(PROBE.closed_at - cancelled_at)
+            if cycle in (cycles // 10, cycles - 1):
+                rss.append(rss_mib())
+            if time.monotonic() - started > 300:
+                break
+    await server.stop(grace=1.0)
+    latencies.sort()
+    n = len(latencies)
+    print(f"cycles: {n}, active streams after: {server.generation.active_streams}")
+    print(
+        "cancel -> provider stream closed: "
+        f"p50 {statistics.median(latencies) * 1000:.2f} ms, p99 {latencies[int(n * 0.99) - 1] * 1000:.2f} ms, "
+        f"max {latencies[-1] * 1000:.2f} ms"
+    )
+    print(f"RSS after 10% of cycles: {rss[0]:.1f} MiB, at the end: {rss[-1]:.1f} MiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cycles", type=int, default=2000)
+    asyncio.run(main(parser.parse_args().cycles))
