@@ -54,7 +54,10 @@ class _InFlight:
 
     task: asyncio.Task[None]
     sequencer: Sequencer | None = None
+    # Shutdown asked this stream to end...
     shutdown: bool = False
+    # ...and cancelled its handler to do so (only while it waited for the provider).
+    interrupted: bool = False
 
     @property
     def interruptible(self) -> bool:
@@ -109,14 +112,20 @@ class GenerationService:
                 finally:
                     self._release(task)
             except asyncio.CancelledError:
-                if flight is None or not flight.shutdown or task.uncancel() > 0:
+                # Only a cancel of our own, and no other beside it, is turned into an Error: a
+                # client's cancel, its deadline or grpc's own stop at the end of the grace period
+                # mean the call is gone, and nothing can be written to it any more.
+                if flight is None or not flight.interrupted or task.uncancel() > 0:
                     remaining = context.time_remaining()
                     outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                     raise
                 # Our shutdown interrupted the wait for the provider: say so, never cut silently.
-                if flight.sequencer is None:
+                outcome = ErrorCode.SERVER_SHUTTING_DOWN.value
+                sequencer = flight.sequencer
+                if sequencer is None:
                     raise shutting_down("the server is shutting down; retry") from None
-                await context.write(flight.sequencer.error_message(_stream_shut_down()))
+                if not sequencer.ended:
+                    await _write(context, sequencer.error_message(_stream_shut_down()))
             failure = flight.sequencer.failure if flight.sequencer is not None else None
             if failure is not None:
                 set_status(context, failure, stream_id)
@@ -124,6 +133,9 @@ class GenerationService:
         except GatewayError as err:
             set_status(context, err, stream_id)
             outcome = err.code.value
+        except _CallGone as gone:
+            # Nobody is left to tell; this is no bug of ours, and not worth an ERROR line.
+            outcome = f"CALL_ENDED ({type(gone.__cause__).__name__} while writing)"
         except Exception as exc:
             correlation_id = new_correlation_id()
             log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
@@ -182,11 +194,11 @@ class GenerationService:
             sequencer = flight.sequencer = Sequencer(info)
             async with contextlib.aclosing(sequencer.run(opened.first, opened.events)) as messages:
                 async for message in messages:
-                    await context.write(message)
+                    await _write(context, message)
                     if flight.shutdown and not sequencer.ended:
                         break
             if flight.shutdown and not sequencer.ended:
-                await context.write(sequencer.error_message(_stream_shut_down()))
+                await _write(context, sequencer.error_message(_stream_shut_down()))
 
     def _log_outcome(
         self,
@@ -243,9 +255,24 @@ class GenerationService:
         """
         for flight in self.active.values():
             flight.shutdown = True
-            if flight.interruptible:
+            # A task already being cancelled (its client hung up) is left to finish its cleanup.
+            if flight.interruptible and not flight.task.cancelling():
+                flight.interrupted = True
                 flight.task.cancel("server shutting down")
         return len(self.active)
+
+
+class _CallGone(Exception):
+    """A write failed because the call is over: the client went away or the server stopped it."""
+
+
+async def _write(context: Context, message: pb.GenerateResponse) -> None:
+    try:
+        await context.write(message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise _CallGone from exc
 
 
 def _stream_shut_down() -> GatewayError:

@@ -123,6 +123,11 @@ class TokenwireServer:
                 await self.generation.idle.wait()
         ended = self.generation.end_streams()
         if ended:
-            log.warning("grace period over: ended %d stream(s) with SERVER_SHUTTING_DOWN", ended)
+            log.warning("grace period nearly over: ending %d stream(s) with SERVER_SHUTTING_DOWN", ended)
         await self.server.stop(margin)
+        # grpc has cancelled what was left (readers that stopped reading); let those handlers
+        # close their provider streams before the providers' clients are closed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.generation.idle.wait()
         await self.router.aclose()

@@ -94,8 +94,9 @@ class Sequencer:
     async def run(self, first: ProviderEvent, events: EventStream) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Yields Start, the deltas, and one terminal event. Closes `events` on every path."""
         event: ProviderEvent | None = first
+        start = self.start_message()
         try:
-            yield self.start_message()
+            yield start
             while True:
                 if isinstance(event, TextDelta):
                     if event.text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -150,36 +151,54 @@ def status_mirrors_terminal(messages: list[pb.GenerateResponse], code: grpc.Stat
 
 
 async def test_shutdown_ends_every_stream_with_one_terminal_event_even_for_slow_readers(
-    start_server: Any,
+    start_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     flood = {"first_token_ms": 1, "tokens_per_second": 0, "answer_tokens": 100_000}
     paced = {"first_token_ms": 1, "tokens_per_second": 5, "answer_tokens": 1000}
     running = await start_server(
         routes={
             "flood": {"provider": "simulated", "model": "m", "options": flood},
-            "paced": {"provider": "simulated", "model": "m", "options": paced},
+            "paced": {"provider": "recording", "model": "m", "options": paced},
         }
     )
-    # Readers that take nothing: a 1 KiB flow-control window fills at once, so these handlers
-    # sit in the middle of a write (of a delta, or of the Finish) when the shutdown comes.
+    # A 1 KiB flow-control window fills at once, so handlers writing to these readers sit in
+    # the middle of a write when the shutdown comes.
     tiny_window = [
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 1024),
     ]
-    channels = [grpc.aio.insecure_channel(running.address, options=tiny_window) for _ in range(6)]
-    calls = [
-        pb_grpc.GenerationServiceStub(ch).Generate(request(model="flood", seed=1, max_output_tokens=57 + i))
-        for i, ch in enumerate(channels)
-    ]
-    # A stream whose handler waits for its provider when the shutdown comes.
+    channels = [grpc.aio.insecure_channel(running.address, options=tiny_window) for _ in range(8)]
+    stubs = [pb_grpc.GenerationServiceStub(ch) for ch in channels]
+    # Readers that have not read yet: some handlers are blocked writing a delta, some the Finish.
+    unread = [stubs[i].Generate(request(model="flood", seed=1, max_output_tokens=57 + i)) for i in range(6)]
+    # A reader that keeps reading, slowly, through the shutdown.
+    slow = stubs[6].Generate(request(model="flood"))
+    # A reader that never reads again: grpc cuts it at the end of the grace period.
+    stalled = stubs[7].Generate(request(model="flood"))
+    # Handlers waiting for their provider; the client of the second one hangs up mid-drain.
     waiting = running.stub.Generate(request(model="paced"))
-    calls.append(waiting)
-    await waiting.read()
-    await asyncio.sleep(0.5)  # let the flood streams fill their windows
+    hangs_up = running.stub.Generate(request(model="paced"))
+
+    async def read_slowly(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
+        messages: list[pb.GenerateResponse] = []
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for message in call:
+                messages.append(message)
+                await asyncio.sleep(0.005)
+        return messages, await call.code()
+
+    slow_reading = asyncio.create_task(read_slowly(slow))
+    waiting_first = await waiting.read()
+    assert isinstance(waiting_first, pb.GenerateResponse)
+    await hangs_up.read()
+    await asyncio.sleep(0.5)  # the unread streams fill their windows
 
     stopping = asyncio.create_task(running.server.stop(grace=2.0))
-    await asyncio.sleep(1.6)  # past the point where the server ends what is still open
+    await asyncio.sleep(0.3)
+    hangs_up.cancel()
+    await asyncio.sleep(1.3)  # past the point where the server ends what is still open
 
     async def read(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
         messages: list[pb.GenerateResponse] = []
@@ -189,18 +208,28 @@ async def test_shutdown_ends_every_stream_with_one_terminal_event_even_for_slow_
         return messages, await call.code()
 
     try:
-        results = await asyncio.gather(*(read(call) for call in calls[:-1]), read_rest_with_code(waiting))
-    finally:
+        results = await asyncio.gather(*(read(call) for call in unread))
+        slow_messages, slow_code = await slow_reading
+        waiting_rest, waiting_code = await read_rest_with_code(waiting)
         await stopping
+        stalled_messages, stalled_code = await read(stalled)
+    finally:
         for channel in channels:
             await channel.close()
-    for messages, code in results[:-1]:
+
+    for messages, code in [*results, (slow_messages, slow_code), ([waiting_first, *waiting_rest], waiting_code)]:
         assert_well_formed(messages)
         assert status_mirrors_terminal(messages, code), (messages[-1], code)
-    rest, code = results[-1]
-    assert rest[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN and code == grpc.StatusCode.UNAVAILABLE
-    assert [m.sequence for m in rest] == list(range(2, len(rest) + 2))  # read() took sequence 1
+    assert slow_messages[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN
+    assert waiting_rest[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN
+    # A reader that stopped reading cannot be told anything: grpc ends its call when the grace
+    # period is over, and it sees a stream without a terminal event, as documented.
+    assert stalled_messages[-1].WhichOneof("event") == "text_delta"
+    assert stalled_code == grpc.StatusCode.UNAVAILABLE
     assert running.server.generation.active_streams == 0
+    assert "internal error" not in caplog.text
+    outcomes = re.findall(r"route='(\w+)' outcome=(\w+)", caplog.text)
+    assert ("paced", "CANCELLED") in outcomes  # the client that hung up mid-drain
 
 
 async def read_rest_with_code(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode]:
