@@ -137,6 +137,8 @@ def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig
         for fallback in route.fallbacks:
             if fallback == route.name:
                 raise ConfigError(f"{where}: route {route.name!r} falls back to itself")
+            if route.fallbacks.count(fallback) > 1:
+                raise ConfigError(f"{where}: route {route.name!r} lists fallback {fallback!r} twice")
             if fallback not in routes:
                 raise ConfigError(f"{where}: route {route.name!r} falls back to unknown route {fallback!r}")
     return routes
@@ -200,7 +202,8 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
             raise ConfigError(f"{where}: [server] {name} must be a {kind}, got {value!r}")
         if kind in ("int", "float"):
             low, high = _BOUNDS[name]
-            if not (math.isfinite(value) and low <= value <= high):
+            # Bounds first: math.isfinite overflows on integers beyond a float's range.
+            if not (low <= value <= high and math.isfinite(value)):
                 raise ConfigError(f"{where}: [server] {name} must be from {low:g} to {high:g}, got {value!r}")
         checked[name] = float(value) if kind == "float" else value
     server = ServerConfig(**checked)

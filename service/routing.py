@@ -46,6 +46,15 @@ def _can_serve(route: Route, request: GenerationRequest) -> bool:
     )
 
 
+def _worth_falling_back(err: GatewayError) -> bool:
+    """Provider trouble another provider may not have: outages, limits, and a bad provider key.
+
+    A request the provider rejected (HTTP 400) would be rejected again, and the caller's own
+    errors and the server's are no provider's fault.
+    """
+    return err.code.fault is Fault.PROVIDER and (err.retryable or err.code is ErrorCode.PROVIDER_AUTH_FAILED)
+
+
 class Router:
     def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
         self.routes = {name: Route(config, create_provider(config)) for name, config in sorted(routes.items())}
@@ -66,15 +75,20 @@ class Router:
         tried in order: nothing has reached the caller yet, so nothing is replayed. After the
         first event there is no fallback. Fallbacks of fallbacks are not followed.
         """
-        candidates = [route, *(self.routes[name] for name in route.config.fallbacks)]
-        usable = [c for c in candidates if c is route or _can_serve(c, request)]
+        usable = [route]
+        for name in route.config.fallbacks:
+            fallback = self.routes[name]
+            if _can_serve(fallback, request):
+                usable.append(fallback)
+            else:
+                log.info("stream %s: fallback %r skipped: it cannot serve this request", request.stream_id, name)
         for attempt, candidate in enumerate(usable):
             try:
                 return await self._open(candidate, dataclasses.replace(request, upstream_model=candidate.config.model))
             except GatewayError as err:
                 last = attempt == len(usable) - 1
                 expired = request.deadline is not None and time.monotonic() >= request.deadline
-                if last or expired or not err.retryable or err.code.fault is not Fault.PROVIDER:
+                if last or expired or not _worth_falling_back(err):
                     raise
                 log.warning(
                     "stream %s: route %r failed before its first token (%s); falling back to %r",

@@ -45,6 +45,12 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("", {"TOKENWIRE_MAX_REQUEST_BYTES": "3000000000"}, "max_request_bytes must be from"),
         ("", {"TOKENWIRE_KEEPALIVE_TIME_SECONDS": "nan"}, "keepalive_time_seconds must be from"),
         ("", {"TOKENWIRE_SHUTDOWN_GRACE_SECONDS": "inf"}, "shutdown_grace_seconds must be from"),
+        ("", {"TOKENWIRE_MAX_CONCURRENT_STREAMS": "9" * 400}, "max_concurrent_streams must be from"),
+        (
+            "[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['b', 'b']\n[routes.b]\nprovider = 'simulated'\nmodel = 'm'\n",
+            {},
+            "twice",
+        ),
         ("", {"TOKENWIRE_MAX_CONCURRENT_STREAMS": "many"}, "is not a valid int"),
         ("[routes.a]\nprovider = 'simulated'\n", {}, "needs a non-empty string 'model'"),
         ("[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['b']\n", {}, "unknown route 'b'"),
