@@ -36,6 +36,17 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     assert flags.server.listen == "127.0.0.1:7000"
 
 
+TWO_ROUTES = """
+[routes.a]
+provider = 'simulated'
+model = 'm'
+fallbacks = []
+[routes.b]
+provider = 'simulated'
+model = 'm'
+"""
+
+
 @pytest.mark.parametrize(
     ("text", "env", "message"),
     [
@@ -47,7 +58,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("", {"TOKENWIRE_SHUTDOWN_GRACE_SECONDS": "inf"}, "shutdown_grace_seconds must be from"),
         ("", {"TOKENWIRE_MAX_CONCURRENT_STREAMS": "9" * 400}, "max_concurrent_streams must be from"),
         (
-            "[routes.a]\nprovider = 'simulated'\nmodel = 'm'\nfallbacks = ['b', 'b']\n[routes.b]\nprovider = 'simulated'\nmodel = 'm'\n",
+            TWO_ROUTES.replace("fallbacks = []", "fallbacks = ['b', 'b']"),
             {},
             "twice",
         ),

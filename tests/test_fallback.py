@@ -89,9 +89,7 @@ async def test_fallbacks_that_cannot_serve_the_request_are_skipped(stub: Any) ->
     assert messages[0].start.upstream_model == "no-tools-model"
 
 
-async def test_a_deadline_during_fallback_ends_the_call_and_the_fallbacks_stream(
-    stub: Any, recorder: Recorder
-) -> None:
+async def test_a_deadline_during_fallback_ends_the_call_and_the_fallbacks_stream(stub: Any, recorder: Recorder) -> None:
     messages, code, _ = await collect(stub.Generate(request(model="down-slow-backup"), timeout=0.5))
     assert messages == [] and code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The slow fallback was tried, the one after it never: the deadline had passed.
