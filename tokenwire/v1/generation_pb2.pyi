@@ -1171,8 +1171,9 @@ class Model(_message.Message):
     """Output only. Whether the route accepts reasoning options and streams reasoning."""
     @_builtins.property
     def fallbacks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Output only. Routes tried, in order, when this one fails before its first token with an
-        error a retry may fix. Never after the first token: nothing is replayed.
+        """Output only. Routes tried, in order, when this one fails before its first token with provider
+        trouble another provider may not have (unavailable, rate limited, timed out, bad provider
+        key). Never after the first token: nothing is replayed.
         """
 
     def __init__(
