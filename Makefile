@@ -33,7 +33,7 @@ setup: $(STAMP) $(NODE_STAMP)
 run: $(STAMP)
 	$(PY) -m service --config config/tokenwire.toml $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 demo: $(STAMP)
