@@ -25,6 +25,7 @@ from ._events import (
     ReasoningBlock,
     ReasoningDelta,
     Response,
+    Snapshot,
     Started,
     TextDelta,
     ToolCall,
@@ -100,7 +101,10 @@ class StreamAccumulator:
         if expected != 1 and kind == "start":
             raise StreamIntegrityError(f"a second Start event at sequence {expected}")
         self._last_sequence = expected
-        return self._record(expected, kind, message)
+        try:
+            return self._record(expected, kind, message)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise StreamIntegrityError(f"malformed {kind} message at sequence {expected}: {exc}") from None
 
     def _record(self, sequence: int, kind: str | None, message: pb.GenerateResponse) -> Event | None:
         match kind:
@@ -173,7 +177,26 @@ class StreamAccumulator:
             self._error,
             stream_id=started.stream_id if started else "",
             last_sequence=self._last_sequence if started else None,
+            truncated=started is not None and self._finished is None,
         )
+
+    def snapshot(self) -> Snapshot:
+        """Everything received so far, whether or not the stream finished."""
+        return Snapshot(
+            started=self._started,
+            text="".join(self._text),
+            reasoning=self._reasoning_blocks(),
+            tool_calls=self._assembled_tool_calls(),
+            last_sequence=self._last_sequence,
+        )
+
+    def _reasoning_blocks(self) -> list[ReasoningBlock]:
+        return [ReasoningBlock("".join(block.parts), block.signature) for block in self._reasoning]
+
+    def _assembled_tool_calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(index, call.id, call.name, "".join(call.parts)) for index, call in sorted(self._tool_calls.items())
+        ]
 
     def response(self) -> Response:
         """The whole response; only once the Finish event was fed."""
@@ -186,11 +209,8 @@ class StreamAccumulator:
             provider=started.provider,
             upstream_model=started.upstream_model,
             text="".join(self._text),
-            reasoning=[ReasoningBlock("".join(block.parts), block.signature) for block in self._reasoning],
-            tool_calls=[
-                ToolCall(index, call.id, call.name, "".join(call.parts))
-                for index, call in sorted(self._tool_calls.items())
-            ],
+            reasoning=self._reasoning_blocks(),
+            tool_calls=self._assembled_tool_calls(),
             finish_reason=finished.reason,
             raw_finish_reason=finished.raw_reason,
             stop_sequence=finished.stop_sequence,
@@ -218,6 +238,7 @@ class StreamLifecycle(Generic[_CallT]):
         self._call: _CallT | None = None
         self._accumulator = StreamAccumulator()
         self._ended = False
+        self._entered = False
         # Re-raised by every later read, so that no caller mistakes a failed stream for
         # a finished one.
         self._failure: TokenwireError | None = None
@@ -226,6 +247,23 @@ class StreamLifecycle(Generic[_CallT]):
     def started(self) -> Started | None:
         """The Start event, once received: it names the provider actually serving."""
         return self._accumulator.started
+
+    def snapshot(self) -> Snapshot:
+        """What arrived so far: the partial answer after a failure, for instance."""
+        return self._accumulator.snapshot()
+
+    def _enter(self) -> None:
+        self._entered = True
+        self._ensure_call()
+
+    def _require_entered(self) -> None:
+        # Iteration outside the context manager could be abandoned half-way with nothing to
+        # cancel the call: the server and the provider would go on generating.
+        if not self._entered:
+            raise TypeError(
+                "iterate a stream inside its context manager: "
+                "'async with client.generate(...) as stream' / 'with client.generate(...) as stream'"
+            )
 
     def cancel(self) -> None:
         """Stops the call unless it has ended; later reads raise StreamCancelledError."""

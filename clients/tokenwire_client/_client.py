@@ -14,7 +14,7 @@ from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 from ._accumulate import StreamLifecycle
-from ._errors import TokenwireError, error_from_status
+from ._errors import ClientClosedError, TokenwireError, error_from_status
 from ._events import Event, ModelInfo, Response, TextDelta
 from ._messages import MessageLike, RequestOptions, build_request
 
@@ -28,13 +28,14 @@ class GenerationStream(StreamLifecycle[_Call]):
 
     Use it as ``async with client.generate(...) as stream``: entering starts the call and
     leaving cancels it unless it has ended, which stops the server and the provider.
-    Iterating yields typed events; a failed call raises its :class:`APIStatusError`
-    subclass where the failure is read, and a stream that breaks the contract raises
-    :class:`StreamProtocolError`.
+    Iterating (only inside the block) yields typed events; a failed call raises its
+    :class:`APIStatusError` subclass where the failure is read, and a stream that breaks
+    the contract raises :class:`StreamProtocolError`. ``await get_final_response()`` also
+    works without the block: it reads the whole stream and cancels the call if it fails.
     """
 
     async def __aenter__(self) -> Self:
-        self._ensure_call()
+        self._enter()
         return self
 
     async def __aexit__(
@@ -56,6 +57,7 @@ class GenerationStream(StreamLifecycle[_Call]):
                 yield event.text
 
     def __aiter__(self) -> Self:
+        self._require_entered()
         return self
 
     async def __anext__(self) -> Event:
@@ -75,6 +77,9 @@ class GenerationStream(StreamLifecycle[_Call]):
 
     async def get_final_response(self) -> Response:
         """Reads the rest of the stream and returns the whole response."""
+        if not self._entered:
+            async with self:
+                return await self.get_final_response()
         async for _ in self:
             pass
         return self._accumulator.response()
@@ -87,6 +92,7 @@ class GenerationStream(StreamLifecycle[_Call]):
 
     async def _next(self) -> tuple[pb.GenerateResponse, Event | None] | None:
         """The next message and its event; None once the call ended OK."""
+        self._require_entered()
         if not self._readable():
             return None
         try:
@@ -95,12 +101,18 @@ class GenerationStream(StreamLifecycle[_Call]):
             self._fail(error)
             raise
         except asyncio.CancelledError:
-            # grpc.aio ends a read with CancelledError when the call was cancelled
-            # locally; if this task was not itself cancelled, that was cancel().
+            # grpc.aio ends a read with CancelledError when the call was cancelled locally:
+            # by cancel(), or by the client's channel closing. Unless this task itself is
+            # being cancelled, that is the stream's failure, not the task's.
             task = asyncio.current_task()
-            if self._failure is not None and task is not None and not task.cancelling():
-                raise self._failure from None
-            raise
+            if task is not None and task.cancelling():
+                raise
+            if self._failure is None:
+                self._failure = self._accumulator.status_error(
+                    grpc.StatusCode.CANCELLED, "the call was cancelled (was the client closed?)", None
+                )
+                self._ended = True
+            raise self._failure from None
 
     async def _read(self, call: _Call) -> tuple[pb.GenerateResponse, Event | None] | None:
         try:
@@ -118,8 +130,10 @@ class GenerationStream(StreamLifecycle[_Call]):
 class AsyncClient:
     """A tokenwire client for asyncio.
 
-    ``timeout`` is the default deadline of every call, in seconds; ``metadata`` is sent
-    with every call. A channel passed in stays open when the client closes.
+    ``timeout`` is the default deadline of every call, in seconds; ``headers`` are gRPC
+    metadata sent with every call (not the request's ``metadata`` labels). A channel
+    passed in stays open when the client closes. The client's own channel is created on
+    first use, in the event loop that uses it, so a client may be built outside one.
     """
 
     def __init__(
@@ -128,13 +142,24 @@ class AsyncClient:
         *,
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        headers: Sequence[tuple[str, str]] = (),
     ) -> None:
+        self._target = target
         self._owns_channel = channel is None
-        self._channel = grpc.aio.insecure_channel(target) if channel is None else channel
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._channel = channel
+        self._stub_instance = None if channel is None else pb_grpc.GenerationServiceStub(channel)
+        self._closed = False
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._headers = tuple(headers)
+
+    @property
+    def _stub(self) -> pb_grpc.GenerationServiceAsyncStub:
+        if self._closed:
+            raise ClientClosedError("this client is closed")
+        if self._stub_instance is None:
+            self._channel = grpc.aio.insecure_channel(self._target)
+            self._stub_instance = pb_grpc.GenerationServiceStub(self._channel)
+        return self._stub_instance
 
     async def __aenter__(self) -> Self:
         return self
@@ -148,13 +173,14 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._owns_channel:
+        self._closed = True
+        if self._owns_channel and self._channel is not None:
             await self._channel.close()
 
     async def list_models(self) -> list[ModelInfo]:
         try:
             response = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=self._timeout, metadata=self._metadata
+                pb.ListModelsRequest(), timeout=self._timeout, metadata=self._headers
             )
         except grpc.aio.AioRpcError as exc:
             raise error_from_status(exc.code(), exc.details() or "", exc.trailing_metadata()) from exc
@@ -177,6 +203,6 @@ class AsyncClient:
             lambda: self._stub.Generate(
                 request,
                 timeout=self._timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=self._headers,
             )
         )

@@ -56,7 +56,18 @@ _EVENT_FAULTS: dict[int, Fault] = {
 
 
 class TokenwireError(Exception):
-    """Base of every exception the tokenwire client raises."""
+    """Base of every exception the tokenwire client raises.
+
+    Every one answers ``retryable``, so a retry loop can catch this class alone.
+    """
+
+    retryable: bool = False
+    stream_id: str = ""
+    last_sequence: int | None = None
+
+
+class ClientClosedError(TokenwireError):
+    """The client was used after it was closed."""
 
 
 class StreamProtocolError(TokenwireError):
@@ -64,11 +75,14 @@ class StreamProtocolError(TokenwireError):
 
 
 class StreamIntegrityError(StreamProtocolError):
-    """A message arrived out of sequence, or after the terminal event."""
+    """A message arrived out of sequence, after the terminal event, or malformed."""
 
 
 class TruncatedStreamError(StreamProtocolError):
     """The call ended without a terminal event, so the response may be incomplete."""
+
+    # The transport lost the end of the stream; the same request may well succeed.
+    retryable = True
 
 
 class APIStatusError(TokenwireError):
@@ -88,6 +102,8 @@ class APIStatusError(TokenwireError):
         last_sequence: the last complete message before the failure; None when the
             stream never started.
         field_violations: (field, description) pairs of an invalid request.
+        truncated: the stream had started and ended without a terminal event (the
+            connection broke, or a server stopped a reader that did not read).
     """
 
     def __init__(
@@ -105,6 +121,7 @@ class APIStatusError(TokenwireError):
         stream_id: str = "",
         last_sequence: int | None = None,
         field_violations: Iterable[tuple[str, str]] = (),
+        truncated: bool = False,
     ) -> None:
         self.code = code
         self.message = message
@@ -118,7 +135,12 @@ class APIStatusError(TokenwireError):
         self.stream_id = stream_id
         self.last_sequence = last_sequence
         self.field_violations = list(field_violations)
+        self.truncated = truncated
         super().__init__(str(self))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only construction: pickle (process pools, task queues) needs to be told how.
+        return (_rebuild, (type(self), dict(vars(self))))
 
     def __str__(self) -> str:
         notes = [f"reason {self.reason}"] if self.reason else []
@@ -126,6 +148,13 @@ class APIStatusError(TokenwireError):
             notes.append(f"correlation id {self.correlation_id}")
         text = f"{self.code.name}: {self.message or 'no details'}"
         return f"{text} ({', '.join(notes)})" if notes else text
+
+
+def _rebuild(kind: type[APIStatusError], state: dict[str, object]) -> APIStatusError:
+    error = kind.__new__(kind)
+    error.__dict__.update(state)
+    Exception.__init__(error, str(error))
+    return error
 
 
 class InvalidRequestError(APIStatusError):
@@ -243,6 +272,7 @@ def error_from_status(
     *,
     stream_id: str = "",
     last_sequence: int | None = None,
+    truncated: bool = False,
 ) -> APIStatusError:
     """The typed exception for a call that ended with a non-OK status.
 
@@ -286,4 +316,5 @@ def error_from_status(
         stream_id=meta.get("stream_id") or stream_id,
         last_sequence=last_sequence,
         field_violations=rich.field_violations,
+        truncated=truncated and error_event is None,
     )

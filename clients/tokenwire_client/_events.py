@@ -217,6 +217,17 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a stream has delivered so far, finished or not (after a failure, say)."""
+
+    started: Started | None
+    text: str
+    reasoning: list[ReasoningBlock]
+    tool_calls: list[ToolCall]
+    last_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """A whole response, assembled from a stream that ended with Finish."""
 

@@ -89,15 +89,17 @@ def _unknown_keys(given: Mapping[str, Any], known: frozenset[str], what: str) ->
 def _message(message: MessageLike) -> pb.Message:
     if isinstance(message, pb.Message):
         return message
+    if not isinstance(message, Mapping):
+        raise TypeError(f"a message is a pb.Message or a dict, not {type(message).__name__}")
     _unknown_keys(message, _MESSAGE_KEYS, "message")
     role = _ROLES.get(message.get("role", ""))
     if role is None:
         raise ValueError(f"message role must be one of {sorted(_ROLES)}, got {message.get('role')!r}")
-    return pb.Message(
-        role=role,
-        text=message["text"] if "text" in message else message.get("content", ""),
-        tool_call_id=message.get("tool_call_id", ""),
-    )
+    text = message["text"] if "text" in message else message.get("content", "")
+    if not isinstance(text, str):
+        # Content blocks (lists of parts) are another API's shape; this contract carries text.
+        raise TypeError(f"message text must be a str, not {type(text).__name__}")
+    return pb.Message(role=role, text=text, tool_call_id=message.get("tool_call_id", ""))
 
 
 def _tool(tool: ToolLike) -> pb.Tool:
@@ -139,6 +141,8 @@ def build_request(
 
     ``tool_choice`` is "auto", "none", "required" or the name of a tool to force.
     """
+    if isinstance(messages, str | bytes):
+        raise TypeError("messages is a list of messages; for a single prompt pass [user(text)]")
     request = pb.GenerateRequest(
         model=model,
         messages=[_message(message) for message in messages],

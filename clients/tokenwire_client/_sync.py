@@ -13,7 +13,7 @@ from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 from ._accumulate import Cancellable, StreamLifecycle
 from ._client import DEFAULT_TARGET
-from ._errors import TokenwireError, TrailingMetadata, error_from_status
+from ._errors import ClientClosedError, TokenwireError, TrailingMetadata, error_from_status
 from ._events import Event, ModelInfo, Response, TextDelta
 from ._messages import MessageLike, RequestOptions, build_request
 
@@ -37,7 +37,7 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
     """
 
     def __enter__(self) -> Self:
-        self._ensure_call()
+        self._enter()
         return self
 
     def __exit__(
@@ -53,6 +53,7 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
         return (event.text for event in self if isinstance(event, TextDelta))
 
     def __iter__(self) -> Self:
+        self._require_entered()
         return self
 
     def __next__(self) -> Event:
@@ -66,6 +67,9 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
         return iter(self._next_message, None)
 
     def get_final_response(self) -> Response:
+        if not self._entered:
+            with self:
+                return self.get_final_response()
         for _ in self:
             pass
         return self._accumulator.response()
@@ -81,6 +85,7 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
         return None if item is None else item[0]
 
     def _next(self) -> tuple[pb.GenerateResponse, Event | None] | None:
+        self._require_entered()
         if not self._readable():
             return None
         try:
@@ -113,13 +118,20 @@ class Client:
         *,
         channel: grpc.Channel | None = None,
         timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         self._owns_channel = channel is None
         self._channel = grpc.insecure_channel(target) if channel is None else channel
-        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._stub_instance = pb_grpc.GenerationServiceStub(self._channel)
+        self._closed = False
         self._timeout = timeout
-        self._metadata = tuple(metadata)
+        self._headers = tuple(headers)
+
+    @property
+    def _stub(self) -> pb_grpc.GenerationServiceStub:
+        if self._closed:
+            raise ClientClosedError("this client is closed")
+        return self._stub_instance
 
     def __enter__(self) -> Self:
         return self
@@ -133,12 +145,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         if self._owns_channel:
             self._channel.close()
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout, metadata=self._metadata)
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout, metadata=self._headers)
         except grpc.RpcError as exc:
             raise error_from_status(exc.code(), exc.details() or "", _trailers(exc)) from exc
         return [ModelInfo.from_proto(model) for model in response.models]
@@ -158,6 +171,6 @@ class Client:
             lambda: self._stub.Generate(
                 request,
                 timeout=self._timeout if timeout is None else timeout,
-                metadata=self._metadata,
+                metadata=self._headers,
             )
         )

@@ -2,10 +2,10 @@
 
 The last line of a successful run is a summary in a stable format, for scripts to parse:
 
-    time to first token: 123.4 ms · 38.2 tokens/s · finish: stop · usage: 12 in / 40 out
-    · server time to first token: 98.7 ms
+    time to first token: 123.4 ms (server: 98.7 ms) · 38.2 tokens/s · finish: stop · usage: 12 in / 40 out
 
-(on one line). Numbers that are unknown read "n/a", unknown token counts "?", and
+(on one line): the first time is what this client saw from sending the request to the first
+delta, the server's from receiving it. Numbers that are unknown read "n/a", unknown token counts "?", and
 "(estimated)" follows the usage when the server estimated it. Exit status: 0 on success,
 1 on an error, 2 on a usage error, 130 when interrupted; with --json, the gRPC status code.
 """
@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import grpc
 from google.protobuf.json_format import MessageToJson
 from rich.console import Console
 
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="tokenwire-demo",
         description="Stream one answer from a tokenwire server.",
     )
-    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     parser.add_argument(
         "--target",
         default=os.environ.get("TOKENWIRE_TARGET", DEFAULT_TARGET),
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="sim", help="route name (default: %(default)s)")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-tokens", type=int, help="most output tokens")
-    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, help="deadline of the call, seconds")
     mode = parser.add_mutually_exclusive_group()
@@ -104,20 +105,23 @@ def summary_line(
 
     estimated = " (estimated)" if usage.source is UsageSource.ESTIMATED else ""
     rate = "n/a" if tokens_per_second is None else f"{tokens_per_second:.1f}"
+    server = _milliseconds(response.timing.time_to_first_token)
     return " · ".join(
         [
-            f"time to first token: {_milliseconds(time_to_first_token)}",
+            f"time to first token: {_milliseconds(time_to_first_token)} (server: {server})",
             f"{rate} tokens/s",
             f"finish: {response.finish_reason}",
             f"usage: {count(usage.input_tokens)} in / {count(usage.output_tokens)} out{estimated}",
-            f"server time to first token: {_milliseconds(response.timing.time_to_first_token)}",
         ]
     )
 
 
-def _describe(error: TokenwireError) -> str:
+def _describe(error: TokenwireError, target: str) -> str:
     if not isinstance(error, APIStatusError):
         return f"error: {error}"
+    if error.code is grpc.StatusCode.UNAVAILABLE and not error.reason and error.last_sequence is None:
+        # No tokenwire server answered at all: gRPC's own text says little to a person.
+        return f"error: cannot reach a tokenwire server at {target} (is `make run` going?) · retryable"
     if not error.retryable:
         retry = "not retryable"
     elif error.retry_after is None:
@@ -148,14 +152,14 @@ async def _list_models(client: AsyncClient, screen: _Screen) -> int:
     return 0
 
 
-async def _print_json(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen) -> int:
+async def _print_json(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen, target: str) -> int:
     async with client.stream_request(request) as stream:
         try:
             async for message in stream.raw_messages:
                 line = MessageToJson(message, indent=None, preserving_proto_field_name=False)
                 print(line, flush=True)
         except APIStatusError as error:
-            screen.error(_describe(error))
+            screen.error(_describe(error, target))
             code: int = error.code.value[0]
             return code
     return 0
@@ -219,7 +223,7 @@ async def _run(args: argparse.Namespace, screen: _Screen) -> int:
             # Out-of-range numbers, or text that is not valid Unicode, cannot even be encoded.
             raise _UsageError(f"cannot build the request: {exc}") from None
         if args.json:
-            return await _print_json(client, request, screen)
+            return await _print_json(client, request, screen, args.target)
         return await _stream_text(client, request, screen)
 
 
@@ -236,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         screen.error(f"error: {error}")
         return 2
     except TokenwireError as error:
-        screen.error(_describe(error))
+        screen.error(_describe(error, args.target))
         return 1
     except KeyboardInterrupt:
         # asyncio.run has cancelled the task, and leaving the stream's block cancelled
