@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from service import __version__
-from service.config import ENV_PREFIX, Config, ConfigError, ServerConfig, load_config
+from service.config import ENV_PREFIX, Config, ConfigError, ServerConfig, load_config, unknown_env
 from service.errors import redact
 from service.server import TokenwireServer
 
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(path, os.environ, {"listen": args.listen, "log_level": args.log_level})
         configure_logging(config.server.log_level)
+        for name in unknown_env(os.environ):
+            log.warning("ignoring environment variable %s: no such setting (see --help)", name)
         return asyncio.run(serve(config))
     except ConfigError as exc:
         print(f"tokenwire: configuration error: {exc}", file=sys.stderr)

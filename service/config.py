@@ -73,7 +73,7 @@ DEFAULT_ROUTES: dict[str, dict[str, Any]] = {
     "sim-error": {
         "provider": "simulated",
         "model": "tokenwire-sim-1",
-        "description": "Fails with a provider error (UNAVAILABLE) after 8 chunks.",
+        "description": "Fails with a provider error (UNAVAILABLE) after 8 text chunks.",
         "options": {"fail_after_chunks": 8, "fail_with": "unavailable"},
     },
     "sim-down": {
@@ -142,6 +142,16 @@ def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig
             if fallback not in routes:
                 raise ConfigError(f"{where}: route {route.name!r} falls back to unknown route {fallback!r}")
     return routes
+
+
+# Variables of this prefix that are not [server] keys: the config file, and the demo client's target.
+_OTHER_ENV = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "TARGET"})
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """TOKENWIRE_* variables that set nothing: most likely misspelt."""
+    known = {ENV_PREFIX + name.upper() for name in _SERVER_FIELDS} | _OTHER_ENV
+    return sorted(name for name in env if name.startswith(ENV_PREFIX) and name not in known)
 
 
 def _table(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:

@@ -41,6 +41,8 @@ log = logging.getLogger("tokenwire.generation")
 Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 # Retry delay suggested to callers turned away at the concurrency limit.
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
+# The caller's clock and ours differ a little: a cancel this close to the deadline is the deadline.
+_DEADLINE_SLACK_SECONDS = 0.05
 
 
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
@@ -90,12 +92,14 @@ class GenerationService:
         # A malformed request_id is rejected below, but must not name the stream in the meantime.
         given = request.request_id if request is not None else ""
         stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else received_at + remaining
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         flight: _InFlight | None = None
         outcome = "OK"
         try:
             try:
-                route, generation = self._admissible(request, context, stream_id, received_at)
+                route, generation = self._admissible(request, context, stream_id, deadline)
                 flight = self._admit(task)
                 try:
                     opened = await self.router.open(route, generation)
@@ -116,8 +120,9 @@ class GenerationService:
                 # client's cancel, its deadline or grpc's own stop at the end of the grace period
                 # mean the call is gone, and nothing can be written to it any more.
                 if flight is None or not flight.interrupted or task.uncancel() > 0:
-                    remaining = context.time_remaining()
-                    outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                    # grpc says only "cancelled"; the caller's deadline tells the two apart.
+                    late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
+                    outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
                     raise
                 # Our shutdown interrupted the wait for the provider: say so, never cut silently.
                 outcome = ErrorCode.SERVER_SHUTTING_DOWN.value
@@ -145,7 +150,7 @@ class GenerationService:
             self._log_outcome(request, stream_id, outcome, flight.sequencer if flight else None, received_at)
 
     def _admissible(
-        self, request: pb.GenerateRequest | None, context: Context, stream_id: str, received_at: float
+        self, request: pb.GenerateRequest | None, context: Context, stream_id: str, deadline: float | None
     ) -> tuple[Route, GenerationRequest]:
         """Checks everything a provider must never see; raises GatewayError for the caller."""
         if self.draining:
@@ -162,12 +167,11 @@ class GenerationService:
         if not request.model:
             raise invalid_request("model", "is required: name a route (see ListModels)")
         route = self.router.get(request.model)
-        remaining = context.time_remaining()
         generation = validate_request(
             request,
             route,
             stream_id=stream_id,
-            deadline=None if remaining is None else received_at + remaining,
+            deadline=deadline,
             max_request_bytes=self.config.max_request_bytes,
         )
         return route, generation

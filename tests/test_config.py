@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_ROUTES, ConfigError, load_config
+from service.config import DEFAULT_ROUTES, ConfigError, load_config, unknown_env
 from service.providers import create_provider
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,11 @@ def test_bad_route_options_are_rejected_at_startup(route: dict[str, object], mes
     with pytest.raises(ConfigError) as info:
         create_provider(build_routes({"r": route}, "test")["r"])
     assert message in str(info.value)
+
+
+def test_misspelt_environment_variables_are_reported() -> None:
+    env = {"TOKENWIRE_MAX_STREAMS": "5", "TOKENWIRE_LISTEN": "x:1", "TOKENWIRE_TARGET": "y:2", "HOME": "/"}
+    assert unknown_env(env) == ["TOKENWIRE_MAX_STREAMS"]
 
 
 def test_help_documents_flags_and_environment() -> None:

@@ -281,15 +281,20 @@ async def test_cancel_before_the_first_token_closes_the_provider_stream(running:
     await cancel_and_expect_provider_closed(call, running, recorder)
 
 
+@pytest.mark.parametrize("route", ["slow", "slow-start"])
 async def test_deadline_is_deadline_exceeded_and_closes_the_provider_stream(
-    running: Running, recorder: Recorder
+    running: Running, recorder: Recorder, route: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    messages, code, _ = await collect(running.stub.Generate(request(model="slow"), timeout=0.3))
+    caplog.set_level(logging.INFO)
+    messages, code, _ = await collect(running.stub.Generate(request(model=route), timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert messages and all(m.WhichOneof("event") in ("start", "text_delta") for m in messages)
+    assert all(m.WhichOneof("event") in ("start", "text_delta") for m in messages)
+    assert bool(messages) == (route == "slow")  # slow-start's deadline comes before its first token
     await eventually(lambda: recorder.closed)
     assert recorder.finished == [False]
     assert recorder.requests[0].deadline is not None
+    await eventually(lambda: "outcome=" in caplog.text)
+    assert f"route='{route}' outcome=DEADLINE_EXCEEDED" in caplog.text
 
 
 async def test_malformed_request_id_never_names_the_stream(running: Running) -> None:

@@ -144,9 +144,10 @@ class _SimulatedStream:
                 # Deliberately unclassified, with a credential-shaped string in its text: the
                 # firewall must turn it into INTERNAL with a correlation id and leak nothing.
                 raise RuntimeError("simulated crash; Authorization: Bearer sim-not-a-real-token-0000")
+            when = f"after {self.chunks} chunk(s)" if self.chunks else "before the first token"
             raise GatewayError(
                 code,
-                f"simulated provider fault {p.fail_with!r} after {self.chunks} chunk(s)",
+                f"simulated provider fault {p.fail_with!r} {when}",
                 provider=p.kind,
                 provider_http_status=http_status,
                 retry_after=retry_after,
