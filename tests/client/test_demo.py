@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import Recorder
+from conftest import TEST_ROUTES, Recorder
 
 SUMMARY = re.compile(
     r"^time to first token: [\d.]+ ms \(server: [\d.]+ ms\) · [\d.]+ tokens/s · finish: (\w+)"
@@ -58,7 +58,12 @@ def test_arguments_that_cannot_be_sent_are_a_usage_error(live_address: str) -> N
 
 def test_list_models(live_address: str) -> None:
     out = demo("--target", live_address, "--list")
-    assert out.returncode == 0 and "sim" in out.stdout
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["MODEL", "SERVED", "BY"], out.stdout
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(TEST_ROUTES), out.stdout  # every route, once
+    served_by = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert served_by["sim"] == "simulated/tokenwire-sim-1" and served_by["error-after-3"] == "simulated/m"
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
@@ -73,6 +78,9 @@ def test_ctrl_c_cancels_cleanly_and_stops_the_provider(live_address: str, record
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Python keeps SIGINT ignored when its parent ignored it (pytest run in the background, say):
+        # restore the default so that the demo's KeyboardInterrupt handling is what is tested.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     first = proc.stdout.read(1)  # the first streamed character: the stream is under way
