@@ -273,9 +273,7 @@ class _CallGone(Exception):
 async def _write(context: Context, message: pb.GenerateResponse) -> None:
     try:
         await context.write(message)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # CancelledError is no Exception: it goes on as it is
         raise _CallGone from exc
 
 

@@ -7,6 +7,7 @@ to the caller, so a failure is still a plain status, and the place to fall back 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -82,25 +83,24 @@ class Router:
                 usable.append(fallback)
             else:
                 log.info("stream %s: fallback %r skipped: it cannot serve this request", request.stream_id, name)
-        for attempt, candidate in enumerate(usable):
+        for candidate, next_candidate in itertools.pairwise(usable):
             try:
-                return await self._open(candidate, dataclasses.replace(request, upstream_model=candidate.config.model))
+                return await self._open(candidate, request)
             except GatewayError as err:
-                last = attempt == len(usable) - 1
                 expired = request.deadline is not None and time.monotonic() >= request.deadline
-                if last or expired or not _worth_falling_back(err):
+                if expired or not _worth_falling_back(err):
                     raise
                 log.warning(
                     "stream %s: route %r failed before its first token (%s); falling back to %r",
                     request.stream_id,
                     candidate.name,
                     err.code.value,
-                    usable[attempt + 1].name,
+                    next_candidate.name,
                 )
-        raise AssertionError("unreachable: the last candidate raises or returns")
+        return await self._open(usable[-1], request)
 
     async def _open(self, route: Route, request: GenerationRequest) -> OpenedStream:
-        events = route.provider.stream(request)
+        events = route.provider.stream(dataclasses.replace(request, upstream_model=route.config.model))
         try:
             first = await anext(events, None)
         except BaseException:
