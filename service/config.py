@@ -54,6 +54,11 @@ class RouteConfig:
     description: str = ""
     options: Mapping[str, Any] = field(default_factory=dict)
     fallbacks: tuple[str, ...] = ()
+    # Retries of this route when it fails before its first token with a retryable error.
+    max_retries: int = 2
+    # The longest wait before a retry; a provider asking for longer is not retried (fallbacks are
+    # tried, or the caller gets the provider's retry-after).
+    max_retry_wait_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +234,7 @@ def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
         raise ConfigError(f"{where}: route name {name!r} must be 1-128 of letters, digits and ._:/-")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: [routes.{name}] must be a table")
-    unknown = set(spec) - {"provider", "model", "description", "options", "fallbacks"}
+    unknown = set(spec) - {"provider", "model", "description", "options", "fallbacks", *_ROUTE_NUMBERS}
     if unknown:
         raise ConfigError(f"{where}: [routes.{name}] unknown key(s) {sorted(unknown)}")
     for key in ("provider", "model"):
@@ -241,6 +246,15 @@ def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
     fallbacks = spec.get("fallbacks", [])
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         raise ConfigError(f"{where}: [routes.{name}] fallbacks must be a list of route names")
+    numbers: dict[str, Any] = {}
+    for key, (kind, low, high) in _ROUTE_NUMBERS.items():
+        if key not in spec:
+            continue
+        value = spec[key]
+        accepted = (int, float) if kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, accepted) or not low <= value <= high:
+            raise ConfigError(f"{where}: [routes.{name}] {key} must be a number from {low:g} to {high:g}")
+        numbers[key] = kind(value)
     return RouteConfig(
         name=name,
         provider=spec["provider"],
@@ -248,4 +262,12 @@ def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
         description=str(spec.get("description", "")),
         options=dict(options),
         fallbacks=tuple(fallbacks),
+        **numbers,
     )
+
+
+# Route keys that are numbers: type and range.
+_ROUTE_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "max_retries": (int, 0, 10),
+    "max_retry_wait_seconds": (float, 0.0, 3600.0),
+}

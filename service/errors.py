@@ -141,8 +141,22 @@ _NAMED = re.compile(
 )
 
 
+# The credentials this process holds (provider keys read at start-up), removed by exact value
+# whatever shape they have.
+_KNOWN_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Makes `redact` remove this exact value. Too short a value would redact ordinary words."""
+    if len(value) >= 8:
+        _KNOWN_SECRETS.add(value)
+
+
 def redact(text: str) -> str:
     """Removes anything shaped like a credential. Defence in depth for messages and log lines."""
+    for secret in _KNOWN_SECRETS:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
     text = _SCHEME.sub(r"\1 [redacted]", text)
     text = _KEY_SHAPES.sub("[redacted]", text)
     return _NAMED.sub(r"\1[redacted]", text)

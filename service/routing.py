@@ -6,9 +6,11 @@ to the caller, so a failure is still a plain status, and the place to fall back 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,11 @@ from service.providers import create_provider
 from service.providers.base import Provider
 
 log = logging.getLogger("tokenwire.routing")
+
+_BACKOFF_BASE_SECONDS = 0.25
+_BACKOFF_CAP_SECONDS = 4.0
+# A retry needs some time before the deadline to be worth starting.
+_DEADLINE_MARGIN_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,31 @@ def _can_serve(route: Route, request: GenerationRequest) -> bool:
     )
 
 
+def _expired(request: GenerationRequest) -> bool:
+    return request.deadline is not None and time.monotonic() >= request.deadline
+
+
+def _retry_delay(route: RouteConfig, err: GatewayError, attempt: int, request: GenerationRequest) -> float | None:
+    """How long to wait before retrying `route`, or None when it must not be retried.
+
+    Only provider trouble that may pass is retried; the provider's retry-after wins over our
+    backoff; a wait longer than the route allows, or one that would reach the caller's deadline
+    with no time left to stream, means no retry: the caller gets the error and its retry-after.
+    """
+    if attempt >= route.max_retries or err.code.fault is not Fault.PROVIDER or not err.retryable:
+        return None
+    if err.retry_after is not None:
+        delay = err.retry_after
+    else:
+        # Exponential backoff with jitter, so that many streams failing at once spread out.
+        delay = min(_BACKOFF_BASE_SECONDS * 2**attempt, _BACKOFF_CAP_SECONDS) * random.uniform(0.5, 1.0)
+    if delay > route.max_retry_wait_seconds:
+        return None
+    if request.deadline is not None and time.monotonic() + delay + _DEADLINE_MARGIN_SECONDS >= request.deadline:
+        return None
+    return delay
+
+
 def _worth_falling_back(err: GatewayError) -> bool:
     """Provider trouble another provider may not have: outages, limits, and a bad provider key.
 
@@ -72,9 +104,10 @@ class Router:
     async def open(self, route: Route, request: GenerationRequest) -> OpenedStream:
         """Starts the route's stream and waits for its first event.
 
-        When the provider fails before that with a retryable error, the route's fallbacks are
-        tried in order: nothing has reached the caller yet, so nothing is replayed. After the
-        first event there is no fallback. Fallbacks of fallbacks are not followed.
+        Until then nothing has reached the caller, so nothing can be replayed: a retryable failure
+        is retried on the same route (backing off, honouring the provider's retry-after, never
+        past the caller's deadline), and then the route's fallbacks are tried in order. After the
+        first event there is no retry and no fallback. Fallbacks of fallbacks are not followed.
         """
         usable = [route]
         for name in route.config.fallbacks:
@@ -85,10 +118,9 @@ class Router:
                 log.info("stream %s: fallback %r skipped: it cannot serve this request", request.stream_id, name)
         for candidate, next_candidate in itertools.pairwise(usable):
             try:
-                return await self._open(candidate, request)
+                return await self._open_with_retries(candidate, request)
             except GatewayError as err:
-                expired = request.deadline is not None and time.monotonic() >= request.deadline
-                if expired or not _worth_falling_back(err):
+                if _expired(request) or not _worth_falling_back(err):
                     raise
                 log.warning(
                     "stream %s: route %r failed before its first token (%s); falling back to %r",
@@ -97,7 +129,29 @@ class Router:
                     err.code.value,
                     next_candidate.name,
                 )
-        return await self._open(usable[-1], request)
+        return await self._open_with_retries(usable[-1], request)
+
+    async def _open_with_retries(self, route: Route, request: GenerationRequest) -> OpenedStream:
+        attempt = 0
+        while True:
+            try:
+                return await self._open(route, request)
+            except GatewayError as err:
+                delay = _retry_delay(route.config, err, attempt, request)
+                if delay is None:
+                    raise
+                attempt += 1
+                log.warning(
+                    "stream %s: route %r failed before its first token (%s%s); retry %d of %d in %.2f s",
+                    request.stream_id,
+                    route.name,
+                    err.code.value,
+                    f", HTTP {err.provider_http_status}" if err.provider_http_status else "",
+                    attempt,
+                    route.config.max_retries,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _open(self, route: Route, request: GenerationRequest) -> OpenedStream:
         events = route.provider.stream(dataclasses.replace(request, upstream_model=route.config.model))

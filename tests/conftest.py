@@ -34,11 +34,12 @@ TEST_ROUTES: dict[str, dict[str, Any]] = {
     "slow-start": {"provider": "recording", "model": "tokenwire-sim-1", "options": SLOW | {"first_token_ms": 5000}},
     "recorded": {"provider": "recording", "model": "tokenwire-sim-1", "options": FAST},
     "error-after-3": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 3}},
-    "down": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0}},
+    "down": {"provider": "simulated", "model": "m", "options": FAST | {"fail_after_chunks": 0}, "max_retries": 0},
     "rate-limited": {
         "provider": "simulated",
         "model": "m",
         "options": FAST | {"fail_after_chunks": 0, "fail_with": "rate_limited"},
+        "max_retries": 0,
     },
     "crash-before": {
         "provider": "simulated",

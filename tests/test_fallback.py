@@ -14,7 +14,8 @@ from tokenwire.v1 import generation_pb2 as pb
 
 
 def sim(model: str, **options: Any) -> dict[str, Any]:
-    return {"provider": "simulated", "model": model, "options": FAST | options}
+    # No retries: these tests are about fallback (retries have tests of their own).
+    return {"provider": "simulated", "model": model, "options": FAST | options, "max_retries": 0}
 
 
 class NoToolsProvider(SimulatedProvider):

@@ -48,7 +48,7 @@ class ScriptedProvider(Provider):
 
 
 def route(script: str) -> dict[str, Any]:
-    return {"provider": "scripted", "model": "m", "options": {"script": script}}
+    return {"provider": "scripted", "model": "m", "options": {"script": script}, "max_retries": 0}
 
 
 @pytest.fixture

@@ -73,6 +73,13 @@ class Options:
             return None
         return self.number(key, minimum, minimum=minimum)
 
+    def string(self, key: str, default: str = "") -> str:
+        self._seen.add(key)
+        value = self._values.get(key, default)
+        if not isinstance(value, str):
+            raise self._fail(key, f"must be a string, got {value!r}")
+        return value
+
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         self._seen.add(key)
         value = self._values.get(key, default)

@@ -1,0 +1,292 @@
+"""OpenAI Chat Completions streaming: OpenAI itself, Azure OpenAI, and OpenAI-compatible servers
+(vLLM, Ollama, LM Studio, llama.cpp's server, ...), through the official `openai` SDK.
+
+The SDK sends the request; the body is read raw (see `service.providers.upstream`). Usage is
+always requested (`stream_options.include_usage`), so it arrives in a last chunk with no choices
+before `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar
+
+import openai
+
+from service.config import RouteConfig
+from service.events import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ProviderEvent,
+    ReasoningDelta,
+    ReasoningEffort,
+    Role,
+    TextDelta,
+    ToolCallDelta,
+    ToolChoiceMode,
+    Usage,
+)
+from service.providers.base import Options
+from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, truncated
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+_MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def effort_for_budget(budget: int) -> ReasoningEffort:
+    """Chat Completions takes an effort, not a budget: the closest effort to a token budget."""
+    if budget <= 4096:
+        return ReasoningEffort.LOW
+    if budget <= 16384:
+        return ReasoningEffort.MEDIUM
+    return ReasoningEffort.HIGH
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    if message.role is Role.TOOL:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+    if message.role is Role.ASSISTANT and message.tool_calls:
+        # Earlier reasoning is not sent back: Chat Completions has no field for it.
+        return {
+            "role": "assistant",
+            "content": message.text or None,
+            "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+                for call in message.tool_calls
+            ],
+        }
+    return {"role": message.role.value, "content": message.text}
+
+
+def request_body(request: GenerationRequest, max_tokens_field: str) -> dict[str, Any]:
+    """The Chat Completions parameters: generation options only when the caller set them."""
+    body: dict[str, Any] = {
+        "model": request.upstream_model,
+        "messages": [_message(m) for m in request.messages],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.max_output_tokens is not None:
+        body[max_tokens_field] = request.max_output_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop_sequences:
+        body["stop"] = list(request.stop_sequences)
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    **({"description": tool.description} if tool.description else {}),
+                    "parameters": tool.parameters or {"type": "object", "properties": {}},
+                },
+            }
+            for tool in request.tools
+        ]
+        choice = request.tool_choice
+        if choice.mode is ToolChoiceMode.NAMED:
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice.mode is not ToolChoiceMode.AUTO:
+            body["tool_choice"] = choice.mode.value
+    effort = request.reasoning_effort
+    if effort is None and request.reasoning_budget_tokens is not None:
+        effort = effort_for_budget(request.reasoning_budget_tokens)
+    if effort is not None:
+        body["reasoning_effort"] = effort.value
+    return body
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def usage_from(raw: dict[str, Any]) -> Usage:
+    prompt = raw.get("prompt_tokens_details")
+    completion = raw.get("completion_tokens_details")
+    return Usage(
+        input_tokens=_count(raw.get("prompt_tokens")),
+        output_tokens=_count(raw.get("completion_tokens")),
+        cache_read_input_tokens=_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+        reasoning_tokens=_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
+    )
+
+
+def _well_typed(piece: ToolCallDelta) -> bool:
+    return (
+        type(piece.index) is int
+        and 0 <= piece.index < 2**31
+        and isinstance(piece.id, str)
+        and isinstance(piece.name, str)
+        and isinstance(piece.arguments, str)
+    )
+
+
+class ChunkParser:
+    """`chat.completion.chunk` events -> neutral events. Only choice 0 is read (tokenwire asks for one)."""
+
+    __slots__ = ("done", "finish_reason", "kind", "out", "refused", "usage")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.out: list[ProviderEvent] = []
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.refused = False
+
+    def handle(self, name: bytes, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.done = True
+            return
+        chunk = loads(data, self.kind)
+        if "error" in chunk and chunk["error"] is not None:
+            raise stream_error(self.kind, chunk)
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage_from(usage)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                self._choice(choice)
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        out = self.out
+        delta = choice.get("delta")
+        if delta:
+            # vLLM and DeepSeek send `reasoning_content`; Ollama and OpenRouter send `reasoning`.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                out.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                out.append(TextDelta(content))
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                self.refused = True
+                out.append(TextDelta(refusal))
+            calls = delta.get("tool_calls")
+            if calls:
+                for position, call in enumerate(calls):
+                    function = call.get("function") or {}
+                    piece = ToolCallDelta(
+                        index=call.get("index", position),
+                        id=call.get("id") or "",
+                        name=function.get("name") or "",
+                        arguments=function.get("arguments") or "",
+                    )
+                    if not _well_typed(piece):
+                        raise TypeError("tool call delta")
+                    if piece.id or piece.name or piece.arguments:
+                        out.append(piece)
+        reason = choice.get("finish_reason")
+        if reason:
+            self.finish_reason = reason
+
+    def finish(self) -> Finished:
+        raw = self.finish_reason
+        if raw is None and not self.done:
+            raise truncated(self.kind)
+        # [DONE] is the end marker, and some compatible servers end after finish_reason without it.
+        reason = _FINISH_REASONS.get(raw or "", FinishReason.OTHER)
+        if self.refused and reason is FinishReason.STOP:
+            reason = FinishReason.REFUSAL
+        return Finished(reason=reason, raw_reason=raw or "", usage=self.usage)
+
+
+class OpenAIProvider(HTTPProvider):
+    """api.openai.com, or any base URL speaking the same API with an OpenAI-style key."""
+
+    kind = "openai"
+    supports_tools = True
+    supports_reasoning = True
+    status_error_class: ClassVar[type[Exception]] = openai.APIStatusError
+    connection_error_class: ClassVar[type[Exception]] = openai.APIConnectionError
+    default_key_env: ClassVar[str] = "OPENAI_API_KEY"
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+    default_max_tokens_field: ClassVar[str] = "max_completion_tokens"
+
+    def __init__(self, route: RouteConfig) -> None:
+        super().__init__(route)
+        options = Options(route)
+        self.settings = self._settings(options, route)
+        self.max_tokens_field = options.choice("max_tokens_field", self.default_max_tokens_field, _MAX_TOKENS_FIELDS)
+        self._configure(options, route)
+        options.done()
+        self.client = self._client()
+
+    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
+        return HTTPSettings.read(
+            options, route, default_key_env=self.default_key_env, default_base_url=self.default_base_url
+        )
+
+    def _configure(self, options: Options, route: RouteConfig) -> None:
+        """Reads options of a variant's own."""
+
+    def _client(self) -> openai.AsyncOpenAI:
+        s = self.settings
+        return openai.AsyncOpenAI(
+            api_key=s.api_key or "unused",
+            base_url=s.base_url,
+            # The router retries (it knows the caller's deadline); SDK retries would stack on it.
+            max_retries=0,
+            timeout=s.read_timeout,
+        )
+
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
+        body = request_body(request, self.max_tokens_field)
+        create: Any = self.client.chat.completions.with_streaming_response.create
+        return create(**body, timeout=self.settings.timeout(request))  # type: ignore[no-any-return]
+
+    def _parser(self, request: GenerationRequest) -> ChunkParser:
+        return ChunkParser(self.kind)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class OpenAICompatibleProvider(OpenAIProvider):
+    """A self-hosted OpenAI-compatible server (vLLM, Ollama, ...): base_url required, key optional."""
+
+    kind = "openai-compatible"
+    default_key_env = ""
+    default_base_url = ""
+    # `max_tokens` is the field every compatible server knows.
+    default_max_tokens_field = "max_tokens"
+
+    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
+        return HTTPSettings.read(options, route, default_key_env="", key_required=False)
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """An Azure OpenAI deployment: the route's `model` is the deployment name."""
+
+    kind = "azure-openai"
+    default_key_env = "AZURE_OPENAI_API_KEY"
+
+    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
+        return HTTPSettings.read(options, route, default_key_env=self.default_key_env, base_url_key="endpoint")
+
+    def _configure(self, options: Options, route: RouteConfig) -> None:
+        self.api_version = options.string("api_version", "2024-10-21")
+
+    def _client(self) -> openai.AsyncOpenAI:
+        s = self.settings
+        return openai.AsyncAzureOpenAI(
+            api_key=s.api_key,
+            azure_endpoint=s.base_url,
+            api_version=self.api_version,
+            max_retries=0,
+            timeout=s.read_timeout,
+        )

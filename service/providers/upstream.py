@@ -1,0 +1,367 @@
+"""What the HTTP provider adapters share: credentials, timeouts, reading the raw event stream, and
+turning HTTP and transport failures into the error taxonomy.
+
+The vendor SDKs build and send the request (auth, headers, base URLs, their error classes); the
+adapters read the response body themselves, through `events`, and parse each event with orjson.
+Retries are not the SDKs' business here: every client is built with `max_retries=0`, and the
+router is the one retry owner, because only it knows the caller's deadline and the fallbacks.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import email.utils
+import math
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import httpx2
+import orjson
+
+from service.config import ConfigError, RouteConfig
+from service.errors import ErrorCode, GatewayError, redact, register_secret
+from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
+from service.providers.base import Options, Provider
+from service.providers.sse import SSEDecoder, SSEError, SSEEvent
+
+# Longest provider-supplied error text passed on to callers (after redaction).
+_MAX_PROVIDER_MESSAGE = 300
+# After its end marker, a body gets this long to end by itself so its connection can be reused.
+_DRAIN_SECONDS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    """A route's connection settings, read from its options."""
+
+    base_url: str
+    api_key: str
+    connect_timeout: float
+    read_timeout: float
+
+    @staticmethod
+    def read(
+        options: Options,
+        route: RouteConfig,
+        *,
+        default_key_env: str,
+        key_required: bool = True,
+        default_base_url: str = "",
+        base_url_key: str = "base_url",
+    ) -> HTTPSettings:
+        base_url = options.string(base_url_key, default_base_url)
+        if not base_url:
+            raise ConfigError(
+                f"[routes.{route.name}] options.{base_url_key} is required for provider {route.provider!r}"
+            )
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"[routes.{route.name}] options.{base_url_key} must be an http:// or https:// URL")
+        key_env = options.string("api_key_env", default_key_env)
+        api_key = os.environ.get(key_env, "") if key_env else ""
+        if key_required and not api_key:
+            raise ConfigError(
+                f"[routes.{route.name}] environment variable {key_env or '(none)'} is not set; it holds the "
+                f"provider's API key (change the variable's name with options.api_key_env)"
+            )
+        if api_key:
+            # From here on no log line or message can carry it, whatever shape it has.
+            register_secret(api_key)
+        return HTTPSettings(
+            base_url=base_url,
+            api_key=api_key,
+            connect_timeout=options.number("connect_timeout_seconds", 10.0, minimum=0.1, maximum=600.0),
+            read_timeout=options.number("read_timeout_seconds", 120.0, minimum=0.1, maximum=3600.0),
+        )
+
+    def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
+        """The route's timeouts, never longer than what is left of the caller's deadline.
+
+        The read timeout bounds the silence between two pieces of the body: a stalled provider
+        ends as PROVIDER_TIMEOUT instead of holding the stream open.
+        """
+        connect, read = self.connect_timeout, self.read_timeout
+        if request.deadline is not None:
+            remaining = max(request.deadline - time.monotonic(), 0.001)
+            connect, read = min(connect, remaining), min(read, remaining)
+        return httpx2.Timeout(connect=connect, read=read, write=connect, pool=connect)
+
+
+def loads(data: bytes, provider: str) -> dict[str, Any]:
+    """One event's JSON object; anything else is a protocol error, never a silently skipped chunk."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise GatewayError(
+            ErrorCode.PROVIDER_PROTOCOL_ERROR, "the provider sent an event that is not valid JSON", provider=provider
+        ) from None
+    if not isinstance(value, dict):
+        raise GatewayError(
+            ErrorCode.PROVIDER_PROTOCOL_ERROR, "the provider sent an event that is not a JSON object", provider=provider
+        )
+    return value
+
+
+async def events(response: httpx2.Response, provider: str) -> AsyncGenerator[SSEEvent, None]:
+    """The response body's server-sent events, as they arrive."""
+    decoder = SSEDecoder()
+    async for chunk in response.aiter_raw():
+        try:
+            batch = decoder.feed(chunk)
+        except SSEError:
+            raise GatewayError(
+                ErrorCode.PROVIDER_PROTOCOL_ERROR, "the provider sent an oversized event", provider=provider
+            ) from None
+        for event in batch:
+            yield event
+
+
+async def drain(body: AsyncIterator[SSEEvent]) -> None:
+    """Reads what is left of a body after its end marker, briefly, so the connection can be reused.
+
+    The answer is complete by now: a body that does not end in time, or breaks, costs only the
+    connection.
+    """
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in body:
+                pass
+    except (TimeoutError, httpx2.HTTPError, GatewayError):
+        pass
+
+
+def retry_after(headers: Mapping[str, str] | httpx2.Headers) -> float | None:
+    """Seconds the provider asked us to wait: `retry-after-ms`, or `retry-after` as seconds or a date."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return _bounded(float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return _bounded(float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return _bounded(when.timestamp() - time.time())
+
+
+def _bounded(seconds: float) -> float | None:
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), 24 * 3600.0)
+
+
+def provider_text(message: object) -> str:
+    """A provider's own error text, fit for a caller: redacted, one line, bounded."""
+    if not isinstance(message, str) or not message.strip():
+        return ""
+    text = " ".join(redact(message).split())
+    return text if len(text) <= _MAX_PROVIDER_MESSAGE else text[: _MAX_PROVIDER_MESSAGE - 1] + "…"
+
+
+def error_detail(body: object) -> tuple[str, str]:
+    """The (type, message) of a vendor error body: `{"error": {...}}` or the error object itself."""
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict):
+            body = inner
+    if not isinstance(body, dict):
+        return "", ""
+    kind = body.get("type") or body.get("code") or ""
+    return (kind if isinstance(kind, str) else ""), provider_text(body.get("message"))
+
+
+def status_error(provider: str, status: int, headers: Mapping[str, str] | httpx2.Headers, body: object) -> GatewayError:
+    """An HTTP error response from the provider, classified by status (CONTRACT.md's table)."""
+    kind, text = error_detail(body)
+    about = f"the provider answered HTTP {status}" + (f" ({kind})" if kind else "")
+    wait = retry_after(headers)
+
+    def error(code: ErrorCode, message: str) -> GatewayError:
+        return GatewayError(code, message, retry_after=wait, provider=provider, provider_http_status=status)
+
+    if status == 429:
+        return error(ErrorCode.PROVIDER_RATE_LIMITED, f"{about}: rate limited; retry later")
+    if status in (401, 403):
+        # The server's key is at fault, not the caller; the provider's text may quote the key.
+        return error(ErrorCode.PROVIDER_AUTH_FAILED, f"{about}: it rejected this server's credentials")
+    if status == 408:
+        return error(ErrorCode.PROVIDER_TIMEOUT, f"{about}: request timeout")
+    if status == 409 or status >= 500:
+        return error(ErrorCode.PROVIDER_UNAVAILABLE, f"{about}: the provider is failing or overloaded")
+    if status == 404:
+        return error(
+            ErrorCode.PROVIDER_REJECTED_REQUEST,
+            f"{about}: the provider does not know this model or endpoint; the route may be misconfigured",
+        )
+    if 400 <= status < 500:
+        return error(
+            ErrorCode.PROVIDER_REJECTED_REQUEST, f"{about}: it rejected the request" + (f": {text}" if text else "")
+        )
+    return error(ErrorCode.PROVIDER_ERROR, f"{about}: unexpected status")
+
+
+# In-stream error types (an error event inside a status-200 body) -> code. Both vendors' names.
+_STREAM_ERROR_TYPES: dict[str, ErrorCode] = {
+    "overloaded_error": ErrorCode.PROVIDER_UNAVAILABLE,
+    "api_error": ErrorCode.PROVIDER_UNAVAILABLE,
+    "server_error": ErrorCode.PROVIDER_UNAVAILABLE,
+    "service_unavailable": ErrorCode.PROVIDER_UNAVAILABLE,
+    "rate_limit_error": ErrorCode.PROVIDER_RATE_LIMITED,
+    "rate_limit_exceeded": ErrorCode.PROVIDER_RATE_LIMITED,
+    "requests": ErrorCode.PROVIDER_RATE_LIMITED,
+    "tokens": ErrorCode.PROVIDER_RATE_LIMITED,
+    "timeout_error": ErrorCode.PROVIDER_TIMEOUT,
+    "invalid_request_error": ErrorCode.PROVIDER_REJECTED_REQUEST,
+    "request_too_large": ErrorCode.PROVIDER_REJECTED_REQUEST,
+    "authentication_error": ErrorCode.PROVIDER_AUTH_FAILED,
+    "permission_error": ErrorCode.PROVIDER_AUTH_FAILED,
+}
+
+
+def stream_error(provider: str, body: object) -> GatewayError:
+    """An error the provider sent inside its event stream, after answering 200."""
+    kind, text = error_detail(body)
+    code = _STREAM_ERROR_TYPES.get(kind, ErrorCode.PROVIDER_ERROR)
+    message = f"the provider sent an error event ({kind or 'untyped'}) in its stream"
+    if code is ErrorCode.PROVIDER_REJECTED_REQUEST and text:
+        message += f": {text}"
+    return GatewayError(code, message, provider=provider)
+
+
+def transport_error(provider: str, exc: BaseException, *, started: bool) -> GatewayError:
+    """A connection-level failure (httpx2's own exceptions, which escape the SDKs mid-body)."""
+    if isinstance(exc, httpx2.ConnectTimeout):
+        return GatewayError(ErrorCode.PROVIDER_UNAVAILABLE, "timed out connecting to the provider", provider=provider)
+    if isinstance(exc, httpx2.TimeoutException):
+        return GatewayError(
+            ErrorCode.PROVIDER_TIMEOUT, "the provider sent nothing within the read timeout", provider=provider
+        )
+    if isinstance(exc, httpx2.ConnectError):
+        return GatewayError(ErrorCode.PROVIDER_UNAVAILABLE, "could not connect to the provider", provider=provider)
+    if started:
+        return GatewayError(
+            ErrorCode.PROVIDER_STREAM_TRUNCATED,
+            "the provider's connection broke in the middle of its stream",
+            provider=provider,
+        )
+    return GatewayError(
+        ErrorCode.PROVIDER_UNAVAILABLE, "the provider closed the connection without answering", provider=provider
+    )
+
+
+def truncated(provider: str) -> GatewayError:
+    return GatewayError(
+        ErrorCode.PROVIDER_STREAM_TRUNCATED,
+        "the provider's stream ended without its end marker",
+        provider=provider,
+    )
+
+
+def sdk_error(
+    provider: str,
+    exc: Exception,
+    *,
+    status_error_class: type[Exception],
+    connection_error_class: type[Exception],
+    started: bool,
+) -> GatewayError | None:
+    """Classifies an exception from a vendor SDK or from httpx2; None when it is neither (a bug)."""
+    if isinstance(exc, status_error_class):
+        response: httpx2.Response = getattr(exc, "response")  # noqa: B009 - typed per SDK
+        return status_error(provider, response.status_code, response.headers, getattr(exc, "body", None))
+    if isinstance(exc, connection_error_class):
+        # The SDKs wrap httpx2's exception; it says what happened.
+        cause = exc.__cause__
+        if isinstance(cause, httpx2.HTTPError):
+            return transport_error(provider, cause, started=started)
+        name = type(exc).__name__
+        code = ErrorCode.PROVIDER_TIMEOUT if "Timeout" in name else ErrorCode.PROVIDER_UNAVAILABLE
+        return GatewayError(code, "could not reach the provider", provider=provider)
+    if isinstance(exc, httpx2.TransportError):
+        return transport_error(provider, exc, started=started)
+    return None
+
+
+class StreamParser(Protocol):
+    """Turns one vendor's events into neutral events, appending them to `out`."""
+
+    out: list[ProviderEvent]
+    # Set once the vendor's end marker arrived: nothing after it matters.
+    done: bool
+
+    def handle(self, name: bytes, data: bytes) -> None: ...
+
+    def finish(self) -> Finished:
+        """The terminal event once the body ended; raises when the end marker never came."""
+        ...
+
+
+class HTTPProvider(Provider):
+    """A provider reached over HTTP through its vendor's SDK, streaming server-sent events."""
+
+    # The SDK's exception classes for an HTTP error status and for a failed connection.
+    status_error_class: ClassVar[type[Exception]]
+    connection_error_class: ClassVar[type[Exception]]
+
+    @abc.abstractmethod
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
+        """Sends the request; entering yields the SDK's raw response (with `.http_response`)."""
+
+    @abc.abstractmethod
+    def _parser(self, request: GenerationRequest) -> StreamParser: ...
+
+    def stream(self, request: GenerationRequest) -> EventStream:
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> EventStream:
+        parser = self._parser(request)
+        out = parser.out
+        started = False
+        try:
+            async with self._send(request) as response:
+                async with contextlib.aclosing(events(response.http_response, self.kind)) as body:
+                    async for name, data in body:
+                        started = True
+                        try:
+                            parser.handle(name, data)
+                        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+                            raise GatewayError(
+                                ErrorCode.PROVIDER_PROTOCOL_ERROR,
+                                "the provider sent an event of an unexpected shape",
+                                provider=self.kind,
+                            ) from None
+                        if out:
+                            for event in out:
+                                yield event
+                            out.clear()
+                        if parser.done:
+                            await drain(body)
+                            break
+                finished = parser.finish()
+            yield finished
+        except GatewayError:
+            raise
+        except Exception as exc:
+            err = sdk_error(
+                self.kind,
+                exc,
+                status_error_class=self.status_error_class,
+                connection_error_class=self.connection_error_class,
+                started=started,
+            )
+            if err is None:
+                raise
+            raise err from None
