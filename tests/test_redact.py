@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from service.__main__ import configure_logging
-from service.errors import ErrorCode, GatewayError, describe_exception, redact
+from service.errors import ErrorCode, GatewayError, describe_exception, redact, register_secret
 from service.wire import error_event, status_metadata
 
 FAKE_KEY = "sk-proj-FAKE0000000000000000"  # shaped like a provider key; not a real one
@@ -68,3 +68,12 @@ def test_tracebacks_and_log_lines_are_redacted(capsys: pytest.CaptureFixture[str
         root.setLevel(level)
     err = capsys.readouterr().err
     assert "request failed" in err and FAKE_KEY not in err
+
+
+def test_a_registered_secret_is_removed_whatever_its_shape() -> None:
+    value = "plainword" + "7Q2x9Zk4"  # no credential shape: only its exact value can find it
+    assert value in redact(f"upstream said: {value}")
+    register_secret(value)
+    assert redact(f"upstream said: {value}; again {value}") == "upstream said: [redacted]; again [redacted]"
+    register_secret("short")  # too short to redact without mangling ordinary words
+    assert redact("a short note") == "a short note"

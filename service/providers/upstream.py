@@ -110,7 +110,8 @@ def loads(data: bytes, provider: str) -> dict[str, Any]:
 async def events(response: httpx2.Response, provider: str) -> AsyncGenerator[SSEEvent, None]:
     """The response body's server-sent events, as they arrive."""
     decoder = SSEDecoder()
-    async for chunk in response.aiter_raw():
+    # Decoded bytes: a proxy may compress the stream, although the vendors do not.
+    async for chunk in response.aiter_bytes():
         try:
             batch = decoder.feed(chunk)
         except SSEError:
