@@ -39,6 +39,8 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Library warnings (an SDK's deprecation notice) go through the same redacting handler.
+    logging.captureWarnings(True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,19 @@ def test_python_example(default_address: str) -> None:
     assert "length after 20 tokens" in out.stdout
 
 
-@pytest.mark.parametrize("command", [*commands("make run"), *commands("TOKENWIRE_LISTEN=")])
+# Stand-ins for the keys the README's provider recipe exports: the server checks they are set.
+PROVIDER_KEYS = dict.fromkeys(("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY"), "readme-test-key-0")
+
+
+def test_the_provider_example_file_holds_the_readmes_routes() -> None:
+    (block,) = blocks("toml")
+    example = tomllib.loads((ROOT / "config" / "providers.example.toml").read_text())
+    assert tomllib.loads(block)["routes"].items() <= example["routes"].items()
+
+
+@pytest.mark.parametrize(
+    "command", [*commands("make run"), *commands("TOKENWIRE_LISTEN="), *commands("python -m service --config")]
+)
 def test_server_recipes_serve_until_sigterm(command: str, tmp_path: Path) -> None:
     # Port 0 instead of a fixed port, so a test never fights another server for it.
     command = re.sub(r"(127\.0\.0\.1|localhost):\d+", "127.0.0.1:0", command)
@@ -102,7 +115,7 @@ def test_server_recipes_serve_until_sigterm(command: str, tmp_path: Path) -> Non
             shell=True,
             cwd=ROOT,
             stderr=err,
-            env=shell_env(),
+            env=shell_env(**PROVIDER_KEYS),
             start_new_session=True,
         )
     try:

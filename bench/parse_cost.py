@@ -1,0 +1,176 @@
+"""Parse cost: CPU per chunk of each adapter's stream path, against the SDK's own stream iterator.
+
+The bodies are the fake providers' exact bytes (fetched once from `tests/fakes` over loopback),
+then replayed from memory through an in-process httpx2 transport, one SSE event per body chunk
+as a provider delivers them, so that only client-side work is measured. For each vendor:
+
+- `parse only`: the SSE decoder and the event parser over the body chunks, nothing else;
+- `adapter`: the provider adapter's whole stream — SDK request building, httpx2 body iteration,
+  decoding, parsing, neutral events — as tokenwire runs it;
+- `SDK iterator`: the same request through the SDK's default `stream=True` iterator, which builds
+  a model object per chunk (what the adapters avoid).
+
+    .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
+
+Prints microseconds of CPU per chunk (median of the repeats). Talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from fakes import FakeAnthropic, FakeOpenAI, StreamReply
+
+from service.config import build_routes
+from service.events import ChatMessage, GenerationRequest, Role
+from service.providers import create_provider
+from service.providers.anthropic import AnthropicProvider, EventParser
+from service.providers.openai import ChunkParser, OpenAIProvider
+from service.providers.sse import SSEDecoder
+
+KEY = "bench-parse-cost-key"
+MESSAGES: Any = [{"role": "user", "content": "Tell me about streaming."}]
+
+
+async def fetch_body(vendor: str, chunks: int) -> bytes:
+    """One whole streamed response, byte-exact, from the fake provider."""
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    fake_type = FakeOpenAI if vendor == "openai" else FakeAnthropic
+    async with fake_type(api_key=KEY) as fake, httpx2.AsyncClient() as http:
+        fake.enqueue(reply)
+        if vendor == "openai":
+            url, headers = f"{fake.base_url}/chat/completions", {"authorization": f"Bearer {KEY}"}
+            body: dict[str, Any] = {"model": "m", "messages": MESSAGES, "stream": True}
+            body["stream_options"] = {"include_usage": True}
+        else:
+            url, headers = f"{fake.base_url}/v1/messages", {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+            body = {"model": "m", "messages": MESSAGES, "max_tokens": 10_000, "stream": True}
+        response = await http.post(url, json=body, headers=headers)
+        response.raise_for_status()
+        return response.content
+
+
+def split_events(body: bytes) -> list[bytes]:
+    """The body as a provider delivers it: one SSE event per read."""
+    return [event + b"\n\n" for event in body.split(b"\n\n") if event]
+
+
+def replaying_client(pieces: list[bytes]) -> httpx2.AsyncClient:
+    async def handler(request: httpx2.Request) -> httpx2.Response:
+        await request.aread()
+
+        async def stream() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
+
+    return httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+
+
+def generation_request() -> GenerationRequest:
+    return GenerationRequest(
+        stream_id="bench", route="r", upstream_model="m", messages=(ChatMessage(Role.USER, "Tell me about streaming."),)
+    )
+
+
+async def cpu_per_chunk(run: Callable[[], Awaitable[int]], repeat: int) -> float:
+    await run()  # warm up: imports, caches, first-request costs
+    samples = []
+    for _ in range(repeat):
+        started = time.process_time()
+        chunks = await run()
+        samples.append((time.process_time() - started) / chunks * 1e6)
+    return statistics.median(samples)
+
+
+async def measure(vendor: str, chunks: int, repeat: int) -> dict[str, float]:
+    pieces = split_events(await fetch_body(vendor, chunks))
+    http = replaying_client(pieces)
+    os.environ["BENCH_PARSE_KEY"] = KEY
+    options = {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "BENCH_PARSE_KEY"}
+    route = build_routes({"r": {"provider": vendor, "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    results: dict[str, float] = {}
+
+    def parse_only() -> int:
+        decoder = SSEDecoder()
+        parser = ChunkParser(vendor) if vendor == "openai" else EventParser(vendor)
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def parse_only_async() -> int:
+        return parse_only()
+
+    async def adapter() -> int:
+        count = 0
+        async for _ in provider.stream(generation_request()):
+            count += 1
+        return len(pieces)
+
+    results["parse only"] = await cpu_per_chunk(parse_only_async, repeat)
+    if vendor == "openai":
+        assert isinstance(provider, OpenAIProvider)
+        await provider.client.close()
+        provider.client = openai.AsyncOpenAI(api_key=KEY, base_url="http://fake/v1", max_retries=0, http_client=http)
+        sdk_openai = provider.client
+
+        async def sdk_iterator() -> int:
+            stream = await sdk_openai.chat.completions.create(
+                model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+            async for _ in stream:
+                pass
+            return len(pieces)
+
+    else:
+        assert isinstance(provider, AnthropicProvider)
+        await provider.client.close()
+        provider.client = anthropic.AsyncAnthropic(api_key=KEY, base_url="http://fake", max_retries=0, http_client=http)
+        sdk_anthropic = provider.client
+
+        async def sdk_iterator() -> int:
+            stream = await sdk_anthropic.messages.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000, stream=True
+            )
+            async for _ in stream:
+                pass
+            return len(pieces)
+
+    results["adapter"] = await cpu_per_chunk(adapter, repeat)
+    results["SDK iterator"] = await cpu_per_chunk(sdk_iterator, repeat)
+    await provider.aclose()
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
+    parser.add_argument("--repeat", type=int, default=5, help="measured responses per path (default 5)")
+    args = parser.parse_args()
+    print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
+    print(f"{'vendor':<10} {'parse only':>11} {'adapter':>9} {'SDK iterator':>13}")
+    for vendor in ("openai", "anthropic"):
+        r = await measure(vendor, args.chunks, args.repeat)
+        print(f"{vendor:<10} {r['parse only']:>11.1f} {r['adapter']:>9.1f} {r['SDK iterator']:>13.1f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,166 @@
+"""A fake OpenAI (and Azure OpenAI) Chat Completions endpoint speaking the exact streaming wire format."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .replies import Reply, StreamReply, Usage
+from .server import FakeServer, Frame, RenderedStream, RequestContext, random_id
+
+DEFAULT_API_KEY = "test-openai-key-0001"
+FALLBACK_MODEL = "gpt-4o-mini"
+_AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/chat/completions$")
+# (type, code) that api.openai.com sends for a status.
+_NATURAL: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", None),
+    404: ("invalid_request_error", None),
+    429: ("requests", "rate_limit_exceeded"),
+}
+
+
+def natural_error(status: int) -> tuple[str, str | None]:
+    if status in _NATURAL:
+        return _NATURAL[status]
+    return ("server_error", None) if status >= 500 else ("invalid_request_error", None)
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
+    }
+
+
+def finish_reason(reply: StreamReply) -> str:
+    if reply.finish is not None:
+        return reply.finish
+    return "tool_calls" if reply.tool_calls else "stop"
+
+
+class FakeOpenAI(FakeServer):
+    """`POST /v1/chat/completions` and Azure's `POST /openai/deployments/{deployment}/chat/completions`.
+
+    Point `openai.AsyncOpenAI(base_url=fake.base_url)` or
+    `openai.AsyncAzureOpenAI(azure_endpoint=fake.azure_endpoint, api_version=...)` at it.
+    """
+
+    request_id_header = "x-request-id"
+
+    def __init__(self, api_key: str = DEFAULT_API_KEY, *, default: Reply | None = None) -> None:
+        super().__init__(api_key, default=default)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/v1"
+
+    @property
+    def azure_endpoint(self) -> str:
+        return self.origin
+
+    def _route(self, method: str, path: str) -> dict[str, str] | None:
+        if method != "POST":
+            return None
+        if path == "/v1/chat/completions":
+            return {}
+        match = _AZURE_ROUTE.match(path)
+        return {"deployment": match.group(1)} if match else None
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() == self.api_key:
+            return True
+        return headers.get("api-key") == self.api_key
+
+    def _new_request_id(self) -> str:
+        return f"req_{secrets.token_hex(16)}"
+
+    def _unauthorized_message(self) -> str:
+        return "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys."
+
+    def _not_found_message(self, method: str, path: str) -> str:
+        return f"Invalid URL ({method} {path})"
+
+    def _error_body(self, status: int, error_type: str, message: str, request_id: str) -> bytes:
+        natural_type, code = natural_error(status)
+        error = {"message": message, "type": error_type or natural_type, "param": None, "code": code}
+        return orjson.dumps({"error": error})
+
+    def _model(self, reply: StreamReply, ctx: RequestContext) -> str:
+        if reply.model:
+            return reply.model
+        model = ctx.body.get("model")
+        if isinstance(model, str) and model:
+            return model
+        return ctx.params.get("deployment") or FALLBACK_MODEL
+
+    def _render_stream(self, reply: StreamReply, ctx: RequestContext) -> RenderedStream:
+        options = ctx.body.get("stream_options")
+        include_usage = reply.usage is not None and isinstance(options, dict) and options.get("include_usage") is True
+        base: dict[str, Any] = {
+            "id": f"chatcmpl-{random_id(29)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self._model(reply, ctx),
+            "system_fingerprint": f"fp_{secrets.token_hex(5)}",
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            obj = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if include_usage:
+                obj["usage"] = None
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+        frames = [Frame(chunk({"role": "assistant", "content": "", "refusal": None}))]
+        frames += [Frame(chunk({"reasoning_content": piece}), delta=True) for piece in reply.reasoning]
+        frames += [Frame(chunk({"content": piece}), delta=True) for piece in reply.text]
+        for i, call in enumerate(reply.tool_calls):
+            start = {"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            frames.append(Frame(chunk({"tool_calls": [start]})))
+            frames += [
+                Frame(chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}), delta=True)
+                for piece in call.arguments
+            ]
+        frames.append(Frame(chunk({}, finish_reason(reply)), finish=True))
+        if include_usage and reply.usage is not None:
+            usage_chunk = {**base, "choices": [], "usage": usage_object(reply.usage)}
+            frames.append(Frame(b"data: " + orjson.dumps(usage_chunk) + b"\n\n", finish=True))
+        frames.append(Frame(b"data: [DONE]\n\n", finish=True))
+        error = {"error": {"message": reply.error_message, "type": reply.error_type or "server_error", "code": None}}
+        return RenderedStream(
+            frames=frames,
+            error_frame=b"data: " + orjson.dumps(error) + b"\n\n",
+            malformed_frame=b'data: {"choices": [\n\n',
+        )
+
+    def _render_message(self, reply: StreamReply, ctx: RequestContext) -> bytes:
+        text = "".join(reply.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+        if reply.reasoning:
+            message["reasoning_content"] = "".join(reply.reasoning)
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": "".join(c.arguments)}}
+                for c in reply.tool_calls
+            ]
+        obj: dict[str, Any] = {
+            "id": f"chatcmpl-{random_id(29)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self._model(reply, ctx),
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(reply)}],
+            "system_fingerprint": f"fp_{secrets.token_hex(5)}",
+        }
+        if reply.usage is not None:
+            obj["usage"] = usage_object(reply.usage)
+        return orjson.dumps(obj)
