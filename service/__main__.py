@@ -41,6 +41,10 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # Library warnings (an SDK's deprecation notice) go through the same redacting handler.
     logging.captureWarnings(True)
+    # The HTTP client logs a line per upstream request at INFO; the stream's own line says more.
+    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    for name in ("httpx2", "httpcore2", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,3 +30,9 @@ def test_shutdown_probe_runs_and_reports() -> None:
     assert re.search(r"short stream: ended [\d.]+ s after SIGTERM with finish, status OK", report)
     assert re.search(r"long stream: ended [\d.]+ s after SIGTERM with error, status UNAVAILABLE", report)
     assert re.search(r"process: exited 0, [\d.]+ s after SIGTERM", report)
+
+
+def test_parse_cost_probe_measures_both_vendors_and_the_sdk_iterators() -> None:
+    report = run_probe("parse_cost.py", "--chunks", "200", "--repeat", "1")
+    for vendor in ("openai", "anthropic"):
+        assert re.search(rf"^{vendor} +[\d.]+ +[\d.]+ +[\d.]+$", report, flags=re.MULTILINE), report
