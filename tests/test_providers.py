@@ -16,6 +16,9 @@ import pytest
 from fakes import FakeAnthropic, FakeOpenAI, ResetReply, StatusReply, StreamReply, ToolCallScript, Usage
 
 from conftest import ROOT, ErrorInfo, RetryInfo, Running, assert_well_formed, collect, detail, request, rich_status
+from service.config import build_routes
+from service.providers import create_provider
+from service.providers.anthropic import AnthropicProvider
 from tokenwire.v1 import generation_pb2 as pb
 
 VENDORS = ("openai", "anthropic")
@@ -598,3 +601,36 @@ async def test_the_readmes_provider_routes_stream_from_the_fakes(
         assert_well_formed(messages)
         providers[name] = messages[0].start.provider
     assert providers == {name: route["provider"] for name, route in routes.items()}
+
+
+async def test_a_route_at_its_connection_limit_says_the_server_is_overloaded(
+    start_server: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(OPENAI_KEY_ENV, fake_openai.api_key)
+    options = {"base_url": fake_openai.base_url, "api_key_env": OPENAI_KEY_ENV}
+    limited = {"provider": "openai", "model": "m", "max_retries": 0}
+    routes = {"one-connection": limited | {"options": options | {"max_connections": 1, "connect_timeout_seconds": 0.3}}}
+    running = await start_server(routes=routes)
+    fake_openai.enqueue(StreamReply(text=[f"t{i}" for i in range(100)], interval=0.01))
+    first = running.stub.Generate(request(model="one-connection"))
+    await fake_openai.wait_requests(1)
+    messages, code, trailing = await collect(running.stub.Generate(request(model="one-connection")))
+    assert messages == [] and code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert detail(rich_status(trailing), ErrorInfo).reason == "SERVER_OVERLOADED"
+    assert detail(rich_status(trailing), RetryInfo).retry_delay.seconds == 1
+    first_messages, first_code, _ = await collect(first)
+    assert first_code == grpc.StatusCode.OK and len(first_messages) == 102
+
+
+async def test_closing_a_provider_closes_its_http_client(
+    fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ANTHROPIC_KEY_ENV, fake_anthropic.api_key)
+    options = {"base_url": fake_anthropic.base_url, "api_key_env": ANTHROPIC_KEY_ENV}
+    provider = create_provider(
+        build_routes({"r": {"provider": "anthropic", "model": "m", "options": options}}, "t")["r"]
+    )
+    assert isinstance(provider, AnthropicProvider)
+    http = provider.client._client
+    await provider.aclose()
+    assert http.is_closed

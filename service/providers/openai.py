@@ -242,6 +242,7 @@ class OpenAIProvider(HTTPProvider):
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=s.read_timeout,
+            http_client=openai.DefaultAsyncHttpxClient(limits=s.limits),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
@@ -289,4 +290,5 @@ class AzureOpenAIProvider(OpenAIProvider):
             api_version=self.api_version,
             max_retries=0,
             timeout=s.read_timeout,
+            http_client=openai.DefaultAsyncHttpxClient(limits=s.limits),
         )

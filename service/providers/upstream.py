@@ -44,6 +44,9 @@ class HTTPSettings:
     api_key: str
     connect_timeout: float
     read_timeout: float
+    # Connections to the provider open at once, all kept alive for reuse: a stream holds one
+    # for its whole life, so this bounds the route's concurrent streams.
+    max_connections: int
 
     @staticmethod
     def read(
@@ -77,7 +80,12 @@ class HTTPSettings:
             api_key=api_key,
             connect_timeout=options.number("connect_timeout_seconds", 10.0, minimum=0.1, maximum=600.0),
             read_timeout=options.number("read_timeout_seconds", 120.0, minimum=0.1, maximum=3600.0),
+            max_connections=options.number("max_connections", 1000, minimum=1, maximum=100_000),
         )
+
+    @property
+    def limits(self) -> httpx2.Limits:
+        return httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
 
     def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
         """The route's timeouts, never longer than what is left of the caller's deadline.
@@ -244,6 +252,14 @@ def stream_error(provider: str, body: object) -> GatewayError:
 
 def transport_error(provider: str, exc: BaseException, *, started: bool) -> GatewayError:
     """A connection-level failure (httpx2's own exceptions, which escape the SDKs mid-body)."""
+    if isinstance(exc, httpx2.PoolTimeout):
+        # Our own limit, not the provider's: every connection of the route is streaming.
+        return GatewayError(
+            ErrorCode.SERVER_OVERLOADED,
+            "every connection to this route's provider is busy (options.max_connections); retry",
+            retry_after=1.0,
+            provider=provider,
+        )
     if isinstance(exc, httpx2.ConnectTimeout):
         return GatewayError(ErrorCode.PROVIDER_UNAVAILABLE, "timed out connecting to the provider", provider=provider)
     if isinstance(exc, httpx2.TimeoutException):
