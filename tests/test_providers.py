@@ -509,6 +509,8 @@ async def test_no_fallback_after_the_first_delta(
         ("anthropic", "malformed", pb.ERROR_CODE_PROVIDER_PROTOCOL_ERROR),
         ("openai", "malformed", pb.ERROR_CODE_PROVIDER_PROTOCOL_ERROR),
         ("anthropic", "stall", pb.ERROR_CODE_PROVIDER_TIMEOUT),
+        ("openai", "stall", pb.ERROR_CODE_PROVIDER_TIMEOUT),
+        ("anthropic", "truncated_chunk", pb.ERROR_CODE_PROVIDER_STREAM_TRUNCATED),
     ],
 )
 async def test_mid_stream_faults_end_in_a_terminal_error(
