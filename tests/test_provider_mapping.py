@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from service.config import ConfigError, build_routes
+from service.errors import ErrorCode, GatewayError
 from service.events import (
     ChatMessage,
     GenerationRequest,
@@ -212,3 +213,42 @@ async def test_a_local_server_needs_no_key() -> None:
     provider = create_provider(routes("openai-compatible", base_url="http://127.0.0.1:9/v1"))
     assert provider.kind == "openai-compatible"
     await provider.aclose()
+
+
+@pytest.mark.parametrize(
+    ("max_output", "budget", "sent_max", "sent_budget"),
+    [
+        (None, 100, 4096 + 1024, 1024),  # below Anthropic's minimum budget: raised to it
+        (3000, 2048, 3000, 2048),
+        (1500, 2048, 1500, 1499),  # the budget must stay below max_tokens
+    ],
+)
+def test_anthropic_thinking_budget_fits_max_tokens(
+    max_output: int | None, budget: int, sent_max: int, sent_budget: int
+) -> None:
+    body = anthropic_adapter.request_body(
+        request(max_output_tokens=max_output, reasoning_budget_tokens=budget),
+        default_max_tokens=4096,
+        reasoning_mode="budget",
+    )
+    assert (body["max_tokens"], body["thinking"]["budget_tokens"]) == (sent_max, sent_budget)
+
+
+def test_anthropic_reasoning_with_too_few_max_tokens_is_the_callers_to_fix() -> None:
+    with pytest.raises(GatewayError) as caught:
+        anthropic_adapter.request_body(
+            request(max_output_tokens=512, reasoning_effort=ReasoningEffort.LOW),
+            default_max_tokens=4096,
+            reasoning_mode="budget",
+        )
+    assert caught.value.code is ErrorCode.INVALID_REQUEST and caught.value.field_violations[0][0] == "max_output_tokens"
+
+
+def test_anthropic_drops_reasoning_without_a_signature() -> None:
+    messages = (
+        ChatMessage(Role.USER, "Hi"),
+        ChatMessage(Role.ASSISTANT, "Hello", reasoning=(ReasoningBlock("from another provider", ""),)),
+        ChatMessage(Role.USER, "Again"),
+    )
+    body = anthropic_adapter.request_body(request(messages=messages), default_max_tokens=10, reasoning_mode="budget")
+    assert body["messages"][1]["content"] == [{"type": "text", "text": "Hello"}]

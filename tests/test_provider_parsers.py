@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx2
+import openai
 import orjson
 import pytest
 
@@ -9,6 +11,7 @@ from service.errors import ErrorCode, GatewayError
 from service.events import FinishReason, ReasoningDelta, TextDelta, ToolCallDelta
 from service.providers.anthropic import EventParser
 from service.providers.openai import ChunkParser
+from service.providers.upstream import sdk_error
 
 
 def chunk(delta: dict[str, object] | None = None, finish: str | None = None, **extra: object) -> bytes:
@@ -113,3 +116,32 @@ def test_openai_tool_call_with_a_bad_index_is_refused() -> None:
     parser = ChunkParser("openai")
     with pytest.raises(TypeError):
         parser.handle(b"", chunk({"tool_calls": [{"index": "zero", "function": {"arguments": "{}"}}]}))
+
+
+def test_openai_done_without_a_finish_reason_is_truncated_not_finished() -> None:
+    # What a proxy that cuts a stream short may send: [DONE] after a partial answer.
+    parser = ChunkParser("openai")
+    parser.handle(b"", chunk({"content": "The answer is"}))
+    parser.handle(b"", b"[DONE]")
+    with pytest.raises(GatewayError) as caught:
+        parser.finish()
+    assert caught.value.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
+
+
+def test_anthropic_tool_call_without_input_gets_an_empty_object() -> None:
+    parser = EventParser("anthropic")
+    parser.handle(*event("content_block_start", index=0, content_block={"type": "tool_use", "id": "t", "name": "now"}))
+    parser.handle(*event("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": ""}))
+    parser.handle(*event("content_block_stop", index=0))
+    assert parser.out == [ToolCallDelta(index=0, id="t", name="now"), ToolCallDelta(index=0, arguments="{}")]
+
+
+def test_a_body_that_does_not_decode_is_a_protocol_error() -> None:
+    err = sdk_error(
+        "openai",
+        httpx2.DecodingError("bad gzip"),
+        status_error_class=openai.APIStatusError,
+        connection_error_class=openai.APIConnectionError,
+        started=True,
+    )
+    assert err is not None and err.code is ErrorCode.PROVIDER_PROTOCOL_ERROR

@@ -73,3 +73,10 @@ def test_any_split_of_the_body_gives_the_same_events(cuts: list[int]) -> None:
             rest = rest[cut:]
         chunks.append(rest)
         assert decode_all(chunks) == decode_all([body])
+
+
+def test_a_large_event_in_many_small_chunks() -> None:
+    payload = b"x" * 300_000
+    body = b"data: " + payload + b"\r\n\r\ndata: next\r\n\r\n"
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    assert decode_all(chunks) == [(b"", payload), (b"", b"next")]

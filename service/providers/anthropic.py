@@ -16,6 +16,7 @@ import anthropic
 import orjson
 
 from service.config import RouteConfig
+from service.errors import invalid_request
 from service.events import (
     ChatMessage,
     Finished,
@@ -43,6 +44,8 @@ _STOP_REASONS = {
 }
 # Thinking budgets for an effort, on routes in "budget" reasoning mode.
 _EFFORT_BUDGETS = {ReasoningEffort.LOW: 2048, ReasoningEffort.MEDIUM: 8192, ReasoningEffort.HIGH: 24576}
+# The smallest thinking budget Anthropic accepts; smaller ones are raised to it.
+_MIN_BUDGET = 1024
 
 
 def _content(message: ChatMessage) -> list[dict[str, Any]]:
@@ -51,8 +54,9 @@ def _content(message: ChatMessage) -> list[dict[str, Any]]:
         if message.text:
             block["content"] = message.text
         return [block]
+    # Reasoning without a signature (from another provider) cannot be verified: it is not sent.
     blocks: list[dict[str, Any]] = [
-        {"type": "thinking", "thinking": r.text, "signature": r.signature} for r in message.reasoning
+        {"type": "thinking", "thinking": r.text, "signature": r.signature} for r in message.reasoning if r.signature
     ]
     if message.text:
         blocks.append({"type": "text", "text": message.text})
@@ -88,15 +92,24 @@ def request_body(request: GenerationRequest, *, default_max_tokens: int, reasoni
         body["system"] = system
     budget = request.reasoning_budget_tokens
     effort = request.reasoning_effort
+    max_tokens = request.max_output_tokens
     if reasoning_mode == "adaptive" and budget is None and effort is not None:
         body["thinking"] = {"type": "adaptive"}
         body["output_config"] = {"effort": effort.value}
     elif budget is not None or effort is not None:
-        budget = budget if budget is not None else _EFFORT_BUDGETS[effort or ReasoningEffort.MEDIUM]
+        budget = max(budget if budget is not None else _EFFORT_BUDGETS[effort or ReasoningEffort.MEDIUM], _MIN_BUDGET)
+        if max_tokens is not None and budget >= max_tokens:
+            # Thinking counts against max_tokens, and its budget must stay below it.
+            if max_tokens <= _MIN_BUDGET:
+                raise invalid_request(
+                    "max_output_tokens",
+                    f"must be above {_MIN_BUDGET} when reasoning is on: Anthropic's thinking needs at least "
+                    f"{_MIN_BUDGET} tokens of it",
+                )
+            budget = max_tokens - 1
         body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-    max_tokens = request.max_output_tokens
     if max_tokens is None:
-        # Thinking counts against max_tokens: leave the answer its usual room on top.
+        # Leave the answer its usual room on top of the thinking.
         max_tokens = default_max_tokens + (budget or 0)
     body["max_tokens"] = max_tokens
     if request.temperature is not None:
@@ -140,6 +153,7 @@ class EventParser:
         "stop_reason",
         "stop_sequence",
         "tool_indexes",
+        "tools_without_arguments",
         "usage",
     )
 
@@ -149,6 +163,8 @@ class EventParser:
         self.done = False
         # Content block index -> the tool call's position among this response's tool calls.
         self.tool_indexes: dict[int, int] = {}
+        # Tool calls (by content block index) that have streamed no argument text yet.
+        self.tools_without_arguments: set[int] = set()
         self.start_usage: dict[str, Any] = {}
         self.usage: dict[str, Any] | None = None
         self.stop_reason: str | None = None
@@ -161,6 +177,13 @@ class EventParser:
             self._delta(event["index"], event["delta"])
         elif kind == "content_block_start":
             self._block_start(event["index"], event["content_block"])
+        elif kind == "content_block_stop":
+            index = event["index"]
+            if index in self.tools_without_arguments:
+                # A call of a tool without parameters streams no input at all; the contract's
+                # arguments are always a JSON object.
+                self.tools_without_arguments.discard(index)
+                self.out.append(ToolCallDelta(index=self.tool_indexes[index], arguments="{}"))
         elif kind == "message_delta":
             delta = event.get("delta") or {}
             self.stop_reason = delta.get("stop_reason") or self.stop_reason
@@ -186,6 +209,7 @@ class EventParser:
         elif kind == "input_json_delta":
             piece = delta["partial_json"]
             if piece:
+                self.tools_without_arguments.discard(index)
                 self.out.append(ToolCallDelta(index=self.tool_indexes[index], arguments=_text(piece)))
         elif kind == "thinking_delta":
             thinking = delta["thinking"]
@@ -198,6 +222,7 @@ class EventParser:
         kind = block["type"]
         if kind == "tool_use":
             position = self.tool_indexes[index] = len(self.tool_indexes)
+            self.tools_without_arguments.add(index)
             self.out.append(ToolCallDelta(index=position, id=_text(block["id"]), name=_text(block["name"])))
         elif kind == "text" and block.get("text"):
             self.out.append(TextDelta(_text(block["text"])))

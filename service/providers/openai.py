@@ -35,7 +35,6 @@ _FINISH_REASONS = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
     "tool_calls": FinishReason.TOOL_CALLS,
-    "function_call": FinishReason.TOOL_CALLS,
     "content_filter": FinishReason.CONTENT_FILTER,
 }
 _MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
@@ -192,17 +191,21 @@ class ChunkParser:
                         out.append(piece)
         reason = choice.get("finish_reason")
         if reason:
+            if not isinstance(reason, str):
+                raise TypeError("finish_reason")
             self.finish_reason = reason
 
     def finish(self) -> Finished:
         raw = self.finish_reason
-        if raw is None and not self.done:
+        # The finish_reason is what says the answer is complete: some compatible servers end
+        # the body after it without [DONE], and a proxy that cuts a stream may still write
+        # [DONE] — an answer with no finish_reason was cut short either way.
+        if raw is None:
             raise truncated(self.kind)
-        # [DONE] is the end marker, and some compatible servers end after finish_reason without it.
-        reason = _FINISH_REASONS.get(raw or "", FinishReason.OTHER)
+        reason = _FINISH_REASONS.get(raw, FinishReason.OTHER)
         if self.refused and reason is FinishReason.STOP:
             reason = FinishReason.REFUSAL
-        return Finished(reason=reason, raw_reason=raw or "", usage=self.usage)
+        return Finished(reason=reason, raw_reason=raw, usage=self.usage)
 
 
 class OpenAIProvider(HTTPProvider):

@@ -5,7 +5,7 @@ the whole relay budget. Adapters instead feed the raw body bytes through this de
 each event's data with a fast JSON parser. It follows the parts of the SSE specification that
 LLM APIs use: events end at a blank line, `data:` lines join with a newline, `event:` names the
 event, comment lines (`:`) and `id:`/`retry:` fields are ignored, and LF, CRLF and CR all end a
-line.
+line. Each byte is examined a bounded number of times, however the events are split into chunks.
 """
 
 from __future__ import annotations
@@ -23,43 +23,80 @@ class SSEError(Exception):
 class SSEDecoder:
     """Feed it body chunks as they arrive; it returns the events each chunk completed."""
 
-    __slots__ = ("_buffer", "max_event_bytes")
+    __slots__ = ("_buffer", "_held_cr", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = b""
+        # The start of an event whose blank line has not arrived yet, line ends already LF.
+        self._buffer = bytearray()
+        # A CR that ended the previous chunk: half of a CRLF, or a line end of its own.
+        self._held_cr = False
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        held = b""
-        if b"\r" in buffer:
-            # A CR at the very end may be the first half of a CRLF split across two chunks:
-            # keep it back, or "\r" + "\n\n" would read as two line ends, i.e. a blank line.
-            if buffer.endswith(b"\r"):
-                buffer, held = buffer[:-1], b"\r"
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        events: list[SSEEvent] = []
-        start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
-            block = buffer[start:end]
-            start = end + 2
-            # The shape nearly every LLM chunk has: one `data: ` line and nothing else.
-            if block.startswith(b"data: ") and b"\n" not in block:
-                events.append((b"", block[6:]))
-            elif block:
-                event = _parse_block(block)
-                if event is not None:
-                    events.append(event)
-        rest = buffer[start:] + held if start else buffer + held
-        if len(rest) > self.max_event_bytes:
-            raise SSEError(f"an event exceeds {self.max_event_bytes} bytes")
-        self._buffer = rest
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if b"\r" in chunk:
+            # Keep a trailing CR back: with the next chunk's LF it is one line end, not two.
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                self._held_cr = True
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer
+        if not buffer:
+            # The usual case: the chunk starts at an event boundary.
+            end = chunk.find(b"\n\n")
+            if end < 0:
+                self._keep(chunk)
+                return []
+            events: list[SSEEvent] = []
+            start = _split(chunk, 0, end, events)
+            if start < len(chunk):
+                self._keep(chunk[start:])
+            return events
+        # A blank line may straddle the old bytes and the new: search from the last old byte.
+        search_from = len(buffer) - 1
+        buffer += chunk
+        end = buffer.find(b"\n\n", search_from)
+        if end < 0:
+            self._check_size()
+            return []
+        data = bytes(buffer)
+        events = []
+        start = _split(data, 0, end, events)
+        del buffer[:start]
+        self._check_size()
         return events
+
+    def _keep(self, rest: bytes) -> None:
+        self._buffer += rest
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if len(self._buffer) > self.max_event_bytes:
+            raise SSEError(f"an event exceeds {self.max_event_bytes} bytes")
 
     @property
     def pending(self) -> bool:
         """Whether bytes of an unfinished event are buffered (the body stopped mid-event)."""
         return bool(self._buffer.strip())
+
+
+def _split(data: bytes, start: int, end: int, events: list[SSEEvent]) -> int:
+    """Appends the complete events of `data` from `start`, whose first blank line is at `end`;
+    returns where the unfinished rest begins."""
+    while end >= 0:
+        block = data[start:end]
+        start = end + 2
+        # The shape nearly every LLM chunk has: one `data: ` line and nothing else.
+        if block.startswith(b"data: ") and b"\n" not in block:
+            events.append((b"", block[6:]))
+        elif block:
+            event = _parse_block(block)
+            if event is not None:
+                events.append(event)
+        end = data.find(b"\n\n", start)
+    return start
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:

@@ -32,8 +32,9 @@ from service.providers.sse import SSEDecoder, SSEError, SSEEvent
 
 # Longest provider-supplied error text passed on to callers (after redaction).
 _MAX_PROVIDER_MESSAGE = 300
-# After its end marker, a body gets this long to end by itself so its connection can be reused.
-_DRAIN_SECONDS = 0.5
+# After its end marker, a body gets this long to end by itself so that its connection can be
+# reused; the rest of it is almost always in hand already, and the Finish waits for this.
+_DRAIN_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,7 @@ def error_detail(body: object) -> tuple[str, str]:
     if not isinstance(body, dict):
         return "", ""
     kind = body.get("type") or body.get("code") or ""
-    return (kind if isinstance(kind, str) else ""), provider_text(body.get("message"))
+    return (kind[:64] if isinstance(kind, str) else ""), provider_text(body.get("message"))
 
 
 def status_error(provider: str, status: int, headers: Mapping[str, str] | httpx2.Headers, body: object) -> GatewayError:
@@ -309,6 +310,11 @@ def sdk_error(
         return GatewayError(code, "could not reach the provider", provider=provider)
     if isinstance(exc, httpx2.TransportError):
         return transport_error(provider, exc, started=started)
+    if isinstance(exc, httpx2.RequestError):
+        # A body that does not decode (a broken compressed stream), or a redirect loop.
+        return GatewayError(
+            ErrorCode.PROVIDER_PROTOCOL_ERROR, "the provider's response could not be read", provider=provider
+        )
     return None
 
 
