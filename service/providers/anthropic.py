@@ -32,7 +32,7 @@ from service.events import (
     Usage,
 )
 from service.providers.base import Options
-from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, truncated
+from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, token_count, truncated
 
 _STOP_REASONS = {
     "end_turn": FinishReason.STOP,
@@ -138,10 +138,6 @@ def request_body(request: GenerationRequest, *, default_max_tokens: int, reasoni
     return body
 
 
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 class EventParser:
     """Messages stream events -> neutral events."""
 
@@ -245,17 +241,17 @@ class EventParser:
             return None
         # message_delta's totals win; message_start's stand where the delta leaves a count out.
         totals = {**self.start_usage, **{k: v for k, v in (self.usage or {}).items() if v is not None}}
-        uncached = _count(totals.get("input_tokens"))
-        cache_read = _count(totals.get("cache_read_input_tokens"))
-        cache_write = _count(totals.get("cache_creation_input_tokens"))
+        uncached = token_count(totals.get("input_tokens"))
+        cache_read = token_count(totals.get("cache_read_input_tokens"))
+        cache_write = token_count(totals.get("cache_creation_input_tokens"))
         details = totals.get("output_tokens_details")
         return Usage(
             # Anthropic counts cached prompt tokens apart; the contract's input includes them.
             input_tokens=None if uncached is None else uncached + (cache_read or 0) + (cache_write or 0),
-            output_tokens=_count(totals.get("output_tokens")) if self.usage is not None else None,
+            output_tokens=token_count(totals.get("output_tokens")) if self.usage is not None else None,
             cache_read_input_tokens=cache_read,
             cache_write_input_tokens=cache_write,
-            reasoning_tokens=_count(details.get("thinking_tokens")) if isinstance(details, dict) else None,
+            reasoning_tokens=token_count(details.get("thinking_tokens")) if isinstance(details, dict) else None,
         )
 
 

@@ -29,7 +29,7 @@ from service.events import (
     Usage,
 )
 from service.providers.base import Options
-from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, truncated
+from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, token_count, truncated
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -108,18 +108,14 @@ def request_body(request: GenerationRequest, max_tokens_field: str) -> dict[str,
     return body
 
 
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
 def usage_from(raw: dict[str, Any]) -> Usage:
     prompt = raw.get("prompt_tokens_details")
     completion = raw.get("completion_tokens_details")
     return Usage(
-        input_tokens=_count(raw.get("prompt_tokens")),
-        output_tokens=_count(raw.get("completion_tokens")),
-        cache_read_input_tokens=_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
-        reasoning_tokens=_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
+        input_tokens=token_count(raw.get("prompt_tokens")),
+        output_tokens=token_count(raw.get("completion_tokens")),
+        cache_read_input_tokens=token_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+        reasoning_tokens=token_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
     )
 
 

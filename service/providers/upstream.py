@@ -145,6 +145,11 @@ async def drain(body: AsyncIterator[SSEEvent]) -> None:
         pass
 
 
+def token_count(value: object) -> int | None:
+    """A usage count as the provider sent it; None when it is missing or not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def retry_after(headers: Mapping[str, str] | httpx2.Headers) -> float | None:
     """Seconds the provider asked us to wait: `retry-after-ms`, or `retry-after` as seconds or a date."""
     value = headers.get("retry-after-ms")
