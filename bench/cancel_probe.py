@@ -5,8 +5,11 @@ wrapped to record when its stream is closed. Each cycle opens a stream, reads a 
 none: cancel before the first token), cancels, and waits for the provider's stream to close.
 
     .venv/bin/python bench/cancel_probe.py --cycles 2000
+    .venv/bin/python bench/cancel_probe.py --cycles 400 --provider openai
 
-Prints the cancel-to-close latency (p50/p99/max) and the process RSS before and after. Bounded
+With `--provider openai` or `anthropic` the route is the real adapter and SDK in front of a fake
+vendor on loopback (tests/fakes), and the latency runs to the moment that HTTP server sees its
+connection close. Prints the cancel-to-close latency (p50/p99/max) and the process RSS before and after. Bounded
 in count and time; talks to 127.0.0.1 only.
 """
 
@@ -15,12 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from fakes import FakeAnthropic, FakeOpenAI, StreamReply
 
 from service.config import Config, ServerConfig, build_routes
 from service.events import EventStream, GenerationRequest
@@ -29,6 +37,8 @@ from service.providers.simulated import SimulatedProvider
 from service.server import TokenwireServer
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+PROBE_KEY = "cancel-probe-key-0001"
 
 
 class Probe:
@@ -66,18 +76,25 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def main(cycles: int) -> None:
+async def main(cycles: int, provider: str) -> None:
     KINDS["probed"] = ProbedProvider
     streaming = {"first_token_ms": 1, "tokens_per_second": 200, "answer_tokens": 10_000}
     waiting = streaming | {"first_token_ms": 60_000}  # cancelled before its first token
-    routes = build_routes(
-        {
-            "streaming": {"provider": "probed", "model": "m", "options": streaming},
-            "waiting": {"provider": "probed", "model": "m", "options": waiting},
-        },
-        "probe",
-    )
-    config = Config(dataclasses.replace(ServerConfig(), listen="127.0.0.1:0"), routes)
+    routes = {
+        "streaming": {"provider": "probed", "model": "m", "options": streaming},
+        "waiting": {"provider": "probed", "model": "m", "options": waiting},
+    }
+    fake: FakeOpenAI | FakeAnthropic | None = None
+    if provider != "simulated":
+        # A fake vendor on loopback behind the real adapter and SDK: the latency is measured
+        # from the cancel to the moment the provider's HTTP server sees the connection close.
+        fake = await (
+            FakeOpenAI(api_key=PROBE_KEY) if provider == "openai" else FakeAnthropic(api_key=PROBE_KEY)
+        ).start()
+        os.environ["CANCEL_PROBE_KEY"] = PROBE_KEY
+        options = {"base_url": fake.base_url, "api_key_env": "CANCEL_PROBE_KEY"}
+        routes = {name: {"provider": provider, "model": "m", "options": options} for name in routes}
+    config = Config(dataclasses.replace(ServerConfig(), listen="127.0.0.1:0"), build_routes(routes, "probe"))
     server = TokenwireServer(config)
     port = await server.start()
     latencies: list[float] = []
@@ -90,23 +107,37 @@ async def main(cycles: int) -> None:
             PROBE.started.clear()
             PROBE.closed.clear()
             chunks = cycle % 4  # 0: cancel before the first token; 1-3: after some chunks
+            if fake is not None:
+                fake.enqueue(
+                    StreamReply(text=[f" t{i}" for i in range(10_000)], interval=0.005)
+                    if chunks
+                    else StreamReply(first_delay=60.0)
+                )
             call = stub.Generate(pb.GenerateRequest(model="streaming" if chunks else "waiting", messages=messages))
             async with asyncio.timeout(10):
                 for _ in range(chunks):
                     await call.read()
-                await PROBE.started.wait()  # the provider has the request
-                cancelled_at = time.perf_counter()
-                call.cancel()
-                await PROBE.closed.wait()
-            latencies.append(PROBE.closed_at - cancelled_at)
+                if fake is None:
+                    await PROBE.started.wait()  # the provider has the request
+                    cancelled_at = time.perf_counter()
+                    call.cancel()
+                    await PROBE.closed.wait()
+                    latencies.append(PROBE.closed_at - cancelled_at)
+                else:
+                    await fake.wait_requests(cycle + 1)
+                    cancelled_at = time.monotonic()
+                    call.cancel()
+                    latencies.append(await fake.wait_disconnected(cycle, timeout=5.0) - cancelled_at)
             if cycle in (cycles // 10, cycles - 1):
                 rss.append(rss_mib())
             if time.monotonic() - started > 300:
                 break
     await server.stop(grace=1.0)
+    if fake is not None:
+        await fake.stop()
     latencies.sort()
     n = len(latencies)
-    print(f"cycles: {n}, active streams after: {server.generation.active_streams}")
+    print(f"provider: {provider}, cycles: {n}, active streams after: {server.generation.active_streams}")
     print(
         "cancel -> provider stream closed: "
         f"p50 {statistics.median(latencies) * 1000:.2f} ms, p99 {latencies[int(n * 0.99) - 1] * 1000:.2f} ms, "
@@ -118,4 +149,11 @@ async def main(cycles: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=2000)
-    asyncio.run(main(parser.parse_args().cycles))
+    parser.add_argument(
+        "--provider",
+        choices=("simulated", "openai", "anthropic"),
+        default="simulated",
+        help="simulated: the built-in model; openai/anthropic: the adapter and SDK against a fake vendor",
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.cycles, args.provider))

@@ -20,9 +20,14 @@ def run_probe(script: str, *args: str) -> str:
 
 def test_cancel_probe_runs_and_leaves_nothing_behind() -> None:
     report = run_probe("cancel_probe.py", "--cycles", "40")
-    assert "cycles: 40, active streams after: 0" in report
+    assert "provider: simulated, cycles: 40, active streams after: 0" in report
     assert re.search(r"cancel -> provider stream closed: p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms", report)
     assert re.search(r"RSS after 10% of cycles: [\d.]+ MiB, at the end: [\d.]+ MiB", report)
+
+
+def test_cancel_probe_through_a_vendor_adapter() -> None:
+    report = run_probe("cancel_probe.py", "--cycles", "12", "--provider", "anthropic")
+    assert "provider: anthropic, cycles: 12, active streams after: 0" in report
 
 
 def test_shutdown_probe_runs_and_reports() -> None:
