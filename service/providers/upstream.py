@@ -16,7 +16,7 @@ import email.utils
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -28,7 +28,7 @@ from service.config import ConfigError, RouteConfig
 from service.errors import ErrorCode, GatewayError, redact, register_secret
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers.base import Options, Provider
-from service.providers.sse import SSEDecoder, SSEError, SSEEvent
+from service.providers.sse import SSEDecoder, SSEError
 
 # Longest provider-supplied error text passed on to callers (after redaction).
 _MAX_PROVIDER_MESSAGE = 300
@@ -116,22 +116,7 @@ def loads(data: bytes, provider: str) -> dict[str, Any]:
     return value
 
 
-async def events(response: httpx2.Response, provider: str) -> AsyncGenerator[SSEEvent, None]:
-    """The response body's server-sent events, as they arrive."""
-    decoder = SSEDecoder()
-    # Decoded bytes: a proxy may compress the stream, although the vendors do not.
-    async for chunk in response.aiter_bytes():
-        try:
-            batch = decoder.feed(chunk)
-        except SSEError:
-            raise GatewayError(
-                ErrorCode.PROVIDER_PROTOCOL_ERROR, "the provider sent an oversized event", provider=provider
-            ) from None
-        for event in batch:
-            yield event
-
-
-async def drain(body: AsyncIterator[SSEEvent]) -> None:
+async def drain(chunks: AsyncIterator[bytes]) -> None:
     """Reads what is left of a body after its end marker, briefly, so the connection can be reused.
 
     The answer is complete by now: a body that does not end in time, or breaks, costs only the
@@ -139,9 +124,9 @@ async def drain(body: AsyncIterator[SSEEvent]) -> None:
     """
     try:
         async with asyncio.timeout(_DRAIN_SECONDS):
-            async for _ in body:
+            async for _ in chunks:
                 pass
-    except (TimeoutError, httpx2.HTTPError, GatewayError):
+    except (TimeoutError, httpx2.HTTPError):
         pass
 
 
@@ -357,26 +342,39 @@ class HTTPProvider(Provider):
     async def _stream(self, request: GenerationRequest) -> EventStream:
         parser = self._parser(request)
         out = parser.out
+        decoder = SSEDecoder()
         started = False
         try:
             async with self._send(request) as response:
-                async with contextlib.aclosing(events(response.http_response, self.kind)) as body:
-                    async for name, data in body:
+                # Decoded bytes: a proxy may compress the stream, although the vendors do not.
+                async with contextlib.aclosing(response.http_response.aiter_bytes()) as chunks:
+                    async for chunk in chunks:
                         started = True
                         try:
-                            parser.handle(name, data)
-                        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+                            events = decoder.feed(chunk)
+                        except SSEError:
                             raise GatewayError(
                                 ErrorCode.PROVIDER_PROTOCOL_ERROR,
-                                "the provider sent an event of an unexpected shape",
+                                "the provider sent an oversized event",
                                 provider=self.kind,
                             ) from None
-                        if out:
-                            for event in out:
-                                yield event
-                            out.clear()
+                        for name, data in events:
+                            try:
+                                parser.handle(name, data)
+                            except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+                                raise GatewayError(
+                                    ErrorCode.PROVIDER_PROTOCOL_ERROR,
+                                    "the provider sent an event of an unexpected shape",
+                                    provider=self.kind,
+                                ) from None
+                            if out:
+                                for event in out:
+                                    yield event
+                                out.clear()
+                            if parser.done:
+                                break
                         if parser.done:
-                            await drain(body)
+                            await drain(chunks)
                             break
                 finished = parser.finish()
             yield finished
