@@ -36,12 +36,21 @@ class ServerConfig:
     max_concurrent_streams: int = 1024
     # Seconds streams get to finish after SIGTERM/SIGINT before they end with an Error.
     shutdown_grace_seconds: float = 10.0
-    # Seconds between server keepalive pings on an idle connection, to notice vanished clients.
-    keepalive_time_seconds: float = 30.0
+    # Longest a Generate stream may run, from request to terminal event. Past it, the stream ends
+    # with DEADLINE_EXCEEDED / STREAM_DURATION_EXCEEDED and its provider stream is closed.
+    max_stream_duration_seconds: float = 1800.0
+    # After this many seconds without news from the provider, a started stream gets a Heartbeat
+    # message, so idle-timeout proxies keep it open. 0 turns heartbeats off.
+    heartbeat_interval_seconds: float = 15.0
+    # Seconds between the server's keepalive pings on each connection. With the timeout below,
+    # a client that vanished without closing its connection is noticed within their sum, and its
+    # streams (and their provider streams) are closed.
+    keepalive_time_seconds: float = 10.0
     # Seconds to wait for a keepalive ping's answer before closing the connection.
-    keepalive_timeout_seconds: float = 10.0
-    # Shortest interval between client pings the server accepts.
-    keepalive_min_ping_interval_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 5.0
+    # Shortest interval between client keepalive pings the server accepts; a client pinging more
+    # often is disconnected (GOAWAY "too_many_pings").
+    keepalive_min_ping_interval_seconds: float = 5.0
     # Python logging level: DEBUG, INFO, WARNING, ERROR.
     log_level: str = "INFO"
 
@@ -173,6 +182,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "max_metadata_bytes": (1024, 1024 * 1024),
     "max_concurrent_streams": (1, 1_000_000),
     "shutdown_grace_seconds": (0.1, 3600),
+    "max_stream_duration_seconds": (1, 7 * 86_400),
+    "heartbeat_interval_seconds": (0, 3600),
     "keepalive_time_seconds": (1, 86_400),
     "keepalive_timeout_seconds": (1, 3600),
     "keepalive_min_ping_interval_seconds": (1, 86_400),

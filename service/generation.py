@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import grpc
@@ -31,9 +31,9 @@ from service.errors import (
 )
 from service.events import GenerationRequest
 from service.routing import OpenedStream, Route, Router
-from service.streams import Sequencer, StreamInfo
+from service.streams import Relay, Sequencer, StreamInfo
 from service.validation import REQUEST_ID, prompt_chars, validate_request
-from service.wire import set_status
+from service.wire import STATUS_CODES, set_status
 from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.generation")
@@ -43,6 +43,10 @@ Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
 # The caller's clock and ours differ a little: a cancel this close to the deadline is the deadline.
 _DEADLINE_SLACK_SECONDS = 0.05
+# How long a stream past its maximum duration may sit in a write before its call is aborted.
+_STALLED_WRITE_SECONDS = 5.0
+# Aborts in progress; held so they are not collected.
+_ABORTING: set[asyncio.Task[None]] = set()
 
 
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
@@ -52,23 +56,19 @@ def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
 
 @dataclass(slots=True, eq=False)
 class _InFlight:
-    """One Generate stream in flight, as shutdown sees it."""
+    """One Generate stream in flight, as shutdown and the stream limits see it."""
 
     task: asyncio.Task[None]
-    sequencer: Sequencer | None = None
-    # Shutdown asked this stream to end...
-    shutdown: bool = False
-    # ...and cancelled its handler to do so (only while it waited for the provider).
+    context: Context
+    stream_id: str
+    # Set once the provider's first event arrived and Start is on its way.
+    relay: Relay | None = None
+    # Why the server ends this stream early (shutdown, the duration limit); None while it runs.
+    ended_by: GatewayError | None = None
+    # The handler was cancelled to end the stream: it was still waiting for its provider's first
+    # event, before anything was sent.
     interrupted: bool = False
-
-    @property
-    def interruptible(self) -> bool:
-        """Whether cancelling the handler now is safe: only while it waits for the provider.
-
-        A write is never interrupted: its message may already be on its way, and a second write
-        while it is in flight fails.
-        """
-        return self.sequencer is None or self.sequencer.waiting_upstream
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
 class GenerationService:
@@ -100,7 +100,7 @@ class GenerationService:
         try:
             try:
                 route, generation = self._admissible(request, context, stream_id, deadline)
-                flight = self._admit(task)
+                flight = self._admit(task, context, stream_id, received_at)
                 try:
                     opened = await self.router.open(route, generation)
                     info = StreamInfo(
@@ -114,24 +114,20 @@ class GenerationService:
                     )
                     await self._relay(flight, opened, info, context)
                 finally:
-                    self._release(task)
+                    self._release(flight)
             except asyncio.CancelledError:
-                # Only a cancel of our own, and no other beside it, is turned into an Error: a
+                # Only a cancel of our own, and no other beside it, is turned into a status: a
                 # client's cancel, its deadline or grpc's own stop at the end of the grace period
                 # mean the call is gone, and nothing can be written to it any more.
-                if flight is None or not flight.interrupted or task.uncancel() > 0:
+                if flight is None or not flight.interrupted or flight.ended_by is None or task.uncancel() > 0:
                     # grpc says only "cancelled"; the caller's deadline tells the two apart.
                     late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
                     outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
                     raise
-                # Our shutdown interrupted the wait for the provider: say so, never cut silently.
-                outcome = ErrorCode.SERVER_SHUTTING_DOWN.value
-                sequencer = flight.sequencer
-                if sequencer is None:
-                    raise shutting_down("the server is shutting down; retry") from None
-                if not sequencer.ended:
-                    await _write(context, sequencer.error_message(_stream_shut_down()))
-            failure = flight.sequencer.failure if flight.sequencer is not None else None
+                # The server ended the stream while it waited for its first token: say why.
+                raise flight.ended_by from None
+            relay = flight.relay
+            failure = relay.sequencer.failure if relay is not None else None
             if failure is not None:
                 set_status(context, failure, stream_id)
                 outcome = failure.code.value
@@ -141,13 +137,16 @@ class GenerationService:
         except _CallGone as gone:
             # Nobody is left to tell; this is no bug of ours, and not worth an ERROR line.
             outcome = f"CALL_ENDED ({type(gone.__cause__).__name__} while writing)"
+            if flight is not None and flight.ended_by is not None:
+                outcome = f"{flight.ended_by.code.value} (status sent while the reader was stalled)"
         except Exception as exc:
             correlation_id = new_correlation_id()
             log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
             set_status(context, internal_error(correlation_id), stream_id)
             outcome = ErrorCode.INTERNAL.value
         finally:
-            self._log_outcome(request, stream_id, outcome, flight.sequencer if flight else None, received_at)
+            relay = flight.relay if flight is not None else None
+            self._log_outcome(request, stream_id, outcome, relay.sequencer if relay else None, received_at)
 
     def _admissible(
         self, request: pb.GenerateRequest | None, context: Context, stream_id: str, deadline: float | None
@@ -176,33 +175,82 @@ class GenerationService:
         )
         return route, generation
 
-    def _admit(self, task: asyncio.Task[None]) -> _InFlight:
+    def _admit(self, task: asyncio.Task[None], context: Context, stream_id: str, received_at: float) -> _InFlight:
         if len(self.active) >= self.config.max_concurrent_streams:
             raise GatewayError(
                 ErrorCode.SERVER_OVERLOADED,
                 f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
                 retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
             )
-        flight = self.active[task] = _InFlight(task)
+        flight = self.active[task] = _InFlight(task, context, stream_id)
         self.idle.clear()
+        limit = self.config.max_stream_duration_seconds
+        if limit:
+            remaining = received_at + limit - time.monotonic()
+            flight.timers.append(asyncio.get_running_loop().call_later(remaining, self._expire, flight))
         return flight
 
-    def _release(self, task: asyncio.Task[None]) -> None:
-        self.active.pop(task, None)
+    def _release(self, flight: _InFlight) -> None:
+        for timer in flight.timers:
+            timer.cancel()
+        self.active.pop(flight.task, None)
         if not self.active:
             self.idle.set()
+
+    def _expire(self, flight: _InFlight) -> None:
+        limit = self.config.max_stream_duration_seconds
+        self._end(
+            flight,
+            GatewayError(
+                ErrorCode.STREAM_DURATION_EXCEEDED,
+                f"the stream reached this server's maximum stream duration of {limit:g} s",
+            ),
+        )
+        if flight.relay is not None:
+            # A caller that stopped reading holds the handler in a write that never returns;
+            # it gets the status instead of the Error event, and the provider's stream is closed.
+            flight.timers.append(
+                asyncio.get_running_loop().call_later(_STALLED_WRITE_SECONDS, self._abort_stalled, flight)
+            )
+
+    def _end(self, flight: _InFlight, reason: GatewayError) -> None:
+        """Ends a stream early with `reason`: a plain status before Start, a terminal Error after."""
+        # A handler already being cancelled (its client hung up) is left to finish its cleanup.
+        if flight.ended_by is not None or flight.task.cancelling():
+            return
+        flight.ended_by = reason
+        if flight.relay is None:
+            flight.interrupted = True
+            flight.task.cancel("the server ends this stream")
+        else:
+            flight.relay.stop(reason)
+
+    def _abort_stalled(self, flight: _InFlight) -> None:
+        if self.active.get(flight.task) is flight and flight.ended_by is not None:
+            aborting = asyncio.get_running_loop().create_task(self._abort(flight, flight.ended_by))
+            _ABORTING.add(aborting)
+            aborting.add_done_callback(_ABORTING.discard)
+
+    async def _abort(self, flight: _InFlight, reason: GatewayError) -> None:
+        # grpc queues the status behind the messages the caller has not read; the handler's
+        # write in flight fails, and the handler closes the provider's stream.
+        set_status(flight.context, reason, flight.stream_id)
+        with contextlib.suppress(Exception):
+            await flight.context.abort(STATUS_CODES[reason.code], redact(reason.message))
 
     async def _relay(self, flight: _InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
         """Writes the sequenced stream. The provider's stream is closed on every path out."""
         async with contextlib.aclosing(opened.events):
-            sequencer = flight.sequencer = Sequencer(info)
-            async with contextlib.aclosing(sequencer.run(opened.first, opened.events)) as messages:
+            relay = Relay(
+                Sequencer(info),
+                opened.first,
+                opened.events,
+                heartbeat_interval=self.config.heartbeat_interval_seconds or None,
+            )
+            flight.relay = relay
+            async with contextlib.aclosing(relay.messages()) as messages:
                 async for message in messages:
                     await _write(context, message)
-                    if flight.shutdown and not sequencer.ended:
-                        break
-            if flight.shutdown and not sequencer.ended:
-                await _write(context, sequencer.error_message(_stream_shut_down()))
 
     def _log_outcome(
         self,
@@ -252,17 +300,14 @@ class GenerationService:
         self.draining = True
 
     def end_streams(self) -> int:
-        """Ends every stream in flight with a terminal SERVER_SHUTTING_DOWN error.
+        """Ends every stream in flight with SERVER_SHUTTING_DOWN.
 
-        A stream waiting for its provider is interrupted at once; one in the middle of a write
-        ends right after that write returns.
+        A stream still waiting for its first token gets a plain status at once; a started one
+        gets a terminal Error, at once if it waits for its provider, or right after the write in
+        flight returns.
         """
-        for flight in self.active.values():
-            flight.shutdown = True
-            # A task already being cancelled (its client hung up) is left to finish its cleanup.
-            if flight.interruptible and not flight.task.cancelling():
-                flight.interrupted = True
-                flight.task.cancel("server shutting down")
+        for flight in list(self.active.values()):
+            self._end(flight, _stream_shut_down())
         return len(self.active)
 
 
@@ -278,4 +323,4 @@ async def _write(context: Context, message: pb.GenerateResponse) -> None:
 
 
 def _stream_shut_down() -> GatewayError:
-    return shutting_down("the server shut down before the stream finished; retry")
+    return shutting_down("the server is shutting down and ended the stream before it finished; retry")

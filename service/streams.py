@@ -8,9 +8,11 @@ sequence 1 on Start and no gaps, exactly one Finish or Error last, usage that is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,8 +66,6 @@ class Sequencer:
         self.finish: pb.Finish | None = None
         self.first_delta_at: float | None = None
         self.output_chars = 0
-        # True only while waiting for the provider's next event: shutdown may interrupt that.
-        self.waiting_upstream = False
 
     @property
     def ended(self) -> bool:
@@ -91,57 +91,37 @@ class Sequencer:
             ),
         )
 
-    async def run(self, first: ProviderEvent, events: EventStream) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Yields Start, the deltas, and one terminal event. Closes `events` on every path."""
-        event: ProviderEvent | None = first
-        start = self.start_message()
-        try:
-            yield start
-            while True:
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        self._delta(len(event.text))
-                        yield pb.GenerateResponse(sequence=self._next(), text_delta=pb.TextDelta(text=event.text))
-                elif isinstance(event, ToolCallDelta):
-                    self._delta(len(event.arguments))
-                    yield pb.GenerateResponse(
-                        sequence=self._next(),
-                        tool_call_delta=pb.ToolCallDelta(
-                            index=event.index, id=event.id, name=event.name, arguments_delta=event.arguments
-                        ),
-                    )
-                elif isinstance(event, ReasoningDelta):
-                    self._delta(len(event.text))
-                    yield pb.GenerateResponse(
-                        sequence=self._next(),
-                        reasoning_delta=pb.ReasoningDelta(text=event.text, signature=event.signature),
-                    )
-                elif isinstance(event, Finished):
-                    self.finish = self._finish(event)
-                    yield pb.GenerateResponse(sequence=self._next(), finish=self.finish)
-                    return
-                self.waiting_upstream = True
-                try:
-                    event = await anext(events, None)
-                finally:
-                    self.waiting_upstream = False
-                if event is None:
-                    raise GatewayError(
-                        ErrorCode.PROVIDER_STREAM_TRUNCATED,
-                        "the provider's stream ended without its end marker",
-                        provider=self.info.provider,
-                    )
-        except GatewayError as err:
-            self.failure = err
-        except Exception as exc:
-            correlation_id = new_correlation_id()
-            log.error(
-                "internal error %s in stream %s: %s", correlation_id, self.info.stream_id, describe_exception(exc)
+    def message(self, event: ProviderEvent) -> pb.GenerateResponse | None:
+        """The message for one provider event; None for an event that carries nothing.
+
+        A `Finished` event becomes the Finish message, after which the stream is over.
+        """
+        if isinstance(event, TextDelta):
+            if not event.text:
+                return None
+            self._delta(len(event.text))
+            return pb.GenerateResponse(sequence=self._next(), text_delta=pb.TextDelta(text=event.text))
+        if isinstance(event, ToolCallDelta):
+            self._delta(len(event.arguments))
+            return pb.GenerateResponse(
+                sequence=self._next(),
+                tool_call_delta=pb.ToolCallDelta(
+                    index=event.index, id=event.id, name=event.name, arguments_delta=event.arguments
+                ),
             )
-            self.failure = internal_error(correlation_id)
-        finally:
-            await events.aclose()
-        yield self.error_message(self.failure)
+        if isinstance(event, ReasoningDelta):
+            self._delta(len(event.text))
+            return pb.GenerateResponse(
+                sequence=self._next(),
+                reasoning_delta=pb.ReasoningDelta(text=event.text, signature=event.signature),
+            )
+        if isinstance(event, Finished):
+            self.finish = self._finish(event)
+            return pb.GenerateResponse(sequence=self._next(), finish=self.finish)
+        return None
+
+    def heartbeat_message(self) -> pb.GenerateResponse:
+        return pb.GenerateResponse(sequence=self._next(), heartbeat=pb.Heartbeat())
 
     def error_message(self, failure: GatewayError) -> pb.GenerateResponse:
         """The terminal Error event; everything before it is complete and can be trusted."""
@@ -191,3 +171,168 @@ class Sequencer:
             if value is not None:
                 setattr(usage, name, value)
         return usage
+
+
+# Events the reader may take from the provider ahead of the writer. Past this, a caller that reads
+# slowly stalls the provider's socket instead of growing our memory.
+DEFAULT_BUFFER_EVENTS = 64
+
+
+class Relay:
+    """Relays one opened provider stream as the contract's messages, one terminal event last.
+
+    The provider is read by a task of its own, at most `buffer_events` events ahead of the
+    writer, so that reading upstream and writing to the caller overlap but a slow caller slows
+    the provider down rather than filling memory. The provider's stream is closed on every path
+    out: a finish, an error, `stop()`, or the caller's cancel.
+
+    - `heartbeat_interval`: after that many seconds with nothing to send, a Heartbeat message,
+      so that proxies with idle timeouts keep the stream open through long upstream silences.
+    - `stop(error)`: ends the stream with that Error at once if the writer waits for the
+      provider, or right after the write in flight returns.
+    """
+
+    def __init__(
+        self,
+        sequencer: Sequencer,
+        first: ProviderEvent,
+        events: EventStream,
+        *,
+        heartbeat_interval: float | None = None,
+        buffer_events: int = DEFAULT_BUFFER_EVENTS,
+    ) -> None:
+        self.sequencer = sequencer
+        self._events = events
+        # Provider events not yet written; a GatewayError or None (the provider's stream ended
+        # without its end marker) is the reader's last entry.
+        self._pending: deque[ProviderEvent | GatewayError | None] = deque((first,))
+        self._buffer_events = buffer_events
+        self._heartbeat_interval = heartbeat_interval
+        self._stopped: GatewayError | None = None
+        self._beat = False
+        self._last_sent = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Set while the writer waits for the reader, and while the reader waits for room.
+        self._writer_waiting: asyncio.Future[None] | None = None
+        self._reader_waiting: asyncio.Future[None] | None = None
+
+    def stop(self, failure: GatewayError) -> None:
+        """Ends the stream with `failure` as soon as no write is in flight."""
+        if self._stopped is None:
+            self._stopped = failure
+            _wake(self._writer_waiting)
+
+    async def messages(self) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Start, the deltas (and heartbeats), then one Finish or Error."""
+        loop = asyncio.get_running_loop()
+        sequencer = self.sequencer
+        reader = loop.create_task(self._read(), name=f"provider reader {sequencer.info.stream_id}")
+        if self._heartbeat_interval:
+            self._timer = loop.call_later(self._heartbeat_interval, self._heartbeat_due, loop)
+        pending = self._pending
+        try:
+            self._last_sent = loop.time()
+            yield sequencer.start_message()
+            while self._stopped is None:
+                if not pending:
+                    if self._beat:
+                        self._beat = False
+                        self._last_sent = loop.time()
+                        yield sequencer.heartbeat_message()
+                        continue
+                    waiting = self._writer_waiting = loop.create_future()
+                    try:
+                        await waiting
+                    finally:
+                        self._writer_waiting = None
+                    continue
+                item = pending.popleft()
+                _wake(self._reader_waiting)
+                if item is None:
+                    self._stopped = GatewayError(
+                        ErrorCode.PROVIDER_STREAM_TRUNCATED,
+                        "the provider's stream ended without its end marker",
+                        provider=sequencer.info.provider,
+                    )
+                    break
+                if isinstance(item, GatewayError):
+                    self._stopped = item
+                    break
+                message = sequencer.message(item)
+                if message is not None:
+                    self._last_sent = loop.time()
+                    yield message
+                    if sequencer.finish is not None:
+                        return
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if sequencer.finish is not None and not reader.done():
+                # After its end marker the reader only reads what is left of the body (briefly,
+                # so the connection can be reused): the caller's status need not wait for that.
+                _FINISHING.add(reader)
+                reader.add_done_callback(_FINISHING.discard)
+            else:
+                # Otherwise the provider's stream is closed before the terminal event goes out.
+                reader.cancel()
+                try:
+                    await asyncio.wait((reader,))
+                except asyncio.CancelledError:
+                    reader.cancel()
+                    raise
+        failure = self._stopped
+        assert failure is not None
+        yield sequencer.error_message(failure)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        try:
+            async for event in self._events:
+                pending.append(event)
+                _wake(self._writer_waiting)
+                if isinstance(event, Finished):
+                    return
+                while len(pending) >= self._buffer_events:
+                    waiting = self._reader_waiting = loop.create_future()
+                    try:
+                        await waiting
+                    finally:
+                        self._reader_waiting = None
+            pending.append(None)
+        except GatewayError as err:
+            pending.append(err)
+        except Exception as exc:
+            correlation_id = new_correlation_id()
+            log.error(
+                "internal error %s in stream %s: %s",
+                correlation_id,
+                self.sequencer.info.stream_id,
+                describe_exception(exc),
+            )
+            pending.append(internal_error(correlation_id))
+        finally:
+            _wake(self._writer_waiting)
+            await self._events.aclose()
+
+    def _heartbeat_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        interval = self._heartbeat_interval
+        assert interval is not None
+        now = loop.time()
+        due = self._last_sent + interval
+        if now >= due:
+            # Only while the writer waits for the provider: a write in flight is news enough.
+            if self._writer_waiting is not None:
+                self._beat = True
+                _wake(self._writer_waiting)
+            due = now + interval
+        self._timer = loop.call_at(due, self._heartbeat_due, loop)
+
+
+# Readers finishing the body after their stream's Finish went out; held so they are not collected.
+_FINISHING: set[asyncio.Task[None]] = set()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
