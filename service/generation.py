@@ -33,7 +33,7 @@ from service.events import GenerationRequest
 from service.routing import OpenedStream, Route, Router
 from service.streams import Relay, Sequencer, StreamInfo
 from service.validation import REQUEST_ID, prompt_chars, validate_request
-from service.wire import STATUS_CODES, set_status
+from service.wire import set_status
 from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.generation")
@@ -43,10 +43,8 @@ Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
 # The caller's clock and ours differ a little: a cancel this close to the deadline is the deadline.
 _DEADLINE_SLACK_SECONDS = 0.05
-# How long a stream past its maximum duration may sit in a write before its call is aborted.
+# How long a stream past its maximum duration may sit in a write before its handler is cancelled.
 _STALLED_WRITE_SECONDS = 5.0
-# Aborts in progress; held so they are not collected.
-_ABORTING: set[asyncio.Task[None]] = set()
 
 
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
@@ -68,6 +66,8 @@ class _InFlight:
     # The handler was cancelled to end the stream: it was still waiting for its provider's first
     # event, before anything was sent.
     interrupted: bool = False
+    # The handler was cancelled because its caller stopped reading past the duration limit.
+    cut: bool = False
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -123,6 +123,8 @@ class GenerationService:
                     # grpc says only "cancelled"; the caller's deadline tells the two apart.
                     late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
                     outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+                    if flight is not None and flight.cut and flight.ended_by is not None:
+                        outcome = f"{flight.ended_by.code.value} (the caller had stopped reading)"
                     raise
                 # The server ended the stream while it waited for its first token: say why.
                 raise flight.ended_by from None
@@ -137,8 +139,6 @@ class GenerationService:
         except _CallGone as gone:
             # Nobody is left to tell; this is no bug of ours, and not worth an ERROR line.
             outcome = f"CALL_ENDED ({type(gone.__cause__).__name__} while writing)"
-            if flight is not None and flight.ended_by is not None:
-                outcome = f"{flight.ended_by.code.value} (status sent while the reader was stalled)"
         except Exception as exc:
             correlation_id = new_correlation_id()
             log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
@@ -207,10 +207,12 @@ class GenerationService:
             ),
         )
         if flight.relay is not None:
-            # A caller that stopped reading holds the handler in a write that never returns;
-            # it gets the status instead of the Error event, and the provider's stream is closed.
+            # A caller that stopped reading holds the handler in a write that may never return,
+            # and grpc.aio can neither cancel that write nor send a status behind it. The handler
+            # is cancelled instead: the provider's stream and the slot are freed, and gRPC ends
+            # the call at the caller's deadline or when its connection goes.
             flight.timers.append(
-                asyncio.get_running_loop().call_later(_STALLED_WRITE_SECONDS, self._abort_stalled, flight)
+                asyncio.get_running_loop().call_later(_STALLED_WRITE_SECONDS, self._cut_stalled, flight)
             )
 
     def _end(self, flight: _InFlight, reason: GatewayError) -> None:
@@ -225,32 +227,25 @@ class GenerationService:
         else:
             flight.relay.stop(reason)
 
-    def _abort_stalled(self, flight: _InFlight) -> None:
-        if self.active.get(flight.task) is flight and flight.ended_by is not None:
-            aborting = asyncio.get_running_loop().create_task(self._abort(flight, flight.ended_by))
-            _ABORTING.add(aborting)
-            aborting.add_done_callback(_ABORTING.discard)
-
-    async def _abort(self, flight: _InFlight, reason: GatewayError) -> None:
-        # grpc queues the status behind the messages the caller has not read; the handler's
-        # write in flight fails, and the handler closes the provider's stream.
-        set_status(flight.context, reason, flight.stream_id)
-        with contextlib.suppress(Exception):
-            await flight.context.abort(STATUS_CODES[reason.code], redact(reason.message))
+    def _cut_stalled(self, flight: _InFlight) -> None:
+        if self.active.get(flight.task) is flight and not flight.task.cancelling():
+            flight.cut = True
+            flight.task.cancel("the caller stopped reading a stream past its maximum duration")
 
     async def _relay(self, flight: _InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
         """Writes the sequenced stream. The provider's stream is closed on every path out."""
-        async with contextlib.aclosing(opened.events):
-            relay = Relay(
-                Sequencer(info),
-                opened.first,
-                opened.events,
-                heartbeat_interval=self.config.heartbeat_interval_seconds or None,
-            )
-            flight.relay = relay
+        relay = flight.relay = Relay(
+            Sequencer(info),
+            opened.first,
+            opened.events,
+            heartbeat_interval=self.config.heartbeat_interval_seconds or None,
+        )
+        try:
             async with contextlib.aclosing(relay.messages()) as messages:
                 async for message in messages:
                     await _write(context, message)
+        finally:
+            await relay.aclose()
 
     def _log_outcome(
         self,

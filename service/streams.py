@@ -212,9 +212,38 @@ class Relay:
         self._beat = False
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[None] | None = None
         # Set while the writer waits for the reader, and while the reader waits for room.
         self._writer_waiting: asyncio.Future[None] | None = None
         self._reader_waiting: asyncio.Future[None] | None = None
+
+    async def aclose(self) -> None:
+        """Closes the provider's stream, if it is still open; safe to call more than once.
+
+        After the Finish went out, the reader may still be reading what is left of the body
+        (briefly, so that the connection can be reused): the caller's status need not wait.
+        Otherwise the reader is cancelled, and waited for even if this task is cancelled too,
+        so that no provider stream outlives its caller.
+        """
+        reader = self._reader
+        if reader is None:
+            await self._events.aclose()
+            return
+        if reader.done():
+            return
+        if self.sequencer.finish is not None:
+            _FINISHING.add(reader)
+            reader.add_done_callback(_FINISHING.discard)
+            return
+        reader.cancel()
+        cancelled = False
+        while not reader.done():
+            try:
+                await asyncio.wait((reader,))
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def stop(self, failure: GatewayError) -> None:
         """Ends the stream with `failure` as soon as no write is in flight."""
@@ -226,7 +255,7 @@ class Relay:
         """Start, the deltas (and heartbeats), then one Finish or Error."""
         loop = asyncio.get_running_loop()
         sequencer = self.sequencer
-        reader = loop.create_task(self._read(), name=f"provider reader {sequencer.info.stream_id}")
+        self._reader = loop.create_task(self._read(), name=f"provider reader {sequencer.info.stream_id}")
         if self._heartbeat_interval:
             self._timer = loop.call_later(self._heartbeat_interval, self._heartbeat_due, loop)
         pending = self._pending
@@ -267,19 +296,7 @@ class Relay:
         finally:
             if self._timer is not None:
                 self._timer.cancel()
-            if sequencer.finish is not None and not reader.done():
-                # After its end marker the reader only reads what is left of the body (briefly,
-                # so the connection can be reused): the caller's status need not wait for that.
-                _FINISHING.add(reader)
-                reader.add_done_callback(_FINISHING.discard)
-            else:
-                # Otherwise the provider's stream is closed before the terminal event goes out.
-                reader.cancel()
-                try:
-                    await asyncio.wait((reader,))
-                except asyncio.CancelledError:
-                    reader.cancel()
-                    raise
+            await self.aclose()
         failure = self._stopped
         assert failure is not None
         yield sequencer.error_message(failure)

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from fakes import FakeAnthropic, FakeOpenAI
 from google.rpc import error_details_pb2, status_pb2
 
 from service.config import Config, ServerConfig, build_routes, load_config
@@ -53,6 +54,41 @@ TEST_ROUTES: dict[str, dict[str, Any]] = {
     },
     "stall": {"provider": "simulated", "model": "m", "options": FAST | {"stall_after_chunks": 2, "stall_seconds": 0.2}},
 }
+
+
+OPENAI_KEY_ENV = "TOKENWIRE_TEST_OPENAI_KEY"
+ANTHROPIC_KEY_ENV = "TOKENWIRE_TEST_ANTHROPIC_KEY"
+
+
+@pytest.fixture
+async def fake_openai(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as fake:
+        monkeypatch.setenv(OPENAI_KEY_ENV, fake.api_key)
+        yield fake
+
+
+@pytest.fixture
+async def fake_anthropic(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeAnthropic]:
+    async with FakeAnthropic() as fake:
+        monkeypatch.setenv(ANTHROPIC_KEY_ENV, fake.api_key)
+        yield fake
+
+
+def vendor_route(fake: FakeOpenAI | FakeAnthropic, **options: Any) -> dict[str, Any]:
+    """A route on a fake provider (its key in the environment), with short timeouts and no retries."""
+    openai = isinstance(fake, FakeOpenAI)
+    return {
+        "provider": "openai" if openai else "anthropic",
+        "model": "gpt-test" if openai else "claude-test",
+        "max_retries": 0,
+        "options": {
+            "base_url": fake.base_url,
+            "api_key_env": OPENAI_KEY_ENV if openai else ANTHROPIC_KEY_ENV,
+            "read_timeout_seconds": 2.0,
+            "connect_timeout_seconds": 1.0,
+        }
+        | options,
+    }
 
 
 @dataclass

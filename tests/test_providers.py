@@ -7,7 +7,6 @@ import asyncio
 import re
 import time
 import tomllib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,31 +14,29 @@ import orjson
 import pytest
 from fakes import FakeAnthropic, FakeOpenAI, ResetReply, StatusReply, StreamReply, ToolCallScript, Usage
 
-from conftest import ROOT, ErrorInfo, RetryInfo, Running, assert_well_formed, collect, detail, request, rich_status
+from conftest import (
+    ANTHROPIC_KEY_ENV,
+    OPENAI_KEY_ENV,
+    ROOT,
+    ErrorInfo,
+    RetryInfo,
+    Running,
+    assert_well_formed,
+    collect,
+    detail,
+    request,
+    rich_status,
+)
 from service.config import build_routes
 from service.providers import create_provider
 from service.providers.anthropic import AnthropicProvider
 from tokenwire.v1 import generation_pb2 as pb
 
 VENDORS = ("openai", "anthropic")
-OPENAI_KEY_ENV = "TOKENWIRE_TEST_OPENAI_KEY"
-ANTHROPIC_KEY_ENV = "TOKENWIRE_TEST_ANTHROPIC_KEY"
 TOOLS = [
     pb.Tool(name="get_weather", description="Current weather"),
     pb.Tool(name="get_time", description="Current time"),
 ]
-
-
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def fake_anthropic() -> AsyncIterator[FakeAnthropic]:
-    async with FakeAnthropic() as fake:
-        yield fake
 
 
 def provider_routes(fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic, **extra: Any) -> dict[str, Any]:

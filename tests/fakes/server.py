@@ -51,6 +51,7 @@ class RecordedRequest:
     disconnected_at: float | None = None  # when the client left while the response was still being written
     completed: bool = False  # the whole reply (faults included) was written before the client left
     status: int = 0  # the HTTP status sent; 0 when none was (ResetReply)
+    bytes_sent: int = 0  # response bytes written so far; writing pauses while 64 KiB wait unsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +470,11 @@ class FakeServer(abc.ABC):
         return self._port
 
     @property
+    def open_connections(self) -> int:
+        """Client connections open right now (kept-alive ones included)."""
+        return len(self._connections)
+
+    @property
     def origin(self) -> str:
         return f"http://{HOST}:{self.port}"
 
@@ -665,6 +671,7 @@ class FakeServer(abc.ABC):
                     return False
                 if data:
                     conn.write(data)
+                    record.bytes_sent += len(data)
                     if conn.write_paused and not await conn.drain():
                         return False
             if plan.ending is Ending.RESET:
