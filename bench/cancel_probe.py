@@ -9,8 +9,9 @@ none: cancel before the first token), cancels, and waits for the provider's stre
 
 With `--provider openai` or `anthropic` the route is the real adapter and SDK in front of a fake
 vendor on loopback (tests/fakes), and the latency runs to the moment that HTTP server sees its
-connection close. Prints the cancel-to-close latency (p50/p99/max) and the process RSS before and after. Bounded
-in count and time; talks to 127.0.0.1 only.
+connection close. Prints the cancel-to-close latency (p50/p99/max), the process RSS (server and
+client together) after the first 10% of cycles and at the end, and the least-squares slope of RSS
+over the cycles in between. Bounded in count and time; talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ async def main(cycles: int, provider: str) -> None:
     port = await server.start()
     latencies: list[float] = []
     messages = [pb.Message(role=pb.ROLE_USER, text="hi")]
-    rss: list[float] = []
+    # (cycle, RSS) samples after the first 10% of cycles, when the caches have warmed up.
+    rss: list[tuple[int, float]] = []
+    every = max(cycles // 50, 1)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         started = time.monotonic()
@@ -124,12 +127,14 @@ async def main(cycles: int, provider: str) -> None:
                     await PROBE.closed.wait()
                     latencies.append(PROBE.closed_at - cancelled_at)
                 else:
-                    await fake.wait_requests(cycle + 1)
+                    await fake.wait_requests(1)
                     cancelled_at = time.monotonic()
                     call.cancel()
-                    latencies.append(await fake.wait_disconnected(cycle, timeout=5.0) - cancelled_at)
-            if cycle in (cycles // 10, cycles - 1):
-                rss.append(rss_mib())
+                    latencies.append(await fake.wait_disconnected(0, timeout=5.0) - cancelled_at)
+                    # The fake's record of requests is the probe's, not the server's, memory.
+                    fake.requests.clear()
+            if cycle >= cycles // 10 and cycle % every == 0 or cycle == cycles - 1:
+                rss.append((cycle, rss_mib()))
             if time.monotonic() - started > 300:
                 break
     await server.stop(grace=1.0)
@@ -143,7 +148,10 @@ async def main(cycles: int, provider: str) -> None:
         f"p50 {statistics.median(latencies) * 1000:.2f} ms, p99 {latencies[int(n * 0.99) - 1] * 1000:.2f} ms, "
         f"max {latencies[-1] * 1000:.2f} ms"
     )
-    print(f"RSS after 10% of cycles: {rss[0]:.1f} MiB, at the end: {rss[-1]:.1f} MiB")
+    print(f"RSS after 10% of cycles: {rss[0][1]:.1f} MiB, at the end: {rss[-1][1]:.1f} MiB")
+    if len(rss) >= 3:
+        slope = statistics.linear_regression([c for c, _ in rss], [m for _, m in rss]).slope
+        print(f"RSS slope over the last 90% of cycles: {slope * 1024 * 1000:+.1f} KiB per 1000 cycles")
 
 
 if __name__ == "__main__":
