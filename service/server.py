@@ -52,6 +52,9 @@ def grpc_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.absolute_max_metadata_size", 2 * s.max_metadata_bytes),
         ("grpc.keepalive_time_ms", int(s.keepalive_time_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
+        # grpc core (1.7x-1.8x) closes a connection over an unanswered ping only after the ping
+        # timeout (1 minute by default), whatever the keepalive timeout says: set both.
+        ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_seconds * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.keepalive_min_ping_interval_seconds * 1000)),
         ("grpc.http2.max_ping_strikes", 2),

@@ -245,6 +245,17 @@ async def collect(call: Any) -> tuple[list[pb.GenerateResponse], grpc.StatusCode
     return messages, await call.code(), await call.trailing_metadata()
 
 
+async def read_to_end(
+    call: Any, messages: list[pb.GenerateResponse] | None = None
+) -> tuple[list[pb.GenerateResponse], grpc.StatusCode, Any]:
+    """Like `collect`, for a call already read with read(): grpc forbids mixing read() and iteration."""
+    messages = [] if messages is None else messages
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        while (message := await call.read()) is not grpc.aio.EOF:
+            messages.append(message)
+    return messages, await call.code(), await call.trailing_metadata()
+
+
 def rich_status(trailing: Any) -> status_pb2.Status:
     for key, value in trailing or ():
         if key == "grpc-status-details-bin":

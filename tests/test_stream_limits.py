@@ -4,7 +4,6 @@ cancels that leave nothing behind."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -15,7 +14,17 @@ import pytest
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply
 
 import service.generation
-from conftest import ErrorInfo, assert_well_formed, collect, detail, eventually, request, rich_status, vendor_route
+from conftest import (
+    ErrorInfo,
+    assert_well_formed,
+    collect,
+    detail,
+    eventually,
+    read_to_end,
+    request,
+    rich_status,
+    vendor_route,
+)
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
@@ -36,12 +45,6 @@ def fakes(fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic) -> dict[str, F
 
 def kinds(messages: list[pb.GenerateResponse]) -> list[str]:
     return [str(m.WhichOneof("event")) for m in messages]
-
-
-async def read_all(call: Any, into: list[pb.GenerateResponse]) -> None:
-    with contextlib.suppress(grpc.aio.AioRpcError):
-        while (message := await call.read()) is not grpc.aio.EOF:
-            into.append(message)
 
 
 @pytest.mark.parametrize("vendor", VENDORS)
@@ -131,9 +134,7 @@ async def test_a_stalled_reader_past_the_maximum_duration_is_cut_and_its_provide
         disconnected = await fake_openai.wait_disconnected(0, timeout=3.0)
         assert disconnected - first_request_time(fake_openai) < 2.0
         await eventually(lambda: running.server.generation.active_streams == 0, within=1.0)
-        messages = [first]
-        await read_all(call, messages)
-        code = await call.code()
+        messages, code, _ = await read_to_end(call, [first])
     # What was queued for it still arrives, in order; gRPC then ends the call at its deadline.
     assert [m.sequence for m in messages] == list(range(1, len(messages) + 1))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -162,9 +163,8 @@ async def test_a_stalled_reader_pauses_the_provider_and_then_gets_every_chunk_on
     await asyncio.sleep(0.5)
     assert record.bytes_sent == paused_at
     assert not record.completed
-    messages = [first]
-    await read_all(call, messages)
-    assert await call.code() == grpc.StatusCode.OK
+    messages, code, _ = await read_to_end(call, [first])
+    assert code == grpc.StatusCode.OK
     assert_well_formed(messages)
     assert [m.text_delta.text for m in messages if m.HasField("text_delta")] == pieces
     assert record.completed
