@@ -9,11 +9,12 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test lint proto proto-check breaking demo clean
+.PHONY: help setup run test soak lint proto proto-check breaking demo clean
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
 	@echo "make test         run the test suite"
+	@echo "make soak         run the long soak tests (about 6 minutes): memory over cancel cycles, load"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
 	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
@@ -35,6 +36,10 @@ run: $(STAMP)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The soak tests only; their marker keeps them out of `make test`.
+soak: $(STAMP)
+	$(PY) -m pytest -m soak -p no:cacheprovider $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m tokenwire_client $(ARGS)

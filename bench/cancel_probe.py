@@ -133,7 +133,7 @@ async def main(cycles: int, provider: str) -> None:
                     latencies.append(await fake.wait_disconnected(0, timeout=5.0) - cancelled_at)
                     # The fake's record of requests is the probe's, not the server's, memory.
                     fake.requests.clear()
-            if cycle >= cycles // 10 and cycle % every == 0 or cycle == cycles - 1:
+            if (cycle >= cycles // 10 and cycle % every == 0) or cycle == cycles - 1:
                 rss.append((cycle, rss_mib()))
             if time.monotonic() - started > 300:
                 break

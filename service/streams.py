@@ -173,18 +173,20 @@ class Sequencer:
         return usage
 
 
-# Events the reader may take from the provider ahead of the writer. Past this, a caller that reads
-# slowly stalls the provider's socket instead of growing our memory.
+# How far the reader may get ahead of the writer: events, and characters of delta text in them.
+# Past either, a caller that reads slowly stalls the provider's socket instead of growing our memory.
 DEFAULT_BUFFER_EVENTS = 64
+DEFAULT_BUFFER_CHARS = 64 * 1024
 
 
 class Relay:
     """Relays one opened provider stream as the contract's messages, one terminal event last.
 
-    The provider is read by a task of its own, at most `buffer_events` events ahead of the
-    writer, so that reading upstream and writing to the caller overlap but a slow caller slows
-    the provider down rather than filling memory. The provider's stream is closed on every path
-    out: a finish, an error, `stop()`, or the caller's cancel.
+    The provider is read by a task of its own, at most `buffer_events` events (and `buffer_chars`
+    characters of delta text) ahead of the writer, so that reading upstream and writing to the
+    caller overlap, but a slow caller slows the provider down rather than filling memory. The
+    provider's stream is closed on every path out: a finish, an error, `stop()`, or the caller's
+    cancel.
 
     - `heartbeat_interval`: after that many seconds with nothing to send, a Heartbeat message,
       so that proxies with idle timeouts keep the stream open through long upstream silences.
@@ -200,6 +202,7 @@ class Relay:
         *,
         heartbeat_interval: float | None = None,
         buffer_events: int = DEFAULT_BUFFER_EVENTS,
+        buffer_chars: int = DEFAULT_BUFFER_CHARS,
     ) -> None:
         self.sequencer = sequencer
         self._events = events
@@ -207,6 +210,8 @@ class Relay:
         # without its end marker) is the reader's last entry.
         self._pending: deque[ProviderEvent | GatewayError | None] = deque((first,))
         self._buffer_events = buffer_events
+        self._buffer_chars = buffer_chars
+        self._pending_chars = 0
         self._heartbeat_interval = heartbeat_interval
         self._stopped: GatewayError | None = None
         self._beat = False
@@ -276,6 +281,7 @@ class Relay:
                         self._writer_waiting = None
                     continue
                 item = pending.popleft()
+                self._pending_chars -= _chars(item)
                 _wake(self._reader_waiting)
                 if item is None:
                     self._stopped = GatewayError(
@@ -307,10 +313,11 @@ class Relay:
         try:
             async for event in self._events:
                 pending.append(event)
+                self._pending_chars += _chars(event)
                 _wake(self._writer_waiting)
                 if isinstance(event, Finished):
                     return
-                while len(pending) >= self._buffer_events:
+                while len(pending) >= self._buffer_events or self._pending_chars >= self._buffer_chars:
                     waiting = self._reader_waiting = loop.create_future()
                     try:
                         await waiting
@@ -348,6 +355,14 @@ class Relay:
 
 # Readers finishing the body after their stream's Finish went out; held so they are not collected.
 _FINISHING: set[asyncio.Task[None]] = set()
+
+
+def _chars(item: ProviderEvent | GatewayError | None) -> int:
+    if isinstance(item, TextDelta | ReasoningDelta):
+        return len(item.text)
+    if isinstance(item, ToolCallDelta):
+        return len(item.arguments)
+    return 0
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

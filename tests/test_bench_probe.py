@@ -41,3 +41,10 @@ def test_parse_cost_probe_measures_both_vendors_and_the_sdk_iterators() -> None:
     report = run_probe("parse_cost.py", "--chunks", "200", "--repeat", "1")
     for vendor in ("openai", "anthropic"):
         assert re.search(rf"^{vendor} +[\d.]+ +[\d.]+ +[\d.]+$", report, flags=re.MULTILINE), report
+
+
+def test_slow_reader_probe_runs_and_reports() -> None:
+    report = run_probe("slow_reader_probe.py", "--streams", "4", "--pieces", "600")
+    assert "upstream paused on 4 of 4 streams" in report
+    assert "after draining: 4 of 4 streams complete" in report
+    assert re.search(r"server RSS: idle [\d.]+ MiB, 4 stalled readers [\d.]+ MiB", report)

@@ -17,9 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
+from fakes import FakeOpenAI, StreamReply
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import assert_well_formed, request
+from conftest import ErrorInfo, assert_well_formed, detail, read_to_end, request, rich_status, vendor_route
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
@@ -237,3 +238,30 @@ async def read_rest_with_code(call: Any) -> tuple[list[pb.GenerateResponse], grp
     with contextlib.suppress(grpc.aio.AioRpcError):
         await read_rest(call, messages)
     return messages, await call.code()
+
+
+async def test_shutdown_closes_the_provider_streams_it_ends(start_server: Any, fake_openai: FakeOpenAI) -> None:
+    fake_openai.enqueue(
+        StreamReply(text=[f" t{i}" for i in range(5000)], interval=0.01),  # streaming when the drain ends
+        StreamReply(first_delay=30.0),  # still waiting for its first token
+    )
+    running = await start_server(routes={"r": vendor_route(fake_openai)})
+    streaming = running.stub.Generate(request(model="r"))
+    first = await streaming.read()
+    waiting = running.stub.Generate(request(model="r"))
+    await fake_openai.wait_requests(2)
+    stopping_at = time.monotonic()
+    await running.server.stop(grace=1.0)
+    stopped_after = time.monotonic() - stopping_at
+    for index in (0, 1):
+        assert fake_openai.requests[index].disconnected_at is not None
+        assert fake_openai.requests[index].disconnected_at - stopping_at < 1.0  # within the grace period
+    assert stopped_after < 1.5
+    messages, code, _ = await read_to_end(streaming, [first])
+    assert_well_formed(messages)
+    assert messages[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN
+    assert code == grpc.StatusCode.UNAVAILABLE
+    nothing, code, trailing = await read_to_end(waiting)
+    assert nothing == []
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert detail(rich_status(trailing), ErrorInfo).reason == "SERVER_SHUTTING_DOWN"

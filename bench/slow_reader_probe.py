@@ -1,0 +1,138 @@
+"""Slow-reader probe: what callers that stop reading cost the server, and whether they lose anything.
+
+Starts the server as an operator runs it (`python -m service`, its own process) with a route to a
+fake OpenAI-compatible vendor on loopback, opens `--streams` streams whose answers are bigger than
+what flow control and socket buffers hold, reads one chunk of each and then stops reading. While
+they stall it measures the server's RSS and how much of each answer the vendor managed to send;
+then it reads every stream to its end and checks it: every chunk, once, in order, one Finish.
+
+    .venv/bin/python bench/slow_reader_probe.py --streams 100
+
+Bounded in count and time; talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from fakes import FakeOpenAI, StreamReply
+
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+KEY_ENV = "SLOW_READER_PROBE_KEY"
+CONFIG = """
+[server]
+listen = "127.0.0.1:0"
+max_concurrent_streams = 10000
+
+[routes.big]
+provider = "openai"
+model = "gpt-probe"
+options = {{ base_url = "{base_url}", api_key_env = "{key_env}" }}
+"""
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def start_server(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--config", str(config)], stderr=out)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on (\S+);", log.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the server did not start: " + log.read_text())
+
+
+async def probe(streams: int, pieces: int, piece_bytes: int, tmp: Path) -> int:
+    text = ["z" * piece_bytes] * pieces
+    async with FakeOpenAI(default=StreamReply(text=text, events_per_write=8)) as fake:
+        os.environ[KEY_ENV] = fake.api_key
+        config = tmp / "tokenwire.toml"
+        config.write_text(CONFIG.format(base_url=fake.base_url, key_env=KEY_ENV))
+        proc, address = start_server(config, tmp / "server.log")
+        try:
+            return await run(proc, address, fake, streams, pieces, piece_bytes)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+async def run(
+    proc: subprocess.Popen[bytes], address: str, fake: FakeOpenAI, streams: int, pieces: int, size: int
+) -> int:
+    request = pb.GenerateRequest(model="big", messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        # Warm up: imports, the SDK client and its pool allocate once.
+        async for _ in stub.Generate(request, timeout=60):
+            pass
+        fake.requests.clear()
+        idle = rss_mib(proc.pid)
+        calls = [stub.Generate(request, timeout=120) for _ in range(streams)]
+        firsts = await asyncio.gather(*(call.read() for call in calls))
+        await asyncio.sleep(2.0)  # every stream fills what it can, then stalls
+        sent = [r.bytes_sent for r in fake.requests]
+        await asyncio.sleep(0.5)
+        still = sum(a == b.bytes_sent for a, b in zip(sent, fake.requests, strict=True))
+        stalled = rss_mib(proc.pid)
+        answer_mb = pieces * (size + 100) / 1e6
+
+        async def drain(call: grpc.aio.UnaryStreamCall, first: pb.GenerateResponse) -> bool:
+            messages = [first]
+            while (message := await call.read()) is not grpc.aio.EOF:
+                messages.append(message)
+            ok = [m.sequence for m in messages] == list(range(1, len(messages) + 1))
+            deltas = [m for m in messages if m.HasField("text_delta")]
+            return ok and len(deltas) == pieces and messages[-1].HasField("finish")
+
+        started = time.monotonic()
+        complete = sum(await asyncio.gather(*(drain(c, f) for c, f in zip(calls, firsts, strict=True))))
+        drained_s = time.monotonic() - started
+    print(f"streams: {streams}, answer: {pieces} chunks of {size} B (~{answer_mb:.1f} MB of SSE each)")
+    print(
+        f"while stalled: upstream paused on {still} of {streams} streams, "
+        f"vendor had sent {sum(sent) / len(sent) / 1e6:.2f} MB per stream on average"
+    )
+    print(
+        f"server RSS: idle {idle:.1f} MiB, {streams} stalled readers {stalled:.1f} MiB "
+        f"(+{stalled - idle:.1f} MiB, {(stalled - idle) * 1024 / streams:.0f} KiB per stream)"
+    )
+    print(f"after draining: {complete} of {streams} streams complete, in order, one Finish ({drained_s:.1f} s)")
+    return 0 if complete == streams and still == streams else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--pieces", type=int, default=1500, help="text chunks per answer")
+    parser.add_argument("--piece-bytes", type=int, default=8000, help="bytes of text per chunk")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(probe(args.streams, args.pieces, args.piece_bytes, Path(tmp)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
