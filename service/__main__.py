@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from service import __version__
 from service.config import ENV_PREFIX, Config, ConfigError, ServerConfig, load_config, unknown_env
@@ -66,6 +68,7 @@ async def serve(config: Config) -> int:
     await server.start()
     s = config.server
     log.info("tokenwire %s listening on %s; routes: %s", __version__, server.address, ", ".join(config.routes))
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     log.info(
         "limits: max_concurrent_streams=%d max_request_bytes=%d max_metadata_bytes=%d "
         "shutdown_grace_seconds=%g keepalive_time_seconds=%g",
@@ -86,6 +89,15 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Runs on uvloop where it is installed (less CPU per relayed chunk), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (Path(os.environ[ENV_PREFIX + "CONFIG"]) if os.environ.get(ENV_PREFIX + "CONFIG") else None)
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.server.log_level)
         for name in unknown_env(os.environ):
             log.warning("ignoring environment variable %s: no such setting (see --help)", name)
-        return asyncio.run(serve(config))
+        return _run(serve(config))
     except ConfigError as exc:
         print(f"tokenwire: configuration error: {exc}", file=sys.stderr)
         return 2

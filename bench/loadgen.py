@@ -1,0 +1,195 @@
+"""The benchmark's load generator: N concurrent streams, back to back, for a fixed time; prints one JSON
+object with what it saw.
+
+Two ways to ask: `grpc` (tokenwire's Generate, or the bare forwarder: one shared channel, the cheapest
+layout) and `sse` (an OpenAI-compatible HTTP endpoint: the upstream itself, or LiteLLM), read as raw
+bytes over keep-alive connections. Every stream is checked: all `--tokens` chunks, and for gRPC
+contiguous sequences and exactly one terminal Finish. Chunks are counted from the text (every
+upstream token is `--token`), so a message that carries several merged chunks counts for all of them,
+each arriving when the message did.
+
+    .venv/bin/python bench/loadgen.py grpc 127.0.0.1:50051 --streams 100 --seconds 10
+
+Talks to 127.0.0.1 only; bounded by --seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Tally:
+    ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    chunks: int = 0
+    ok: int = 0
+    bad: int = 0
+    problems: list[str] = field(default_factory=list)
+    recording: bool = False
+
+    def stream(self, started: float, arrivals: list[float], complete: bool, problem: str = "") -> None:
+        if not self.recording:
+            return
+        if not complete:
+            self.bad += 1
+            if len(self.problems) < 5:
+                self.problems.append(problem)
+            return
+        self.ok += 1
+        self.chunks += len(arrivals)
+        self.ttft.append(arrivals[0] - started)
+        self.gaps.extend(b - a for a, b in itertools.pairwise(arrivals))
+
+
+async def grpc_worker(stub: Any, model: str, tokens: int, token: str, tally: Tally, until: float) -> None:
+    request = pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
+    width = len(token)
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        arrivals: list[float] = []
+        expected = 1
+        finishes = 0
+        problem = ""
+        try:
+            async for message in stub.Generate(request, timeout=60):
+                now = time.perf_counter()
+                if message.sequence != expected:
+                    problem = f"sequence {message.sequence}, expected {expected}"
+                expected += 1
+                kind = message.WhichOneof("event")
+                if kind == "text_delta":
+                    arrivals.extend([now] * (len(message.text_delta.text) // width))
+                elif kind == "finish":
+                    finishes += 1
+                elif kind == "error":
+                    problem = f"error {message.error.code}"
+        except grpc.aio.AioRpcError as err:
+            problem = f"status {err.code().name}"
+        complete = not problem and finishes == 1 and len(arrivals) == tokens
+        tally.stream(started, arrivals, complete, problem or f"{len(arrivals)} chunks, {finishes} finishes")
+
+
+async def sse_worker(
+    host: str, port: int, model: str, tokens: int, token: str, tally: Tally, until: float, path: str
+) -> None:
+    body = json.dumps(
+        {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, separators=(",", ":")
+    ).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer bench-key\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    pattern = re.compile(rb'"content": ?"' + re.escape(token.encode()) + rb'"')
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            writer.write(head + body)
+            arrivals: list[float] = []
+            ended = False
+            problem = ""
+            while not ended:
+                data = await reader.read(65536)
+                now = time.perf_counter()
+                if not data:
+                    problem = "connection closed"
+                    break
+                arrivals.extend([now] * len(pattern.findall(data)))
+                # The end of the chunked body (after the [DONE] event).
+                ended = data.endswith(b"0\r\n\r\n")
+            complete = ended and len(arrivals) == tokens
+            tally.stream(started, arrivals, complete, problem or f"{len(arrivals)} chunks")
+            if problem:
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+    finally:
+        writer.close()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(int(len(values) * q), len(values) - 1)]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tally = Tally()
+    loop_start = time.perf_counter()
+    until = loop_start + args.warmup + args.seconds
+    host, _, port = args.target.rpartition(":")
+    channel = None
+    if args.mode == "grpc":
+        channel = grpc.aio.insecure_channel(args.target)
+        stub = pb_grpc.GenerationServiceStub(channel)
+        workers = [grpc_worker(stub, args.model, args.tokens, args.token, tally, until) for _ in range(args.streams)]
+    else:
+        workers = [
+            sse_worker(host, int(port), args.model, args.tokens, args.token, tally, until, args.path)
+            for _ in range(args.streams)
+        ]
+    tasks = [asyncio.ensure_future(w) for w in workers]
+    await asyncio.sleep(args.warmup)
+    tally.recording = True
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    measured_from = time.perf_counter()
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - measured_from
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    if channel is not None:
+        await channel.close()
+    return {
+        "streams": args.streams,
+        "seconds": elapsed,
+        "ok": tally.ok,
+        "bad": tally.bad,
+        "problems": tally.problems,
+        "chunks": tally.chunks,
+        "chunks_per_second": tally.chunks / elapsed if elapsed else 0.0,
+        "ttft_p50": percentile(tally.ttft, 0.5),
+        "ttft_p99": percentile(tally.ttft, 0.99),
+        "gap_p50": percentile(tally.gaps, 0.5),
+        "gap_p99": percentile(tally.gaps, 0.99),
+        "loadgen_cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("grpc", "sse"))
+    parser.add_argument("target", help="HOST:PORT")
+    parser.add_argument("--model", default="bench")
+    parser.add_argument("--path", default="/v1/chat/completions", help="sse: the endpoint's path")
+    parser.add_argument("--streams", type=int, default=10, help="concurrent streams")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--token", default="tok ")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

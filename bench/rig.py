@@ -1,0 +1,427 @@
+"""The benchmark rig: what each relay path adds on top of the same fake upstream, side by side.
+
+Paths, interleaved step by step through one upstream (bench/upstream.py):
+  direct     the load generator reads the upstream's SSE itself: the baseline
+  bare       bench/bare_forwarder.py, the floor of grpc.aio + Python on this machine
+  tokenwire  `python -m service` with one openai-compatible route to the upstream
+  litellm    LiteLLM proxy (its own virtual environment, bench/.venv-litellm), when installed
+
+The systems under test run pinned to core 0 (taskset); the upstream and the load generator to
+core 1. For every step (a number of concurrent streams) and path it reports the added time to first
+token and the added inter-chunk gap (p50/p99, over the direct path at the same step), CPU-seconds of
+the system under test per 1,000 relayed chunks (from /proc over the measured window), its RSS, and
+whether the step is valid: every stream complete, and the load core under 85% busy. It writes a
+table to stdout, a JSON file and a PNG plot of added gap p99 against relayed chunks per second.
+
+    .venv/bin/python bench/rig.py                # the full rig (make bench)
+    .venv/bin/python bench/rig.py --quick        # two steps, short (make bench-quick)
+
+Everything binds and talks to 127.0.0.1; every process it starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+SUT_CORE, LOAD_CORE = "0", "1"
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+INVALID_LOAD_BUSY = 0.85
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else argv
+
+
+@dataclass
+class Process:
+    name: str
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start(name: str, argv: list[str], log_dir: Path, pattern: str, env: dict[str, str] | None = None) -> Process:
+    log = log_dir / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text(errors="replace"))
+        if found:
+            return Process(name, proc, found.group(1), log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start:\n{log.read_text(errors='replace')[-2000:]}")
+
+
+def load_core_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the load core so far."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{LOAD_CORE} "):
+            values = [int(v) for v in line.split()[1:]]
+            idle = values[3] + values[4]
+            return sum(values) - idle, sum(values)
+    return 0, 1
+
+
+@dataclass
+class Step:
+    path: str
+    streams: int
+    result: dict[str, Any]
+    sut_cpu: float | None
+    load_busy: float
+    rss_mib: float | None
+    added: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> int:
+        return int(self.result["chunks"])
+
+    @property
+    def cpu_per_1000(self) -> float | None:
+        if self.sut_cpu is None or not self.chunks:
+            return None
+        return float(self.sut_cpu / (self.result["chunks_per_second"] * self.result["seconds"]) * 1000)
+
+    @property
+    def valid(self) -> bool:
+        return self.result["bad"] == 0 and self.result["ok"] > 0 and self.load_busy <= INVALID_LOAD_BUSY
+
+
+def measure(path: str, sut: Process | None, target: str, streams: int, args: argparse.Namespace) -> Step:
+    mode = "sse" if path in ("direct", "litellm") else "grpc"
+    model = "bench" if path != "litellm" else "bench-model"
+    argv = pinned(
+        LOAD_CORE,
+        [
+            PY,
+            "bench/loadgen.py",
+            mode,
+            target,
+            "--streams",
+            str(streams),
+            "--model",
+            model,
+            "--seconds",
+            str(args.seconds),
+            "--warmup",
+            str(args.warmup),
+            "--tokens",
+            str(args.tokens),
+        ],
+    )
+    loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    time.sleep(args.warmup)
+    cpu0 = sut.cpu_seconds() if sut else None
+    busy0, total0 = load_core_busy()
+    time.sleep(args.seconds)
+    cpu1 = sut.cpu_seconds() if sut else None
+    busy1, total1 = load_core_busy()
+    out, err = loadgen.communicate(timeout=args.seconds + 120)
+    if loadgen.returncode != 0:
+        raise RuntimeError(f"load generator failed on {path}: {err.decode()[-2000:]}")
+    result = json.loads(out)
+    sut_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    busy = (busy1 - busy0) / max(total1 - total0, 1)
+    return Step(path, streams, result, sut_cpu, busy, sut.rss_mib() if sut else None)
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.2f}"
+
+
+def table(steps: list[Step]) -> str:
+    lines = [
+        f"{'path':<10} {'streams':>7} {'chunks/s':>9} {'+ttft p50':>10} {'+ttft p99':>10} {'+gap p50':>9} "
+        f"{'+gap p99':>9} {'CPU-s/1k':>9} {'RSS MiB':>8} {'load core':>9}  valid",
+    ]
+    for s in steps:
+        cpu = "-" if s.cpu_per_1000 is None else f"{s.cpu_per_1000:.3f}"
+        rss = "-" if s.rss_mib is None else f"{s.rss_mib:.0f}"
+        note = "yes" if s.valid else ("no: load core busy" if s.load_busy > INVALID_LOAD_BUSY else "no: streams failed")
+        lines.append(
+            f"{s.path:<10} {s.streams:>7} {s.result['chunks_per_second']:>9.0f} {ms(s.added.get('ttft_p50')):>10} "
+            f"{ms(s.added.get('ttft_p99')):>10} {ms(s.added.get('gap_p50')):>9} {ms(s.added.get('gap_p99')):>9} "
+            f"{cpu:>9} {rss:>8} {s.load_busy:>8.0%}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
+    """Per path: CPU per 1,000 chunks, capacity, memory."""
+    out: dict[str, Any] = {}
+    for path in dict.fromkeys(s.path for s in steps):
+        mine = [s for s in steps if s.path == path]
+        held = [s for s in mine if s.valid and (s.added.get("gap_p99") or 0.0) <= 0.010]
+        cpus = [s.cpu_per_1000 for s in mine if s.valid and s.cpu_per_1000 is not None]
+        cpu = min(cpus) if cpus else None
+        biggest = max(mine, key=lambda s: s.streams)
+        per_1000_streams = None
+        if path in base_rss and biggest.rss_mib is not None:
+            per_1000_streams = (biggest.rss_mib - base_rss[path]) / biggest.streams * 1000
+        out[path] = {
+            "cpu_seconds_per_1000_chunks": cpu,
+            "chunks_per_second_held": max((s.result["chunks_per_second"] for s in held), default=None),
+            "chunks_per_second_at_70pct_of_a_core": 0.7 / cpu * 1000 if cpu else None,
+            "base_rss_mib": base_rss.get(path),
+            "rss_mib_per_1000_open_streams": per_1000_streams,
+        }
+    return out
+
+
+def plot(steps: list[Step], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for path in dict.fromkeys(s.path for s in steps):
+        if path == "direct":
+            continue
+        mine = [s for s in steps if s.path == path and s.added.get("gap_p99") is not None]
+        xs = [s.result["chunks_per_second"] for s in mine]
+        ys = [(s.added["gap_p99"] or 0.0) * 1000 for s in mine]
+        ax.plot(xs, ys, marker="o", label=path)
+        for s, x, y in zip(mine, xs, ys, strict=True):
+            if not s.valid:
+                ax.annotate("invalid", (x, y), fontsize=7)
+    ax.axhline(3, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(10, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("relayed chunks per second")
+    ax.set_ylabel("added inter-chunk gap p99 over direct (ms)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_title("What each path adds to the same upstream (SUT on one core)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+@contextlib.contextmanager
+def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Process | None]]:
+    started: list[Process] = []
+    try:
+        upstream = start(
+            "upstream",
+            pinned(
+                LOAD_CORE, [PY, "bench/upstream.py", "--tokens", str(args.tokens), "--interval", str(args.interval)]
+            ),
+            log_dir,
+            r"listening on (\S+)",
+        )
+        started.append(upstream)
+        suts: dict[str, Process | None] = {"direct": None}
+        if "bare" in args.paths:
+            bare = start(
+                "bare",
+                pinned(SUT_CORE, [PY, "bench/bare_forwarder.py", "--upstream", upstream.address]),
+                log_dir,
+                r"listening on (\S+)",
+            )
+            started.append(bare)
+            suts["bare"] = bare
+        if "tokenwire" in args.paths:
+            config = log_dir / "tokenwire.toml"
+            config.write_text(
+                '[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\n\n[routes.bench]\n'
+                'provider = "openai-compatible"\nmodel = "bench-model"\n'
+                f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
+            )
+            tokenwire = start(
+                "tokenwire",
+                pinned(SUT_CORE, [PY, "-m", "service", "--config", str(config)]),
+                log_dir,
+                r"listening on (\S+);",
+            )
+            started.append(tokenwire)
+            suts["tokenwire"] = tokenwire
+        if "litellm" in args.paths:
+            config = log_dir / "litellm.yaml"
+            config.write_text(
+                "model_list:\n  - model_name: bench-model\n    litellm_params:\n"
+                f"      model: openai/bench-model\n      api_base: http://{upstream.address}/v1\n"
+                "      api_key: bench-key\n"
+            )
+            env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+            port = free_port()
+            litellm = start(
+                "litellm",
+                pinned(
+                    SUT_CORE,
+                    [
+                        str(LITELLM_VENV / "bin" / "litellm"),
+                        "--config",
+                        str(config),
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                        "--num_workers",
+                        "1",
+                    ],
+                ),
+                log_dir,
+                r"Uvicorn running on http://(127\.0\.0\.1:\d+)",
+                env=env,
+            )
+            started.append(litellm)
+            suts["litellm"] = litellm
+        suts["upstream"] = upstream
+        yield suts
+    finally:
+        for process in started:
+            process.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("grpcio", "protobuf", "openai", "uvloop"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    litellm = LITELLM_VENV / "bin" / "python"
+    if litellm.exists():
+        out = subprocess.run(
+            [str(litellm), "-c", "from importlib.metadata import version; print(version('litellm'))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found["litellm"] = out.stdout.strip()
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two steps of 5 s: a smoke run (make bench-quick)")
+    parser.add_argument("--paths", default="direct,bare,tokenwire,litellm")
+    parser.add_argument("--steps", default="25,50,100,150,200", help="concurrent streams per step")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step and path")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seconds, args.warmup = "20,100", 5.0, 1.5
+    args.paths = [p for p in args.paths.split(",") if p]
+    if "litellm" in args.paths and not (LITELLM_VENV / "bin" / "litellm").exists():
+        print(f"litellm: not installed in {LITELLM_VENV} (make bench installs it); skipped", flush=True)
+        args.paths.remove("litellm")
+    steps_wanted = [int(n) for n in args.steps.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps: list[Step] = []
+    base_rss: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, systems(args, Path(tmp)) as suts:
+        targets = {"direct": suts["upstream"].address if suts["upstream"] else ""}
+        for path in args.paths:
+            process = suts.get(path)
+            if process is not None:
+                targets[path] = process.address
+                base_rss[path] = process.rss_mib()
+        for streams in steps_wanted:
+            for path in args.paths:
+                step = measure(path, suts.get(path), targets[path], streams, args)
+                steps.append(step)
+                print(
+                    f"{path:<10} {streams:>4} streams: {step.result['chunks_per_second']:.0f} chunks/s, "
+                    f"{step.result['ok']} streams ok, {step.result['bad']} failed",
+                    flush=True,
+                )
+    by_step = {(s.path, s.streams): s for s in steps}
+    for s in steps:
+        direct = by_step.get(("direct", s.streams))
+        if direct is None or s.path == "direct":
+            continue
+        for key in ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99"):
+            a, b = s.result[key], direct.result[key]
+            s.added[key] = None if a is None or b is None else a - b
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "versions": versions(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+        "steps": [
+            {
+                "path": s.path,
+                "streams": s.streams,
+                "valid": s.valid,
+                "load_core_busy": s.load_busy,
+                "sut_cpu_seconds": s.sut_cpu,
+                "cpu_seconds_per_1000_chunks": s.cpu_per_1000,
+                "rss_mib": s.rss_mib,
+                "added": s.added,
+                "loadgen": s.result,
+            }
+            for s in steps
+        ],
+        "summary": summary(steps, base_rss),
+    }
+    name = "bench-quick" if args.quick else "bench"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    print()
+    print(table(steps))
+    print()
+    for path, figures in report["summary"].items():
+        parts = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()]
+        print(f"{path}: " + ", ".join(parts))
+    try:
+        plot(steps, args.out / f"{name}.png")
+        print(f"\nwrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
+    except ImportError:
+        print(f"\nwrote {args.out / f'{name}.json'} (no matplotlib: no plot)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
