@@ -282,6 +282,8 @@ class Relay:
                     continue
                 item = pending.popleft()
                 self._pending_chars -= _chars(item)
+                if pending and isinstance(item, TextDelta | ReasoningDelta | ToolCallDelta):
+                    item = self._merge_queued(item)
                 _wake(self._reader_waiting)
                 if item is None:
                     self._stopped = GatewayError(
@@ -306,6 +308,41 @@ class Relay:
         failure = self._stopped
         assert failure is not None
         yield sequencer.error_message(failure)
+
+    def _merge_queued(self, item: TextDelta | ReasoningDelta | ToolCallDelta) -> ProviderEvent:
+        """Folds the deltas of the same kind that queued behind `item` into one event.
+
+        Only what queued while the previous write was in flight is here, so nothing is delayed to
+        be merged; and one message then carries what would have cost a write each. A tool call's
+        pieces merge only within the same call, reasoning only up to a signature.
+        """
+        pending = self._pending
+        parts: list[str] = []
+        if isinstance(item, TextDelta):
+            while pending and isinstance(nxt := pending[0], TextDelta):
+                parts.append(nxt.text)
+                pending.popleft()
+            merged: ProviderEvent = TextDelta(item.text + "".join(parts)) if parts else item
+        elif isinstance(item, ReasoningDelta):
+            while (
+                not item.signature and pending and isinstance(nxt := pending[0], ReasoningDelta) and not nxt.signature
+            ):
+                parts.append(nxt.text)
+                pending.popleft()
+            merged = ReasoningDelta(item.text + "".join(parts)) if parts else item
+        else:
+            while (
+                pending
+                and isinstance(nxt := pending[0], ToolCallDelta)
+                and nxt.index == item.index
+                and not nxt.id
+                and not nxt.name
+            ):
+                parts.append(nxt.arguments)
+                pending.popleft()
+            merged = ToolCallDelta(item.index, item.id, item.name, item.arguments + "".join(parts)) if parts else item
+        self._pending_chars -= sum(map(len, parts))
+        return merged
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()

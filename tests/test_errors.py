@@ -166,12 +166,14 @@ async def test_oversized_metadata_is_invalid_argument(start_server: Any, recorde
 async def test_error_after_start_is_a_terminal_event_mirrored_by_the_status(running: Running) -> None:
     messages, code, trailing = await collect(running.stub.Generate(request(model="error-after-3")))
     assert_well_formed(messages)
-    assert [m.WhichOneof("event") for m in messages] == ["start"] + ["text_delta"] * 3 + ["error"]
+    # Three chunks of text (deltas that queue behind a write go out merged), then the Error.
+    kinds = [m.WhichOneof("event") for m in messages]
+    assert kinds[0] == "start" and set(kinds[1:-1]) == {"text_delta"} and kinds[-1] == "error"
     error = messages[-1].error
     assert error.code == pb.ERROR_CODE_PROVIDER_UNAVAILABLE
     assert error.fault == pb.FAULT_PROVIDER
     assert error.retryable and error.provider == "simulated" and error.provider_http_status == 503
-    assert error.last_sequence == messages[-2].sequence == 4
+    assert error.last_sequence == messages[-2].sequence
     assert (
         code
         == grpc.StatusCode.UNAVAILABLE

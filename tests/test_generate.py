@@ -48,8 +48,9 @@ async def test_usage_has_presence_and_timing_is_measured(running: Running) -> No
     assert usage.source == pb.USAGE_SOURCE_PROVIDER
     for name in ("input_tokens", "output_tokens", "cache_read_input_tokens", "reasoning_tokens"):
         assert usage.HasField(name), name
+    # One token per simulated delta; deltas that queued behind a write share a message.
     deltas = sum(m.WhichOneof("event") == "text_delta" for m in messages)
-    assert usage.output_tokens == deltas > 0
+    assert usage.output_tokens >= deltas > 0
     assert usage.reasoning_tokens == 0  # known zero, not unknown
     timing = finish.timing
     assert timing.HasField("time_to_first_token") and timing.HasField("total_duration")
@@ -90,7 +91,9 @@ async def test_tool_call_streams_in_pieces_and_utf8_is_exact(running: Running) -
     parameters = struct_pb2.Struct()
     parameters.update({"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}})
     prompt = "weather in Zürich 🌦️ مرحبا \u0007 𝄞"
+    # At a pace, so that each piece goes out before the next: none queue up to be merged.
     req = request(
+        model="slow",
         text=prompt,
         tools=[pb.Tool(name="weather", description="forecast", parameters=parameters)],
         tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED),
@@ -166,7 +169,8 @@ async def test_reasoning_and_tool_calls_count_against_max_output_tokens(running:
     req = request(max_output_tokens=2, reasoning=pb.ReasoningOptions(effort=pb.REASONING_EFFORT_HIGH))
     messages, _, _ = await collect(running.stub.Generate(req))
     assert_well_formed(messages)
-    assert [m.WhichOneof("event") for m in messages[1:]] == ["reasoning_delta"] * 2 + ["finish"]
+    kinds = [m.WhichOneof("event") for m in messages[1:]]
+    assert set(kinds[:-1]) == {"reasoning_delta"} and kinds[-1] == "finish"
     finish = messages[-1].finish
     assert finish.reason == pb.FINISH_REASON_LENGTH
     assert finish.usage.output_tokens == finish.usage.reasoning_tokens == 2

