@@ -9,12 +9,14 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test soak lint proto proto-check breaking demo clean
+.PHONY: help setup run test soak bench bench-quick lint proto proto-check breaking demo clean
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
 	@echo "make test         run the test suite"
-	@echo "make soak         run the long soak tests (about 6 minutes): memory over cancel cycles, load"
+	@echo "make soak         run the long soak tests (about 5 minutes): memory over cancel cycles, stalled readers"
+	@echo "make bench        the benchmark rig: direct vs bare forwarder vs tokenwire vs LiteLLM (about 10 minutes)"
+	@echo "make bench-quick  the rig in brief, without LiteLLM (under 2 minutes)"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
 	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
@@ -40,6 +42,21 @@ test: $(STAMP) $(NODE_STAMP)
 # The soak tests only; their marker keeps them out of `make test`.
 soak: $(STAMP)
 	$(PY) -m pytest -m soak -p no:cacheprovider $(ARGS)
+
+# LiteLLM pins an older openai SDK: it gets a virtual environment of its own, used by the rig only.
+LITELLM_VENV := bench/.venv-litellm
+$(LITELLM_VENV)/.installed:
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install --quiet 'litellm[proxy]'
+	touch $@
+
+# Results go to bench/results/ (a table on stdout, bench.json, bench.png).
+bench: $(STAMP) $(LITELLM_VENV)/.installed
+	$(PY) bench/rig.py $(ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) bench/rig.py --quick --paths direct,bare,tokenwire $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m tokenwire_client $(ARGS)

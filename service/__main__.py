@@ -7,7 +7,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,9 @@ class _RedactingFormatter(logging.Formatter):
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    worker = os.environ.get(ENV_PREFIX + "WORKER")
+    where = f" worker {worker}" if worker else ""
+    handler.setFormatter(_RedactingFormatter(f"%(asctime)s{where} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help=f"TOML configuration file (default: ${ENV_PREFIX}CONFIG)")
     parser.add_argument("--listen", help="HOST:PORT to listen on (default: localhost:50051; port 0 picks one)")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    parser.add_argument("--workers", type=int, help="server processes sharing the port with SO_REUSEPORT (default 1)")
     parser.add_argument("--version", action="version", version=f"tokenwire {__version__}")
     return parser.parse_args(argv)
 
@@ -89,6 +95,42 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def supervise(config: Config, argv: list[str]) -> int:
+    """Runs `workers` server processes on one port (SO_REUSEPORT) and passes signals on to them.
+
+    Each worker is this command again, on the port resolved here (port 0 becomes one free port
+    for all). The supervisor exits when they all have, with the worst exit code; a worker that
+    fails stops the others.
+    """
+    host, _, port = config.server.listen.rpartition(":")
+    if port == "0":
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host.strip("[]"), 0))
+            port = str(probe.getsockname()[1])
+    listen = f"{host}:{port}"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "service", *argv, "--listen", listen],
+            env={**os.environ, ENV_PREFIX + "WORKER": str(n)},
+        )
+        for n in range(1, config.server.workers + 1)
+    ]
+    log.info("supervising %d workers on %s (SO_REUSEPORT)", len(workers), listen)
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while any(worker.poll() is None for worker in workers):
+        if any(worker.returncode for worker in workers):
+            forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    return max(worker.returncode for worker in workers)
+
+
 def _run(main: Coroutine[Any, Any, int]) -> int:
     """Runs on uvloop where it is installed (less CPU per relayed chunk), else on asyncio's loop."""
     try:
@@ -102,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (Path(os.environ[ENV_PREFIX + "CONFIG"]) if os.environ.get(ENV_PREFIX + "CONFIG") else None)
     try:
-        config = load_config(path, os.environ, {"listen": args.listen, "log_level": args.log_level})
+        overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers}
+        config = load_config(path, os.environ, overrides)
         configure_logging(config.server.log_level)
         for name in unknown_env(os.environ):
             log.warning("ignoring environment variable %s: no such setting (see --help)", name)
+        if config.server.workers > 1 and not os.environ.get(ENV_PREFIX + "WORKER"):
+            return supervise(config, sys.argv[1:] if argv is None else argv)
         return _run(serve(config))
     except ConfigError as exc:
         print(f"tokenwire: configuration error: {exc}", file=sys.stderr)

@@ -53,6 +53,9 @@ class ServerConfig:
     keepalive_min_ping_interval_seconds: float = 5.0
     # Python logging level: DEBUG, INFO, WARNING, ERROR.
     log_level: str = "INFO"
+    # Server processes sharing the listening port (SO_REUSEPORT); the kernel spreads connections
+    # over them. One per core is the most that helps; limits above apply to each process.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +162,7 @@ def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig
 
 
 # Variables of this prefix that are not [server] keys: the config file, and the demo client's target.
-_OTHER_ENV = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "TARGET"})
+_OTHER_ENV = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "TARGET", ENV_PREFIX + "WORKER"})
 
 
 def unknown_env(env: Mapping[str, str]) -> list[str]:
@@ -187,6 +190,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "keepalive_time_seconds": (1, 86_400),
     "keepalive_timeout_seconds": (1, 3600),
     "keepalive_min_ping_interval_seconds": (1, 86_400),
+    "workers": (1, 64),
 }
 
 

@@ -58,8 +58,9 @@ def grpc_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.keepalive_min_ping_interval_seconds * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
-        # grpc enables SO_REUSEPORT by default, which lets a second server silently share the port.
-        ("grpc.so_reuseport", 0),
+        # grpc enables SO_REUSEPORT by default, which lets a second server silently share the port:
+        # only the worker processes of one server share it, on purpose.
+        ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
     ]
 
 

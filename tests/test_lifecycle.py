@@ -265,3 +265,41 @@ async def test_shutdown_closes_the_provider_streams_it_ends(start_server: Any, f
     assert nothing == []
     assert code == grpc.StatusCode.UNAVAILABLE
     assert detail(rich_status(trailing), ErrorInfo).reason == "SERVER_SHUTTING_DOWN"
+
+
+async def test_workers_share_the_port_and_all_serve(tmp_path: Path) -> None:
+    config = tmp_path / "tokenwire.toml"
+    config.write_text(CONFIG.format(grace=2.0))
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--config", str(config), "--workers", "2"],
+            stderr=out,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while len(re.findall(r"worker \d INFO tokenwire: tokenwire \S+ listening on (\S+);", log.read_text())) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.05)
+        addresses = set(re.findall(r"listening on (\S+);", log.read_text()))
+        assert len(addresses) == 1  # one port, two processes
+        (address,) = addresses
+
+        # Separate connections: the kernel spreads them over the workers.
+        async def one() -> None:
+            async with grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                messages = [m async for m in pb_grpc.GenerationServiceStub(channel).Generate(request(model="short"))]
+            assert_well_formed(messages)
+
+        await asyncio.gather(*(one() for _ in range(16)))
+        await asyncio.sleep(0.2)
+        served_by = set(re.findall(r"worker (\d) INFO tokenwire.generation: stream", log.read_text()))
+        assert served_by == {"1", "2"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert len(re.findall(r"worker \d INFO tokenwire: stopped", log.read_text())) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
