@@ -85,14 +85,14 @@ async def grpc_worker(stub: Any, model: str, tokens: int, token: str, tally: Tal
 
 
 async def sse_worker(
-    host: str, port: int, model: str, tokens: int, token: str, tally: Tally, until: float, path: str
+    host: str, port: int, model: str, tokens: int, token: str, tally: Tally, until: float, path: str, key: str
 ) -> None:
     body = json.dumps(
         {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, separators=(",", ":")
     ).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer bench-key\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode()
     pattern = re.compile(rb'"content": ?"' + re.escape(token.encode()) + rb'"')
     reader, writer = await asyncio.open_connection(host, port)
@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         workers = [grpc_worker(stub, args.model, args.tokens, args.token, tally, until) for _ in range(args.streams)]
     else:
         workers = [
-            sse_worker(host, int(port), args.model, args.tokens, args.token, tally, until, args.path)
+            sse_worker(host, int(port), args.model, args.tokens, args.token, tally, until, args.path, args.key)
             for _ in range(args.streams)
         ]
     tasks = [asyncio.ensure_future(w) for w in workers]
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument("--model", default="bench")
     parser.add_argument("--path", default="/v1/chat/completions", help="sse: the endpoint's path")
+    parser.add_argument("--key", default="bench-key", help="sse: the bearer key to send")
     parser.add_argument("--streams", type=int, default=10, help="concurrent streams")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring")

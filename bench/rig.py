@@ -28,8 +28,10 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 SUT_CORE, LOAD_CORE = "0", "1"
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 INVALID_LOAD_BUSY = 0.85
+# LiteLLM refuses to start without a strong master key: a throwaway one for this run, on loopback.
+LITELLM_KEY = "sk-bench-" + secrets.token_hex(16)
 
 
 def pinned(core: str, argv: list[str]) -> list[str]:
@@ -79,17 +83,23 @@ class Process:
 
 
 def start(name: str, argv: list[str], log_dir: Path, pattern: str, env: dict[str, str] | None = None) -> Process:
+    """Starts a process; it is ready when its log matches `pattern` (group 1: its address), or,
+    for a pattern that is an address itself, when that address accepts connections."""
     log = log_dir / f"{name}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        found = re.search(pattern, log.read_text(errors="replace"))
-        if found:
-            return Process(name, proc, found.group(1), log)
+        if re.fullmatch(r"127\.0\.0\.1:\d+", pattern):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", int(pattern[10:])), timeout=1):
+                return Process(name, proc, pattern, log)
+        else:
+            found = re.search(pattern, log.read_text(errors="replace"))
+            if found:
+                return Process(name, proc, found.group(1), log)
         if proc.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{name} did not start:\n{log.read_text(errors='replace')[-2000:]}")
 
@@ -132,25 +142,11 @@ class Step:
 def measure(path: str, sut: Process | None, target: str, streams: int, args: argparse.Namespace) -> Step:
     mode = "sse" if path in ("direct", "litellm") else "grpc"
     model = "bench" if path != "litellm" else "bench-model"
-    argv = pinned(
-        LOAD_CORE,
-        [
-            PY,
-            "bench/loadgen.py",
-            mode,
-            target,
-            "--streams",
-            str(streams),
-            "--model",
-            model,
-            "--seconds",
-            str(args.seconds),
-            "--warmup",
-            str(args.warmup),
-            "--tokens",
-            str(args.tokens),
-        ],
-    )
+    command = [PY, "bench/loadgen.py", mode, target, "--streams", str(streams), "--model", model]
+    command += ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
+    if path == "litellm":
+        command += ["--key", LITELLM_KEY]
+    argv = pinned(LOAD_CORE, command)
     loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     time.sleep(args.warmup)
     cpu0 = sut.cpu_seconds() if sut else None
@@ -282,6 +278,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
                 "model_list:\n  - model_name: bench-model\n    litellm_params:\n"
                 f"      model: openai/bench-model\n      api_base: http://{upstream.address}/v1\n"
                 "      api_key: bench-key\n"
+                f"general_settings:\n  master_key: {LITELLM_KEY}\n"
             )
             env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
             port = free_port()
@@ -302,7 +299,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
                     ],
                 ),
                 log_dir,
-                r"Uvicorn running on http://(127\.0\.0\.1:\d+)",
+                f"127.0.0.1:{port}",
                 env=env,
             )
             started.append(litellm)
@@ -315,8 +312,6 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -420,7 +415,10 @@ def main() -> int:
         print(f"\nwrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
     except ImportError:
         print(f"\nwrote {args.out / f'{name}.json'} (no matplotlib: no plot)")
-    return 0
+    failed = [s for s in steps if s.result["bad"]]
+    for s in failed:
+        print(f"FAILED: {s.path} at {s.streams} streams: {s.result['bad']} broken streams, e.g. {s.result['problems']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -267,16 +267,21 @@ async def test_shutdown_closes_the_provider_streams_it_ends(start_server: Any, f
     assert detail(rich_status(trailing), ErrorInfo).reason == "SERVER_SHUTTING_DOWN"
 
 
-async def test_workers_share_the_port_and_all_serve(tmp_path: Path) -> None:
+def start_workers(tmp_path: Path, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
     config = tmp_path / "tokenwire.toml"
     config.write_text(CONFIG.format(grace=2.0))
     log = tmp_path / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--config", str(config), "--workers", "2"],
+            [sys.executable, "-m", "service", "--config", str(config), "--workers", str(workers)],
             stderr=out,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    return proc, log
+
+
+async def test_workers_share_the_port_and_all_serve(tmp_path: Path) -> None:
+    proc, log = start_workers(tmp_path, 2)
     try:
         deadline = time.monotonic() + 20
         while len(re.findall(r"worker \d INFO tokenwire: tokenwire \S+ listening on (\S+);", log.read_text())) < 2:
