@@ -187,9 +187,18 @@ def table(steps: list[Step]) -> str:
 def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
     """Per path: CPU per 1,000 chunks, capacity, memory."""
     out: dict[str, Any] = {}
+    direct_rate = {s.streams: s.result["chunks_per_second"] for s in steps if s.path == "direct"}
     for path in dict.fromkeys(s.path for s in steps):
         mine = [s for s in steps if s.path == path]
-        held = [s for s in mine if s.valid and (s.added.get("gap_p99") or 0.0) <= 0.010]
+        # Held: a valid step, added gap p99 within 10 ms, and keeping up with the upstream (at least
+        # 95% of the direct path's chunks per second: a saturated relay starts streams late).
+        held = [
+            s
+            for s in mine
+            if s.valid
+            and (s.added.get("gap_p99") or 0.0) <= 0.010
+            and s.result["chunks_per_second"] >= 0.95 * direct_rate.get(s.streams, 0.0)
+        ]
         cpus = [s.cpu_per_1000 for s in mine if s.valid and s.cpu_per_1000 is not None]
         cpu = min(cpus) if cpus else None
         biggest = max(mine, key=lambda s: s.streams)

@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
 import anthropic
+import httpx2
 import orjson
 
 from service.config import RouteConfig
@@ -32,7 +33,15 @@ from service.events import (
     Usage,
 )
 from service.providers.base import Options
-from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, token_count, truncated
+from service.providers.upstream import (
+    HTTPProvider,
+    HTTPSettings,
+    loads,
+    post_streaming,
+    stream_error,
+    token_count,
+    truncated,
+)
 
 _STOP_REASONS = {
     "end_turn": FinishReason.STOP,
@@ -286,10 +295,9 @@ class AnthropicProvider(HTTPProvider):
             http_client=anthropic.DefaultAsyncHttpxClient(limits=self.settings.limits),
         )
 
-    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(request, default_max_tokens=self.default_max_tokens, reasoning_mode=self.reasoning_mode)
-        create: Any = self.client.messages.with_streaming_response.create
-        return create(**body, timeout=self.settings.timeout(request))  # type: ignore[no-any-return]
+        return post_streaming(self.client, "/v1/messages", body, self.settings.timeout(request))
 
     def _parser(self, request: GenerationRequest) -> EventParser:
         return EventParser(self.kind)

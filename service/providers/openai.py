@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
+import httpx2
 import openai
 
 from service.config import RouteConfig
@@ -29,7 +30,15 @@ from service.events import (
     Usage,
 )
 from service.providers.base import Options
-from service.providers.upstream import HTTPProvider, HTTPSettings, loads, stream_error, token_count, truncated
+from service.providers.upstream import (
+    HTTPProvider,
+    HTTPSettings,
+    loads,
+    post_streaming,
+    stream_error,
+    token_count,
+    truncated,
+)
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -244,10 +253,9 @@ class OpenAIProvider(HTTPProvider):
             http_client=openai.DefaultAsyncHttpxClient(limits=s.limits),
         )
 
-    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(request, self.max_tokens_field)
-        create: Any = self.client.chat.completions.with_streaming_response.create
-        return create(**body, timeout=self.settings.timeout(request))  # type: ignore[no-any-return]
+        return post_streaming(self.client, "/chat/completions", body, self.settings.timeout(request))
 
     def _parser(self, request: GenerationRequest) -> ChunkParser:
         return ChunkParser(self.kind)

@@ -322,6 +322,26 @@ class StreamParser(Protocol):
         ...
 
 
+@contextlib.asynccontextmanager
+async def post_streaming(
+    client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout
+) -> AsyncIterator[httpx2.Response]:
+    """POSTs `body` through a vendor SDK's client and yields the response with its body unread.
+
+    The SDK supplies the base URL (and Azure's deployment path), authentication, its headers and,
+    for an error status, its exception classes. Its generic `post` is used rather than the typed
+    `create`: that one first walks the whole body to rename aliased keys (our bodies have none),
+    which cost more than the rest of sending the request.
+    """
+    response: httpx2.Response = await client.post(
+        path, cast_to=httpx2.Response, body=body, options={"timeout": limits}, stream=True, stream_cls=None
+    )
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
 class HTTPProvider(Provider):
     """A provider reached over HTTP through its vendor's SDK, streaming server-sent events."""
 
@@ -330,8 +350,8 @@ class HTTPProvider(Provider):
     connection_error_class: ClassVar[type[Exception]]
 
     @abc.abstractmethod
-    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[Any]:
-        """Sends the request; entering yields the SDK's raw response (with `.http_response`)."""
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
+        """Sends the request; entering yields the HTTP response, its body not yet read."""
 
     @abc.abstractmethod
     def _parser(self, request: GenerationRequest) -> StreamParser: ...
@@ -347,7 +367,7 @@ class HTTPProvider(Provider):
         try:
             async with self._send(request) as response:
                 # Decoded bytes: a proxy may compress the stream, although the vendors do not.
-                async with contextlib.aclosing(response.http_response.aiter_bytes()) as chunks:
+                async with contextlib.aclosing(response.aiter_bytes()) as chunks:
                     async for chunk in chunks:
                         started = True
                         try:
