@@ -57,8 +57,6 @@ class _InFlight:
     """One Generate stream in flight, as shutdown and the stream limits see it."""
 
     task: asyncio.Task[None]
-    context: Context
-    stream_id: str
     # Set once the provider's first event arrived and Start is on its way.
     relay: Relay | None = None
     # Why the server ends this stream early (shutdown, the duration limit); None while it runs.
@@ -100,7 +98,7 @@ class GenerationService:
         try:
             try:
                 route, generation = self._admissible(request, context, stream_id, deadline)
-                flight = self._admit(task, context, stream_id, received_at)
+                flight = self._admit(task, received_at)
                 try:
                     opened = await self.router.open(route, generation)
                     info = StreamInfo(
@@ -119,7 +117,7 @@ class GenerationService:
                 # Only a cancel of our own, and no other beside it, is turned into a status: a
                 # client's cancel, its deadline or grpc's own stop at the end of the grace period
                 # mean the call is gone, and nothing can be written to it any more.
-                if flight is None or not flight.interrupted or flight.ended_by is None or task.uncancel() > 0:
+                if flight is None or flight.ended_by is None or not flight.interrupted or task.uncancel() > 0:
                     # grpc says only "cancelled"; the caller's deadline tells the two apart.
                     late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
                     outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
@@ -175,14 +173,14 @@ class GenerationService:
         )
         return route, generation
 
-    def _admit(self, task: asyncio.Task[None], context: Context, stream_id: str, received_at: float) -> _InFlight:
+    def _admit(self, task: asyncio.Task[None], received_at: float) -> _InFlight:
         if len(self.active) >= self.config.max_concurrent_streams:
             raise GatewayError(
                 ErrorCode.SERVER_OVERLOADED,
                 f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
                 retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
             )
-        flight = self.active[task] = _InFlight(task, context, stream_id)
+        flight = self.active[task] = _InFlight(task)
         self.idle.clear()
         limit = self.config.max_stream_duration_seconds
         if limit:
