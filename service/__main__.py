@@ -99,8 +99,8 @@ def supervise(config: Config, argv: list[str]) -> int:
     """Runs `workers` server processes on one port (SO_REUSEPORT) and passes signals on to them.
 
     Each worker is this command again, on the port resolved here (port 0 becomes one free port
-    for all). The supervisor exits when they all have, with the worst exit code; a worker that
-    fails stops the others.
+    for all). The supervisor exits when they all have, with the worst exit code (a worker killed
+    by signal N counts as 128 + N); a worker that fails stops the others.
     """
     host, _, port = config.server.listen.rpartition(":")
     if port == "0":
@@ -108,27 +108,39 @@ def supervise(config: Config, argv: list[str]) -> int:
             probe.bind((host.strip("[]"), 0))
             port = str(probe.getsockname()[1])
     listen = f"{host}:{port}"
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "service", *argv, "--listen", listen],
-            env={**os.environ, ENV_PREFIX + "WORKER": str(n)},
-        )
-        for n in range(1, config.server.workers + 1)
-    ]
-    log.info("supervising %d workers on %s (SO_REUSEPORT)", len(workers), listen)
+    workers: list[subprocess.Popen[bytes]] = []
+    stopping = False
 
-    def forward(signum: int, _frame: object) -> None:
+    def stop(signum: int) -> None:
+        nonlocal stopping
+        stopping = True
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
+    # Installed before the first worker starts, so that no signal can leave a worker orphaned.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    while any(worker.poll() is None for worker in workers):
-        if any(worker.returncode for worker in workers):
-            forward(signal.SIGTERM, None)
-        time.sleep(0.1)
-    return max(worker.returncode for worker in workers)
+        signal.signal(sig, lambda signum, _frame: stop(signum))
+    try:
+        for n in range(1, config.server.workers + 1):
+            if stopping:
+                break
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service", *argv, "--listen", listen],
+                    env={**os.environ, ENV_PREFIX + "WORKER": str(n)},
+                )
+            )
+        log.info("supervising %d workers on %s (SO_REUSEPORT)", len(workers), listen)
+        while any(worker.poll() is None for worker in workers):
+            if not stopping and any(worker.returncode for worker in workers):
+                stop(signal.SIGTERM)  # once: a worker failed, the rest drain and stop
+            time.sleep(0.1)
+    except BaseException:
+        stop(signal.SIGTERM)
+        raise
+    codes = [worker.returncode for worker in workers]
+    return max((128 - code if code < 0 else code for code in codes), default=0)
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:

@@ -211,7 +211,7 @@ class Relay:
         self._pending: deque[ProviderEvent | GatewayError | None] = deque((first,))
         self._buffer_events = buffer_events
         self._buffer_chars = buffer_chars
-        self._pending_chars = 0
+        self._pending_chars = _chars(first)
         self._heartbeat_interval = heartbeat_interval
         self._stopped: GatewayError | None = None
         self._beat = False
@@ -231,22 +231,22 @@ class Relay:
         so that no provider stream outlives its caller.
         """
         reader = self._reader
-        if reader is None:
-            await self._events.aclose()
+        if reader is not None and self.sequencer.finish is not None:
+            if not reader.done():
+                _FINISHING.add(reader)
+                reader.add_done_callback(_FINISHING.discard)
             return
-        if reader.done():
-            return
-        if self.sequencer.finish is not None:
-            _FINISHING.add(reader)
-            reader.add_done_callback(_FINISHING.discard)
-            return
-        reader.cancel()
         cancelled = False
-        while not reader.done():
-            try:
-                await asyncio.wait((reader,))
-            except asyncio.CancelledError:
-                cancelled = True
+        if reader is not None:
+            reader.cancel()
+            while not reader.done():
+                try:
+                    await asyncio.wait((reader,))
+                except asyncio.CancelledError:
+                    cancelled = True
+        # A reader cancelled before it first ran never reached its own `finally`: closing an
+        # already closed stream does nothing, so close it here in every case.
+        await self._events.aclose()
         if cancelled:
             raise asyncio.CancelledError
 
@@ -298,6 +298,7 @@ class Relay:
                 message = sequencer.message(item)
                 if message is not None:
                     self._last_sent = loop.time()
+                    self._beat = False  # a heartbeat due in the same instant is news no more
                     yield message
                     if sequencer.finish is not None:
                         return

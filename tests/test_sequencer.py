@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from service.config import RouteConfig
 from service.events import EventStream, Finished, FinishReason, GenerationRequest, TextDelta
 from service.providers import KINDS
 from service.providers.base import Provider
+from service.streams import Relay, Sequencer, StreamInfo
 from tokenwire.v1 import generation_pb2 as pb
 
 CLOSED: list[str] = []
@@ -95,3 +97,26 @@ async def test_unreported_usage_is_estimated_never_zero(stub: Any) -> None:
     assert usage.output_tokens == 6  # 24 characters at ~4 per token
     assert usage.input_tokens == 5  # 20 characters
     assert not usage.HasField("cache_read_input_tokens")  # unknown stays unset, not 0
+
+
+async def test_a_relay_closed_before_its_reader_ran_still_closes_the_provider_stream() -> None:
+    closed: list[bool] = []
+
+    async def provider() -> EventStream:
+        try:
+            yield TextDelta("first")
+            yield TextDelta("second")
+        finally:
+            closed.append(True)
+
+    events = provider()
+    first = await anext(events)  # as the router opens a stream: its first event is in hand
+    info = StreamInfo("s", "r", "p", "m", received_at=0.0, create_time=datetime.now(UTC), prompt_chars=1)
+    relay = Relay(Sequencer(info), first, events)
+    messages = relay.messages()
+    start = await anext(messages)
+    assert start.WhichOneof("event") == "start"
+    # The write of Start fails at once: the writer closes before the reader task ever ran.
+    await messages.aclose()
+    await relay.aclose()
+    assert closed == [True]
