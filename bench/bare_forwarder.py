@@ -23,7 +23,7 @@ from tokenwire.v1 import generation_pb2 as pb
 MARK = b'"content":"'
 
 
-async def serve(upstream: str, uvloop_on: bool) -> None:
+async def serve(upstream: str) -> None:
     host, _, port = upstream.rpartition(":")
     body = b'{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
     request = (
@@ -73,7 +73,7 @@ async def serve(upstream: str, uvloop_on: bool) -> None:
     )
     bound = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    print(f"listening on 127.0.0.1:{bound} (uvloop {'on' if uvloop_on else 'off'})", flush=True)
+    print(f"listening on 127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -86,12 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the OpenAI-compatible upstream")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.run(serve(args.upstream, True))
-    except ImportError:
-        asyncio.run(serve(args.upstream, False))
+    # asyncio's own loop, as tokenwire runs on: the floor must be measured on the same stack.
+    asyncio.run(serve(args.upstream))
 
 
 if __name__ == "__main__":

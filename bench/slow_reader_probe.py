@@ -94,10 +94,15 @@ async def run(
         idle = rss_mib(proc.pid)
         calls = [stub.Generate(request, timeout=120) for _ in range(streams)]
         firsts: list[Any] = await asyncio.gather(*(call.read() for call in calls))
-        await asyncio.sleep(2.0)  # every stream fills what it can, then stalls
-        sent = [r.bytes_sent for r in fake.requests]
-        await asyncio.sleep(0.5)
-        still = sum(a == b.bytes_sent for a, b in zip(sent, fake.requests, strict=True))
+        # Every stream fills what it can (gRPC flow control, socket buffers), then stalls: wait
+        # until no vendor has sent anything for half a second, for at most 10 s.
+        await asyncio.sleep(1.0)
+        for _ in range(20):
+            sent = [r.bytes_sent for r in fake.requests]
+            await asyncio.sleep(0.5)
+            still = sum(a == b.bytes_sent for a, b in zip(sent, fake.requests, strict=True))
+            if still == streams:
+                break
         stalled = rss_mib(proc.pid)
         answer_mb = pieces * (size + 100) / 1e6
 

@@ -177,6 +177,8 @@ class Sequencer:
 # Past either, a caller that reads slowly stalls the provider's socket instead of growing our memory.
 DEFAULT_BUFFER_EVENTS = 64
 DEFAULT_BUFFER_CHARS = 64 * 1024
+# The most delta text merged into one message (see Relay._merge_queued).
+MERGE_MAX_CHARS = 4096
 
 
 class Relay:
@@ -315,20 +317,32 @@ class Relay:
 
         Only what queued while the previous write was in flight is here, so nothing is delayed to
         be merged; and one message then carries what would have cost a write each. A tool call's
-        pieces merge only within the same call, reasoning only up to a signature.
+        pieces merge only within the same call, reasoning only up to a signature. A merged event
+        stays under MERGE_MAX_CHARS, so that one message never grows large.
         """
         pending = self._pending
         parts: list[str] = []
+        size = _chars(item)
+
+        def room(nxt: ProviderEvent | GatewayError | None) -> bool:
+            return size + _chars(nxt) <= MERGE_MAX_CHARS
+
         if isinstance(item, TextDelta):
-            while pending and isinstance(nxt := pending[0], TextDelta):
+            while pending and isinstance(nxt := pending[0], TextDelta) and room(nxt):
                 parts.append(nxt.text)
+                size += len(nxt.text)
                 pending.popleft()
             merged: ProviderEvent = TextDelta(item.text + "".join(parts)) if parts else item
         elif isinstance(item, ReasoningDelta):
             while (
-                not item.signature and pending and isinstance(nxt := pending[0], ReasoningDelta) and not nxt.signature
+                not item.signature
+                and pending
+                and isinstance(nxt := pending[0], ReasoningDelta)
+                and not nxt.signature
+                and room(nxt)
             ):
                 parts.append(nxt.text)
+                size += len(nxt.text)
                 pending.popleft()
             merged = ReasoningDelta(item.text + "".join(parts)) if parts else item
         else:
@@ -338,8 +352,10 @@ class Relay:
                 and nxt.index == item.index
                 and not nxt.id
                 and not nxt.name
+                and room(nxt)
             ):
                 parts.append(nxt.arguments)
+                size += len(nxt.arguments)
                 pending.popleft()
             merged = ToolCallDelta(item.index, item.id, item.name, item.arguments + "".join(parts)) if parts else item
         self._pending_chars -= sum(map(len, parts))
