@@ -67,11 +67,6 @@ class Sequencer:
         self.first_delta_at: float | None = None
         self.output_chars = 0
 
-    @property
-    def ended(self) -> bool:
-        """Whether the terminal event has been produced."""
-        return self.finish is not None or self.failure is not None
-
     def _next(self) -> int:
         self.sequence += 1
         return self.sequence
@@ -175,8 +170,8 @@ class Sequencer:
 
 # How far the reader may get ahead of the writer: events, and characters of delta text in them.
 # Past either, a caller that reads slowly stalls the provider's socket instead of growing our memory.
-DEFAULT_BUFFER_EVENTS = 64
-DEFAULT_BUFFER_CHARS = 64 * 1024
+BUFFER_EVENTS = 64
+BUFFER_CHARS = 64 * 1024
 # The most delta text merged into one message (see Relay._merge_queued).
 MERGE_MAX_CHARS = 4096
 
@@ -184,7 +179,7 @@ MERGE_MAX_CHARS = 4096
 class Relay:
     """Relays one opened provider stream as the contract's messages, one terminal event last.
 
-    The provider is read by a task of its own, at most `buffer_events` events (and `buffer_chars`
+    The provider is read by a task of its own, at most BUFFER_EVENTS events (and BUFFER_CHARS
     characters of delta text) ahead of the writer, so that reading upstream and writing to the
     caller overlap, but a slow caller slows the provider down rather than filling memory. The
     provider's stream is closed on every path out: a finish, an error, `stop()`, or the caller's
@@ -203,16 +198,12 @@ class Relay:
         events: EventStream,
         *,
         heartbeat_interval: float | None = None,
-        buffer_events: int = DEFAULT_BUFFER_EVENTS,
-        buffer_chars: int = DEFAULT_BUFFER_CHARS,
     ) -> None:
         self.sequencer = sequencer
         self._events = events
         # Provider events not yet written; a GatewayError or None (the provider's stream ended
         # without its end marker) is the reader's last entry.
         self._pending: deque[ProviderEvent | GatewayError | None] = deque((first,))
-        self._buffer_events = buffer_events
-        self._buffer_chars = buffer_chars
         self._pending_chars = _chars(first)
         self._heartbeat_interval = heartbeat_interval
         self._stopped: GatewayError | None = None
@@ -371,7 +362,7 @@ class Relay:
                 _wake(self._writer_waiting)
                 if isinstance(event, Finished):
                     return
-                while len(pending) >= self._buffer_events or self._pending_chars >= self._buffer_chars:
+                while len(pending) >= BUFFER_EVENTS or self._pending_chars >= BUFFER_CHARS:
                     waiting = self._reader_waiting = loop.create_future()
                     try:
                         await waiting
