@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fakes import FakeOpenAI, StreamReply
+from rig import Process, start
 
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
@@ -45,53 +44,30 @@ options = {{ base_url = "{base_url}", api_key_env = "{key_env}" }}
 """
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def start_server(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--config", str(config)], stderr=out)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on (\S+);", log.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the server did not start: " + log.read_text())
-
-
 async def probe(streams: int, pieces: int, piece_bytes: int, tmp: Path) -> int:
     text = ["z" * piece_bytes] * pieces
     async with FakeOpenAI(default=StreamReply(text=text, events_per_write=8)) as fake:
         os.environ[KEY_ENV] = fake.api_key
         config = tmp / "tokenwire.toml"
         config.write_text(CONFIG.format(base_url=fake.base_url, key_env=KEY_ENV))
-        proc, address = start_server(config, tmp / "server.log")
+        server = start(
+            "tokenwire", [sys.executable, "-m", "service", "--config", str(config)], tmp, r"listening on (\S+);"
+        )
         try:
-            return await run(proc, address, fake, streams, pieces, piece_bytes)
+            return await run(server, fake, streams, pieces, piece_bytes)
         finally:
-            proc.terminate()
-            proc.wait(20)
+            server.stop()
 
 
-async def run(
-    proc: subprocess.Popen[bytes], address: str, fake: FakeOpenAI, streams: int, pieces: int, size: int
-) -> int:
+async def run(server: Process, fake: FakeOpenAI, streams: int, pieces: int, size: int) -> int:
     request = pb.GenerateRequest(model="big", messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         # Warm up: imports, the SDK client and its pool allocate once.
         async for _ in stub.Generate(request, timeout=60):
             pass
         fake.requests.clear()
-        idle = rss_mib(proc.pid)
+        idle = server.rss_mib()
         calls = [stub.Generate(request, timeout=120) for _ in range(streams)]
         firsts: list[Any] = await asyncio.gather(*(call.read() for call in calls))
         # Every stream fills what it can (gRPC flow control, socket buffers), then stalls: wait
@@ -103,7 +79,7 @@ async def run(
             still = sum(a == b.bytes_sent for a, b in zip(sent, fake.requests, strict=True))
             if still == streams:
                 break
-        stalled = rss_mib(proc.pid)
+        stalled = server.rss_mib()
         answer_mb = pieces * (size + 100) / 1e6
 
         async def drain(call: Any, first: pb.GenerateResponse) -> bool:
