@@ -292,7 +292,7 @@ class AnthropicProvider(HTTPProvider):
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=self.settings.read_timeout,
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=self.settings.limits),
+            http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:

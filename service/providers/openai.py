@@ -250,7 +250,7 @@ class OpenAIProvider(HTTPProvider):
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=openai.DefaultAsyncHttpxClient(limits=s.limits),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
@@ -297,5 +297,5 @@ class AzureOpenAIProvider(OpenAIProvider):
             api_version=self.api_version,
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=openai.DefaultAsyncHttpxClient(limits=s.limits),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
         )

@@ -16,7 +16,7 @@ import email.utils
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -27,6 +27,7 @@ import orjson
 from service.config import ConfigError, RouteConfig
 from service.errors import ErrorCode, GatewayError, redact, register_secret
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
+from service.providers import http1
 from service.providers.base import Options, Provider
 from service.providers.sse import SSEDecoder, SSEError
 
@@ -84,9 +85,9 @@ class HTTPSettings:
             max_connections=options.number("max_connections", 1000, minimum=1, maximum=100_000),
         )
 
-    @property
-    def limits(self) -> httpx2.Limits:
-        return httpx2.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections)
+    def http_client(self, client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
+        """The httpx2 client for the route's SDK (`client_class`, the SDK's own defaults)."""
+        return http1.http_client(client_class, self.base_url, self.max_connections)
 
     def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
         """The route's timeouts, never longer than what is left of the caller's deadline.
@@ -116,7 +117,7 @@ def loads(data: bytes, provider: str) -> dict[str, Any]:
     return value
 
 
-async def drain(chunks: AsyncIterator[bytes]) -> None:
+async def drain(read: Callable[[], Awaitable[bytes]]) -> None:
     """Reads what is left of a body after its end marker, briefly, so the connection can be reused.
 
     The answer is complete by now: a body that does not end in time, or breaks, costs only the
@@ -124,10 +125,24 @@ async def drain(chunks: AsyncIterator[bytes]) -> None:
     """
     try:
         async with asyncio.timeout(_DRAIN_SECONDS):
-            async for _ in chunks:
+            while await read():
                 pass
     except (TimeoutError, httpx2.HTTPError):
         pass
+
+
+def body_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:
+    """`read()` for a response's body: whatever arrived since the last call, b"" at its end.
+
+    A body from our own transport (`http1`) is read straight from its connection. One through
+    httpx2's transport (an environment proxy), or compressed on the way (a proxy may do that;
+    the vendors do not), goes through httpx2's decoding iterator.
+    """
+    body = response.extensions.get(http1.BODY)
+    if isinstance(body, http1.Body) and "content-encoding" not in response.headers:
+        return body.read
+    chunks = response.aiter_bytes()
+    return lambda: anext(chunks, b"")
 
 
 def token_count(value: object) -> int | None:
@@ -366,36 +381,35 @@ class HTTPProvider(Provider):
         started = False
         try:
             async with self._send(request) as response:
-                # Decoded bytes: a proxy may compress the stream, although the vendors do not.
-                async with contextlib.aclosing(response.aiter_bytes()) as chunks:
-                    async for chunk in chunks:
-                        started = True
+                read = body_reader(response)
+                while chunk := await read():
+                    started = True
+                    try:
+                        events = decoder.feed(chunk)
+                    except SSEError:
+                        raise GatewayError(
+                            ErrorCode.PROVIDER_PROTOCOL_ERROR,
+                            "the provider sent an oversized event",
+                            provider=self.kind,
+                        ) from None
+                    for name, data in events:
                         try:
-                            events = decoder.feed(chunk)
-                        except SSEError:
+                            parser.handle(name, data)
+                        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
                             raise GatewayError(
                                 ErrorCode.PROVIDER_PROTOCOL_ERROR,
-                                "the provider sent an oversized event",
+                                "the provider sent an event of an unexpected shape",
                                 provider=self.kind,
                             ) from None
-                        for name, data in events:
-                            try:
-                                parser.handle(name, data)
-                            except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-                                raise GatewayError(
-                                    ErrorCode.PROVIDER_PROTOCOL_ERROR,
-                                    "the provider sent an event of an unexpected shape",
-                                    provider=self.kind,
-                                ) from None
-                            if out:
-                                for event in out:
-                                    yield event
-                                out.clear()
-                            if parser.done:
-                                break
+                        if out:
+                            for event in out:
+                                yield event
+                            out.clear()
                         if parser.done:
-                            await drain(chunks)
                             break
+                    if parser.done:
+                        await drain(read)
+                        break
                 finished = parser.finish()
             yield finished
         except GatewayError:
