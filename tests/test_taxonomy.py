@@ -43,6 +43,14 @@ def test_fault_follows_the_proto_grouping() -> None:
         (ErrorCode.PROVIDER_AUTH_FAILED, C.INTERNAL, False),  # never UNAUTHENTICATED: not the caller's key
         (ErrorCode.SERVER_SHUTTING_DOWN, C.UNAVAILABLE, True),
         (ErrorCode.INTERNAL, C.INTERNAL, False),
+        (ErrorCode.STREAM_NOT_FOUND, C.NOT_FOUND, False),
+        (ErrorCode.CURSOR_OUT_OF_RANGE, C.OUT_OF_RANGE, False),
+        (ErrorCode.STREAM_ALREADY_EXISTS, C.ALREADY_EXISTS, False),
+        (ErrorCode.STREAM_CANCELLED, C.CANCELLED, False),
+        (ErrorCode.STREAM_ABANDONED, C.ABORTED, False),
+        (ErrorCode.PRODUCER_LOST, C.UNAVAILABLE, True),
+        (ErrorCode.JOURNAL_FULL, C.RESOURCE_EXHAUSTED, True),
+        (ErrorCode.JOURNAL_UNAVAILABLE, C.UNAVAILABLE, True),
     ],
 )
 def test_contract_mapping(code: ErrorCode, status: grpc.StatusCode, retryable: bool) -> None:

@@ -263,6 +263,22 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """Caller: the caller may not use this route. gRPC PERMISSION_DENIED."""
     ERROR_CODE_QUOTA_EXCEEDED: _ErrorCode.ValueType  # 5
     """Caller: the caller is over its quota. gRPC RESOURCE_EXHAUSTED, retryable after retry_after."""
+    ERROR_CODE_STREAM_NOT_FOUND: _ErrorCode.ValueType  # 6
+    """Caller: no durable stream with this id and token (unknown, expired, or a wrong token: the
+    three are not told apart). gRPC NOT_FOUND.
+    """
+    ERROR_CODE_CURSOR_OUT_OF_RANGE: _ErrorCode.ValueType  # 7
+    """Caller: the cursor is past the durable stream's last journaled message. gRPC OUT_OF_RANGE."""
+    ERROR_CODE_STREAM_ALREADY_EXISTS: _ErrorCode.ValueType  # 8
+    """Caller: a durable stream with this request_id exists and was started by a different request.
+    gRPC ALREADY_EXISTS.
+    """
+    ERROR_CODE_STREAM_CANCELLED: _ErrorCode.ValueType  # 9
+    """Caller: the durable stream was stopped by a Cancel call. gRPC CANCELLED; not retryable."""
+    ERROR_CODE_STREAM_ABANDONED: _ErrorCode.ValueType  # 10
+    """Caller: no reader was attached to the running durable stream for its whole resume window, so
+    the server stopped its generation. gRPC ABORTED; not retryable.
+    """
     ERROR_CODE_PROVIDER_RATE_LIMITED: _ErrorCode.ValueType  # 20
     """Provider: rate limited (HTTP 429). gRPC RESOURCE_EXHAUSTED, retryable after retry_after."""
     ERROR_CODE_PROVIDER_UNAVAILABLE: _ErrorCode.ValueType  # 21
@@ -295,6 +311,16 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """Server: the stream reached the server's maximum stream duration. gRPC DEADLINE_EXCEEDED."""
     ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 43
     """Server: an unexpected bug. gRPC INTERNAL; quote the correlation id when reporting it."""
+    ERROR_CODE_PRODUCER_LOST: _ErrorCode.ValueType  # 44
+    """Server: the server producing a durable stream stopped without ending it (it died, or lost
+    its lease). gRPC UNAVAILABLE; retryable (send the request again; the stream cannot resume).
+    """
+    ERROR_CODE_JOURNAL_FULL: _ErrorCode.ValueType  # 45
+    """Server: a durable stream's journal reached its bound (per stream, or in total), so the stream
+    ended rather than silently losing messages. gRPC RESOURCE_EXHAUSTED, retryable.
+    """
+    ERROR_CODE_JOURNAL_UNAVAILABLE: _ErrorCode.ValueType  # 46
+    """Server: the journal (for example Redis) could not be reached. gRPC UNAVAILABLE, retryable."""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
     """ErrorCode is a closed list of the errors a stream can end with, grouped by whose fault they
@@ -313,6 +339,22 @@ ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 4
 """Caller: the caller may not use this route. gRPC PERMISSION_DENIED."""
 ERROR_CODE_QUOTA_EXCEEDED: ErrorCode.ValueType  # 5
 """Caller: the caller is over its quota. gRPC RESOURCE_EXHAUSTED, retryable after retry_after."""
+ERROR_CODE_STREAM_NOT_FOUND: ErrorCode.ValueType  # 6
+"""Caller: no durable stream with this id and token (unknown, expired, or a wrong token: the
+three are not told apart). gRPC NOT_FOUND.
+"""
+ERROR_CODE_CURSOR_OUT_OF_RANGE: ErrorCode.ValueType  # 7
+"""Caller: the cursor is past the durable stream's last journaled message. gRPC OUT_OF_RANGE."""
+ERROR_CODE_STREAM_ALREADY_EXISTS: ErrorCode.ValueType  # 8
+"""Caller: a durable stream with this request_id exists and was started by a different request.
+gRPC ALREADY_EXISTS.
+"""
+ERROR_CODE_STREAM_CANCELLED: ErrorCode.ValueType  # 9
+"""Caller: the durable stream was stopped by a Cancel call. gRPC CANCELLED; not retryable."""
+ERROR_CODE_STREAM_ABANDONED: ErrorCode.ValueType  # 10
+"""Caller: no reader was attached to the running durable stream for its whole resume window, so
+the server stopped its generation. gRPC ABORTED; not retryable.
+"""
 ERROR_CODE_PROVIDER_RATE_LIMITED: ErrorCode.ValueType  # 20
 """Provider: rate limited (HTTP 429). gRPC RESOURCE_EXHAUSTED, retryable after retry_after."""
 ERROR_CODE_PROVIDER_UNAVAILABLE: ErrorCode.ValueType  # 21
@@ -345,7 +387,49 @@ ERROR_CODE_STREAM_DURATION_EXCEEDED: ErrorCode.ValueType  # 42
 """Server: the stream reached the server's maximum stream duration. gRPC DEADLINE_EXCEEDED."""
 ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 43
 """Server: an unexpected bug. gRPC INTERNAL; quote the correlation id when reporting it."""
+ERROR_CODE_PRODUCER_LOST: ErrorCode.ValueType  # 44
+"""Server: the server producing a durable stream stopped without ending it (it died, or lost
+its lease). gRPC UNAVAILABLE; retryable (send the request again; the stream cannot resume).
+"""
+ERROR_CODE_JOURNAL_FULL: ErrorCode.ValueType  # 45
+"""Server: a durable stream's journal reached its bound (per stream, or in total), so the stream
+ended rather than silently losing messages. gRPC RESOURCE_EXHAUSTED, retryable.
+"""
+ERROR_CODE_JOURNAL_UNAVAILABLE: ErrorCode.ValueType  # 46
+"""Server: the journal (for example Redis) could not be reached. gRPC UNAVAILABLE, retryable."""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
+
+class _StreamStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StreamStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StreamStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STREAM_STATUS_UNSPECIFIED: _StreamStatus.ValueType  # 0
+    """Unknown; never sent by a current server."""
+    STREAM_STATUS_RUNNING: _StreamStatus.ValueType  # 1
+    """Generating: more messages will come."""
+    STREAM_STATUS_FINISHED: _StreamStatus.ValueType  # 2
+    """Ended with Finish."""
+    STREAM_STATUS_FAILED: _StreamStatus.ValueType  # 3
+    """Ended with an Error other than a cancel."""
+    STREAM_STATUS_CANCELLED: _StreamStatus.ValueType  # 4
+    """Ended with the Error of a Cancel."""
+
+class StreamStatus(_StreamStatus, metaclass=_StreamStatusEnumTypeWrapper):
+    """StreamStatus is where a durable stream is in its life."""
+
+STREAM_STATUS_UNSPECIFIED: StreamStatus.ValueType  # 0
+"""Unknown; never sent by a current server."""
+STREAM_STATUS_RUNNING: StreamStatus.ValueType  # 1
+"""Generating: more messages will come."""
+STREAM_STATUS_FINISHED: StreamStatus.ValueType  # 2
+"""Ended with Finish."""
+STREAM_STATUS_FAILED: StreamStatus.ValueType  # 3
+"""Ended with an Error other than a cancel."""
+STREAM_STATUS_CANCELLED: StreamStatus.ValueType  # 4
+"""Ended with the Error of a Cancel."""
+Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
@@ -385,6 +469,7 @@ class GenerateRequest(_message.Message):
     REASONING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    RESUME_WINDOW_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. The name of a route configured on the server (see ListModels), not a provider's
     raw model id. An unknown route is NOT_FOUND.
@@ -435,6 +520,21 @@ class GenerateRequest(_message.Message):
         to 256 characters. Never forwarded to the provider.
         """
 
+    @_builtins.property
+    def resume_window(self) -> _duration_pb2.Duration:
+        """Optional. Makes the stream durable: its generation no longer belongs to this call, every
+        message is journaled, and the stream can be read again with Resume or Poll, and stopped with
+        Cancel, using the stream id and the resume token of Start. The window is how long the server
+        keeps the stream while no reader is attached, and after its terminal event; a running stream
+        with no reader for a whole window is abandoned (its provider stream is closed). At least 1 s;
+        a longer window than the server's maximum is shortened to it. Unset or zero: an ephemeral
+        stream, which ends with its call.
+
+        A durable Generate sent again with the same request_id while the stream exists attaches to it
+        from its first message instead of calling the provider again; the same request_id with a
+        different request is ALREADY_EXISTS (ERROR_CODE_STREAM_ALREADY_EXISTS).
+        """
+
     def __init__(
         self,
         *,
@@ -450,10 +550,11 @@ class GenerateRequest(_message.Message):
         reasoning: Global___ReasoningOptions | None = ...,
         request_id: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resume_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "reasoning", b"reasoning", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "reasoning", b"reasoning", "resume_window", b"resume_window", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "reasoning", b"reasoning", "request_id", b"request_id", "seed", b"seed", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "reasoning", b"reasoning", "request_id", b"request_id", "resume_window", b"resume_window", "seed", b"seed", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
@@ -750,6 +851,8 @@ class Start(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     UPSTREAM_MODEL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    RESUME_WINDOW_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """Output only. The stream's id: the request's request_id, or one the server generated."""
     route: _builtins.str
@@ -760,9 +863,19 @@ class Start(_message.Message):
     """Output only. The provider that serves the response, for example "openai" or "simulated"."""
     upstream_model: _builtins.str
     """Output only. The provider's model id that serves the response."""
+    resume_token: _builtins.str
+    """Output only. Set on durable streams only: the opaque capability that Resume, Poll and Cancel
+    require with the stream id (at least 128 bits of randomness). Keep it secret.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the server received the request."""
+
+    @_builtins.property
+    def resume_window(self) -> _duration_pb2.Duration:
+        """Output only. Set on durable streams only: the resume window the server granted (the
+        request's, shortened to the server's maximum).
+        """
 
     def __init__(
         self,
@@ -772,10 +885,12 @@ class Start(_message.Message):
         provider: _builtins.str = ...,
         upstream_model: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+        resume_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resume_window", b"resume_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "provider", b"provider", "route", b"route", "stream_id", b"stream_id", "upstream_model", b"upstream_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "provider", b"provider", "resume_token", b"resume_token", "resume_window", b"resume_window", "route", b"route", "stream_id", b"stream_id", "upstream_model", b"upstream_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1102,6 +1217,218 @@ class Error(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__provider_http_status) -> _WhichOneofReturnType__provider_http_status | None: ...
 
 Global___Error: _TypeAlias = Error  # noqa: Y015
+
+@_typing.final
+class ResumeRequest(_message.Message):
+    """ResumeRequest names a durable stream and the cursor to read it from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """Required. The stream's id, from Start.stream_id."""
+    resume_token: _builtins.str
+    """Required. The stream's resume token, from Start.resume_token."""
+    after_sequence: _builtins.int
+    """Optional. The sequence of the last message the caller has; messages after it are sent. 0
+    (the default) replays from Start.
+    """
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "resume_token", b"resume_token", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRequest: _TypeAlias = ResumeRequest  # noqa: Y015
+
+@_typing.final
+class PollRequest(_message.Message):
+    """PollRequest asks for the messages of a durable stream after a cursor, waiting for them if
+    there are none yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """Required. The stream's id, from Start.stream_id."""
+    resume_token: _builtins.str
+    """Required. The stream's resume token, from Start.resume_token."""
+    after_sequence: _builtins.int
+    """Optional. The sequence of the last message the caller has; 0 reads from Start."""
+    max_messages: _builtins.int
+    """Optional. The most messages in one answer, 1 to 1000. Unset or zero means 100."""
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """Optional. How long to wait for a message when none is there yet, at most 30 s (longer is
+        shortened to 30 s). Unset or zero: answer at once (a short poll).
+        """
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+        wait: _duration_pb2.Duration | None = ...,
+        max_messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "max_messages", b"max_messages", "resume_token", b"resume_token", "stream_id", b"stream_id", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PollRequest: _TypeAlias = PollRequest  # noqa: Y015
+
+@_typing.final
+class PollResponse(_message.Message):
+    """PollResponse is one batch of a durable stream's messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TERMINAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    next_after_sequence: _builtins.int
+    """Output only. The cursor for the next Poll: the sequence of the last message in this batch,
+    or the request's after_sequence when the batch is empty.
+    """
+    terminal: _builtins.bool
+    """Output only. Whether the stream's terminal event (Finish or Error) is in this batch: no
+    further Poll is needed.
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___GenerateResponse]:
+        """Output only. The messages after the cursor, in sequence order, byte-identical to their
+        first delivery; empty when none arrived within the wait.
+        """
+
+    @_builtins.property
+    def state(self) -> Global___StreamState:
+        """Output only. The stream's state when the batch was read."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___GenerateResponse] | None = ...,
+        next_after_sequence: _builtins.int = ...,
+        terminal: _builtins.bool = ...,
+        state: Global___StreamState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_after_sequence", b"next_after_sequence", "state", b"state", "terminal", b"terminal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PollResponse: _TypeAlias = PollResponse  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    """CancelRequest names the durable stream to stop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """Required. The stream's id, from Start.stream_id."""
+    resume_token: _builtins.str
+    """Required. The stream's resume token, from Start.resume_token."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume_token", b"resume_token", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class CancelResponse(_message.Message):
+    """CancelResponse says what state the stream is in after the Cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___StreamState:
+        """Output only. The stream's state. STREAM_STATUS_CANCELLED when this or an earlier Cancel
+        stopped it; the state it ended in when it had already ended.
+        """
+
+    def __init__(
+        self,
+        *,
+        state: Global___StreamState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
+
+@_typing.final
+class StreamState(_message.Message):
+    """StreamState describes a durable stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """Output only. The stream's id."""
+    status: Global___StreamStatus.ValueType
+    """Output only. Where the stream is in its life."""
+    last_sequence: _builtins.int
+    """Output only. The sequence of the last journaled message; the terminal event's when the
+    stream has ended.
+    """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the server forgets the stream unless a reader comes back (running), or at
+        all (ended).
+        """
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        status: Global___StreamStatus.ValueType = ...,
+        last_sequence: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "last_sequence", b"last_sequence", "status", b"status", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamState: _TypeAlias = StreamState  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

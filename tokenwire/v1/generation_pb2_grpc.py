@@ -45,6 +45,21 @@ class GenerationServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/tokenwire.v1.GenerationService/Resume',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Poll = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Poll',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.PollRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.PollResponse.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Cancel',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -54,6 +69,7 @@ class GenerationServiceServicer:
     def Generate(self, request, context):
         """Generate streams one model response as sequenced chunks: Start, then deltas, then exactly one
         terminal Finish or Error. Errors before Start end the call with a plain status and no messages.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +77,39 @@ class GenerationServiceServicer:
 
     def ListModels(self, request, context):
         """ListModels lists the routes this server serves, with their provider and capabilities.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Resume streams a durable stream again from a cursor: every message with a sequence above
+        `after_sequence`, byte-identical to its first delivery, then the live tail, ending with the
+        stream's one terminal event. The status mirrors that event as for Generate. An unknown or
+        expired stream, or a wrong token, is NOT_FOUND (ERROR_CODE_STREAM_NOT_FOUND); a cursor past
+        the last journaled message is OUT_OF_RANGE (ERROR_CODE_CURSOR_OUT_OF_RANGE).
+
+        It answers with GenerateResponse on purpose: a resumed message is the very message the
+        first call sent, so one reader handles both calls.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Poll(self, request, context):
+        """Poll is the long-poll read of a durable stream: it answers as soon as at least one message
+        after the cursor exists, or when the wait runs out (an empty batch is OK, not an error).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Cancel stops a durable stream's generation: the provider's stream is closed and exactly one
+        terminal Error (ERROR_CODE_STREAM_CANCELLED) is journaled, which every reader sees. Idempotent:
+        on a stream that already ended it changes nothing. Answers with the stream's state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +127,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenwire_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Poll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Poll,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.PollRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.PollResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.CancelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +199,87 @@ class GenerationService:
             '/tokenwire.v1.GenerationService/ListModels',
             tokenwire_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             tokenwire_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Resume',
+            tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Poll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Poll',
+            tokenwire_dot_v1_dot_generation__pb2.PollRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.PollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Cancel',
+            tokenwire_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

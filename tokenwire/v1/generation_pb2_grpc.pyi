@@ -63,9 +63,31 @@ class GenerationServiceStub:
     Generate: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]
     """Generate streams one model response as sequenced chunks: Start, then deltas, then exactly one
     terminal Finish or Error. Errors before Start end the call with a plain status and no messages.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
     """ListModels lists the routes this server serves, with their provider and capabilities."""
+    Resume: _grpc.UnaryStreamMultiCallable[_generation_pb2.ResumeRequest, _generation_pb2.GenerateResponse]
+    """Resume streams a durable stream again from a cursor: every message with a sequence above
+    `after_sequence`, byte-identical to its first delivery, then the live tail, ending with the
+    stream's one terminal event. The status mirrors that event as for Generate. An unknown or
+    expired stream, or a wrong token, is NOT_FOUND (ERROR_CODE_STREAM_NOT_FOUND); a cursor past
+    the last journaled message is OUT_OF_RANGE (ERROR_CODE_CURSOR_OUT_OF_RANGE).
+
+    It answers with GenerateResponse on purpose: a resumed message is the very message the
+    first call sent, so one reader handles both calls.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    Poll: _grpc.UnaryUnaryMultiCallable[_generation_pb2.PollRequest, _generation_pb2.PollResponse]
+    """Poll is the long-poll read of a durable stream: it answers as soon as at least one message
+    after the cursor exists, or when the wait runs out (an empty batch is OK, not an error).
+    """
+    Cancel: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CancelRequest, _generation_pb2.CancelResponse]
+    """Cancel stops a durable stream's generation: the provider's stream is closed and exactly one
+    terminal Error (ERROR_CODE_STREAM_CANCELLED) is journaled, which every reader sees. Idempotent:
+    on a stream that already ended it changes nothing. Answers with the stream's state.
+    """
 
 @_typing.type_check_only
 class GenerationServiceAsyncStub(GenerationServiceStub):
@@ -75,9 +97,31 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     Generate: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateRequest, _generation_pb2.GenerateResponse]  # type: ignore[assignment]
     """Generate streams one model response as sequenced chunks: Start, then deltas, then exactly one
     terminal Finish or Error. Errors before Start end the call with a plain status and no messages.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the routes this server serves, with their provider and capabilities."""
+    Resume: _aio.UnaryStreamMultiCallable[_generation_pb2.ResumeRequest, _generation_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Resume streams a durable stream again from a cursor: every message with a sequence above
+    `after_sequence`, byte-identical to its first delivery, then the live tail, ending with the
+    stream's one terminal event. The status mirrors that event as for Generate. An unknown or
+    expired stream, or a wrong token, is NOT_FOUND (ERROR_CODE_STREAM_NOT_FOUND); a cursor past
+    the last journaled message is OUT_OF_RANGE (ERROR_CODE_CURSOR_OUT_OF_RANGE).
+
+    It answers with GenerateResponse on purpose: a resumed message is the very message the
+    first call sent, so one reader handles both calls.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    Poll: _aio.UnaryUnaryMultiCallable[_generation_pb2.PollRequest, _generation_pb2.PollResponse]  # type: ignore[assignment]
+    """Poll is the long-poll read of a durable stream: it answers as soon as at least one message
+    after the cursor exists, or when the wait runs out (an empty batch is OK, not an error).
+    """
+    Cancel: _aio.UnaryUnaryMultiCallable[_generation_pb2.CancelRequest, _generation_pb2.CancelResponse]  # type: ignore[assignment]
+    """Cancel stops a durable stream's generation: the provider's stream is closed and exactly one
+    terminal Error (ERROR_CODE_STREAM_CANCELLED) is journaled, which every reader sees. Idempotent:
+    on a stream that already ended it changes nothing. Answers with the stream's state.
+    """
 
 class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     """GenerationService streams model responses from the providers configured on the server."""
@@ -90,6 +134,7 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateResponse], _abc.AsyncIterator[_generation_pb2.GenerateResponse]]:
         """Generate streams one model response as sequenced chunks: Start, then deltas, then exactly one
         terminal Finish or Error. Errors before Start end the call with a plain status and no messages.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod
@@ -99,5 +144,44 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]:
         """ListModels lists the routes this server serves, with their provider and capabilities."""
+
+    @_abc_1.abstractmethod
+    def Resume(
+        self,
+        request: _generation_pb2.ResumeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateResponse], _abc.AsyncIterator[_generation_pb2.GenerateResponse]]:
+        """Resume streams a durable stream again from a cursor: every message with a sequence above
+        `after_sequence`, byte-identical to its first delivery, then the live tail, ending with the
+        stream's one terminal event. The status mirrors that event as for Generate. An unknown or
+        expired stream, or a wrong token, is NOT_FOUND (ERROR_CODE_STREAM_NOT_FOUND); a cursor past
+        the last journaled message is OUT_OF_RANGE (ERROR_CODE_CURSOR_OUT_OF_RANGE).
+
+        It answers with GenerateResponse on purpose: a resumed message is the very message the
+        first call sent, so one reader handles both calls.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def Poll(
+        self,
+        request: _generation_pb2.PollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.PollResponse, _abc.Awaitable[_generation_pb2.PollResponse]]:
+        """Poll is the long-poll read of a durable stream: it answers as soon as at least one message
+        after the cursor exists, or when the wait runs out (an empty batch is OK, not an error).
+        """
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _generation_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.CancelResponse, _abc.Awaitable[_generation_pb2.CancelResponse]]:
+        """Cancel stops a durable stream's generation: the provider's stream is closed and exactly one
+        terminal Error (ERROR_CODE_STREAM_CANCELLED) is journaled, which every reader sees. Idempotent:
+        on a stream that already ended it changes nothing. Answers with the stream's state.
+        """
 
 def add_GenerationServiceServicer_to_server(servicer: GenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
