@@ -1,0 +1,144 @@
+"""The in-process journal: the embedded default, for one server process and no setup.
+
+Each stream's payloads are kept in a list in this process, bounded in total bytes; readers
+wait on a future that every append (and the stream's end or expiry) resolves. Ended streams are
+forgotten at their expiry by one timer each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from service.journal.base import Batch, Fenced, Journal, JournalFull, StreamRecord, StreamStatus
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    record: StreamRecord
+    payloads: list[bytes] = field(default_factory=list)
+    size: int = 0
+    changed: asyncio.Future[None] | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def notify(self) -> None:
+        if self.changed is not None:
+            if not self.changed.done():
+                self.changed.set_result(None)
+            self.changed = None
+
+
+class MemoryJournal(Journal):
+    name = "memory"
+
+    def __init__(self, *, max_total_bytes: int = 512 * 1024 * 1024) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self.max_total_bytes = max_total_bytes
+        # Payload bytes held for every stream together.
+        self.total_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def create(self, record: StreamRecord) -> StreamRecord | None:
+        existing = self._live(record.stream_id)
+        if existing is not None and not existing.record.start_failure:
+            return existing.record
+        if existing is not None:
+            self._forget(record.stream_id)
+        stream = self._streams[record.stream_id] = _Stream(record)
+        self._expire_at(stream, record.expires_at)
+        return None
+
+    async def append(
+        self,
+        stream_id: str,
+        first_sequence: int,
+        payloads: Sequence[bytes],
+        *,
+        expires_at: float,
+        status: StreamStatus = StreamStatus.RUNNING,
+    ) -> None:
+        stream = self._live(stream_id)
+        if stream is None or stream.record.ended or first_sequence != stream.record.last_sequence + 1:
+            raise Fenced(f"stream {stream_id} does not continue at {first_sequence}")
+        size = sum(map(len, payloads))
+        if status is StreamStatus.RUNNING and self.total_bytes + size > self.max_total_bytes:
+            raise JournalFull(f"the memory journal holds {self.total_bytes} bytes, its limit is {self.max_total_bytes}")
+        stream.payloads.extend(payloads)
+        stream.size += size
+        self.total_bytes += size
+        stream.record = replace(
+            stream.record,
+            last_sequence=stream.record.last_sequence + len(payloads),
+            status=status,
+            expires_at=expires_at,
+        )
+        self._expire_at(stream, expires_at)
+        stream.notify()
+
+    async def fail_start(self, stream_id: str, failure: bytes, *, expires_at: float) -> None:
+        stream = self._live(stream_id)
+        if stream is None or stream.record.ended or stream.record.last_sequence:
+            raise Fenced(f"stream {stream_id} cannot fail before Start")
+        stream.record = replace(stream.record, start_failure=failure, expires_at=expires_at)
+        self._expire_at(stream, expires_at)
+        stream.notify()
+
+    async def get(self, stream_id: str) -> StreamRecord | None:
+        stream = self._live(stream_id)
+        return None if stream is None else stream.record
+
+    async def read(self, stream_id: str, after: int, limit: int) -> Batch | None:
+        stream = self._live(stream_id)
+        if stream is None:
+            return None
+        # Sequence n is payloads[n - 1]; slicing a list copies only references.
+        return Batch(stream.payloads[after : after + limit], stream.record, after + 1)
+
+    async def wait(self, stream_id: str, after: int, within: float) -> None:
+        stream = self._live(stream_id)
+        if stream is None or stream.record.ended or stream.record.last_sequence > after or within <= 0:
+            return
+        if stream.changed is None:
+            stream.changed = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter's timeout or cancel must not cancel the future the others share.
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.shield(stream.changed)
+        except TimeoutError:
+            pass
+
+    async def aclose(self) -> None:
+        for stream_id in list(self._streams):
+            self._forget(stream_id)
+
+    def _live(self, stream_id: str) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.record.expires_at <= time.time():
+            # Its timer may not have run yet: an expired stream is gone all the same.
+            self._forget(stream_id)
+            return None
+        return stream
+
+    def _expire_at(self, stream: _Stream, expires_at: float) -> None:
+        if stream.expiry is not None:
+            stream.expiry.cancel()
+        delay = max(0.0, expires_at - time.time())
+        stream.expiry = asyncio.get_running_loop().call_later(delay, self._expired, stream)
+
+    def _expired(self, stream: _Stream) -> None:
+        if self._streams.get(stream.record.stream_id) is stream:
+            self._forget(stream.record.stream_id)
+
+    def _forget(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if stream.expiry is not None:
+            stream.expiry.cancel()
+        self.total_bytes -= stream.size
+        stream.payloads.clear()
+        stream.notify()
