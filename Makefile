@@ -56,7 +56,7 @@ bench: $(STAMP) $(LITELLM_VENV)/.installed
 	$(PY) bench/rig.py $(ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) bench/rig.py --quick --paths direct,bare,tokenwire $(ARGS)
+	$(PY) bench/rig.py --quick --paths direct,bare,tokenwire,durable $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m tokenwire_client $(ARGS)

@@ -23,6 +23,7 @@ import re
 import resource
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 class Tally:
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    # Durable streams broken on purpose: from the Resume call to its first message.
+    resumes: list[float] = field(default_factory=list)
     chunks: int = 0
     ok: int = 0
     bad: int = 0
@@ -56,17 +59,26 @@ class Tally:
         self.gaps.extend(b - a for a, b in itertools.pairwise(arrivals))
 
 
-async def grpc_worker(stub: Any, model: str, tokens: int, token: str, tally: Tally, until: float) -> None:
-    request = pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
+async def grpc_worker(
+    stub: Any, model: str, tokens: int, token: str, tally: Tally, until: float, durable: float, break_after: int
+) -> None:
+    """Streams back to back. With `durable`, each stream asks for that resume window; with
+    `break_after` too, its call is cancelled after that many messages and the stream resumed."""
     width = len(token)
     while time.perf_counter() < until:
+        request = pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
+        if durable:
+            request.resume_window.FromNanoseconds(int(durable * 1e9))
+            request.request_id = uuid.uuid4().hex
         started = time.perf_counter()
         arrivals: list[float] = []
         expected = 1
         finishes = 0
         problem = ""
+        token_of_stream = ""
+        call = stub.Generate(request, timeout=60)
         try:
-            async for message in stub.Generate(request, timeout=60):
+            async for message in call:
                 now = time.perf_counter()
                 if message.sequence != expected:
                     problem = f"sequence {message.sequence}, expected {expected}"
@@ -74,12 +86,44 @@ async def grpc_worker(stub: Any, model: str, tokens: int, token: str, tally: Tal
                 kind = message.WhichOneof("event")
                 if kind == "text_delta":
                     arrivals.extend([now] * (len(message.text_delta.text) // width))
+                elif kind == "start":
+                    token_of_stream = message.start.resume_token
                 elif kind == "finish":
                     finishes += 1
                 elif kind == "error":
                     problem = f"error {message.error.code}"
+                if break_after and expected - 1 == break_after and kind not in ("finish", "error"):
+                    call.cancel()
+                    break
         except grpc.aio.AioRpcError as err:
             problem = f"status {err.code().name}"
+        if break_after and not finishes and not problem:
+            # Let the journal get ahead of the cursor: the latency measured is then the resume's own,
+            # not the wait for the upstream's next token.
+            await asyncio.sleep(0.1)
+            resumed = pb.ResumeRequest(stream_id=request.request_id, resume_token=token_of_stream)
+            resumed.after_sequence = expected - 1
+            asked = time.perf_counter()
+            first = True
+            try:
+                async for message in stub.Resume(resumed, timeout=60):
+                    now = time.perf_counter()
+                    if first:
+                        first = False
+                        if tally.recording:
+                            tally.resumes.append(now - asked)
+                    if message.sequence != expected:
+                        problem = f"sequence {message.sequence}, expected {expected} after resume"
+                    expected += 1
+                    kind = message.WhichOneof("event")
+                    if kind == "text_delta":
+                        arrivals.extend([now] * (len(message.text_delta.text) // width))
+                    elif kind == "finish":
+                        finishes += 1
+                    elif kind == "error":
+                        problem = f"error {message.error.code}"
+            except grpc.aio.AioRpcError as err:
+                problem = f"resume status {err.code().name}"
         complete = not problem and finishes == 1 and len(arrivals) == tokens
         tally.stream(started, arrivals, complete, problem or f"{len(arrivals)} chunks, {finishes} finishes")
 
@@ -137,7 +181,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode == "grpc":
         channel = grpc.aio.insecure_channel(args.target)
         stub = pb_grpc.GenerationServiceStub(channel)
-        workers = [grpc_worker(stub, args.model, args.tokens, args.token, tally, until) for _ in range(args.streams)]
+        workers = [
+            grpc_worker(stub, args.model, args.tokens, args.token, tally, until, args.durable, args.break_after)
+            for _ in range(args.streams)
+        ]
     else:
         workers = [
             sse_worker(host, int(port), args.model, args.tokens, args.token, tally, until, args.path, args.key)
@@ -165,6 +212,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_p99": percentile(tally.ttft, 0.99),
         "gap_p50": percentile(tally.gaps, 0.5),
         "gap_p99": percentile(tally.gaps, 0.99),
+        "resumes": len(tally.resumes),
+        "resume_p50": percentile(tally.resumes, 0.5),
+        "resume_p99": percentile(tally.resumes, 0.99),
         "loadgen_cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
     }
 
@@ -181,6 +231,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--token", default="tok ")
+    parser.add_argument("--durable", type=float, default=0.0, help="grpc: ask for this resume window (seconds)")
+    parser.add_argument(
+        "--break-after", type=int, default=0, help="grpc, with --durable: cancel each call after N messages, resume"
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -4,6 +4,8 @@ Paths, interleaved step by step through one upstream (bench/upstream.py):
   direct     the load generator reads the upstream's SSE itself: the baseline
   bare       bench/bare_forwarder.py, the floor of grpc.aio + Python on this machine
   tokenwire  `python -m service` with one openai-compatible route to the upstream
+  durable    the same, every stream durable (a resume window) on the memory journal
+  durable-redis  the same on a Redis journal (redis-server pinned to the load core; its CPU reported)
   litellm    LiteLLM proxy (its own virtual environment, bench/.venv-litellm), when installed
 
 The systems under test run pinned to core 0 (taskset); the upstream and the load generator to
@@ -123,6 +125,8 @@ class Step:
     load_busy: float
     rss_mib: float | None
     added: dict[str, float | None] = field(default_factory=dict)
+    # CPU-seconds of a process the path needs beside its system under test (Redis).
+    beside_cpu: float | None = None
 
     @property
     def chunks(self) -> int:
@@ -135,24 +139,50 @@ class Step:
         return float(self.sut_cpu / (self.result["chunks_per_second"] * self.result["seconds"]) * 1000)
 
     @property
+    def beside_cpu_per_1000(self) -> float | None:
+        if self.beside_cpu is None or not self.chunks:
+            return None
+        return float(self.beside_cpu / (self.result["chunks_per_second"] * self.result["seconds"]) * 1000)
+
+    @property
     def valid(self) -> bool:
         return self.result["bad"] == 0 and self.result["ok"] > 0 and self.load_busy <= INVALID_LOAD_BUSY
 
 
-def measure(path: str, sut: Process | None, target: str, streams: int, args: argparse.Namespace) -> Step:
+# The resume window durable paths ask for: long enough for the run, short enough to keep the
+# memory journal's retention small.
+DURABLE_WINDOW_SECONDS = 5.0
+DURABLE_PATHS = ("durable", "durable-redis")
+RESUME_STREAMS = 25
+
+
+def measure(
+    path: str,
+    sut: Process | None,
+    target: str,
+    streams: int,
+    args: argparse.Namespace,
+    *,
+    break_after: int = 0,
+    beside: Process | None = None,
+) -> Step:
     mode = "sse" if path in ("direct", "litellm") else "grpc"
     model = "bench" if path != "litellm" else "bench-model"
     command = [PY, "bench/loadgen.py", mode, target, "--streams", str(streams), "--model", model]
     command += ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
     if path == "litellm":
         command += ["--key", LITELLM_KEY]
+    if path in DURABLE_PATHS:
+        command += ["--durable", str(DURABLE_WINDOW_SECONDS), "--break-after", str(break_after)]
     argv = pinned(LOAD_CORE, command)
     loadgen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     time.sleep(args.warmup)
     cpu0 = sut.cpu_seconds() if sut else None
+    beside0 = beside.cpu_seconds() if beside else None
     busy0, total0 = load_core_busy()
     time.sleep(args.seconds)
     cpu1 = sut.cpu_seconds() if sut else None
+    beside1 = beside.cpu_seconds() if beside else None
     busy1, total1 = load_core_busy()
     out, err = loadgen.communicate(timeout=args.seconds + 120)
     if loadgen.returncode != 0:
@@ -160,7 +190,10 @@ def measure(path: str, sut: Process | None, target: str, streams: int, args: arg
     result = json.loads(out)
     sut_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     busy = (busy1 - busy0) / max(total1 - total0, 1)
-    return Step(path, streams, result, sut_cpu, busy, sut.rss_mib() if sut else None)
+    step = Step(path, streams, result, sut_cpu, busy, sut.rss_mib() if sut else None)
+    if beside0 is not None and beside1 is not None:
+        step.beside_cpu = beside1 - beside0
+    return step
 
 
 def ms(value: float | None) -> str:
@@ -175,6 +208,8 @@ def table(steps: list[Step]) -> str:
     for s in steps:
         cpu = "-" if s.cpu_per_1000 is None else f"{s.cpu_per_1000:.3f}"
         rss = "-" if s.rss_mib is None else f"{s.rss_mib:.0f}"
+        if s.beside_cpu_per_1000 is not None:
+            cpu += f" +{s.beside_cpu_per_1000:.3f}"
         note = "yes" if s.valid else ("no: load core busy" if s.load_busy > INVALID_LOAD_BUSY else "no: streams failed")
         lines.append(
             f"{s.path:<10} {s.streams:>7} {s.result['chunks_per_second']:>9.0f} {ms(s.added.get('ttft_p50')):>10} "
@@ -201,6 +236,7 @@ def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
         ]
         cpus = [s.cpu_per_1000 for s in mine if s.valid and s.cpu_per_1000 is not None]
         cpu = min(cpus) if cpus else None
+        besides = [s.beside_cpu_per_1000 for s in mine if s.valid and s.beside_cpu_per_1000 is not None]
         biggest = max(mine, key=lambda s: s.streams)
         per_1000_streams = None
         if path in base_rss and biggest.rss_mib is not None:
@@ -212,6 +248,8 @@ def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
             "base_rss_mib": base_rss.get(path),
             "rss_mib_per_1000_open_streams": per_1000_streams,
         }
+        if besides:
+            out[path]["redis_cpu_seconds_per_1000_chunks"] = min(besides)
     return out
 
 
@@ -266,21 +304,38 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             )
             started.append(bare)
             suts["bare"] = bare
-        if "tokenwire" in args.paths:
-            config = log_dir / "tokenwire.toml"
+        journals = {"tokenwire": "memory", "durable": "memory"}
+        if "durable-redis" in args.paths:
+            port = free_port()
+            redis = start(
+                "redis",
+                pinned(
+                    LOAD_CORE,
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                ),
+                log_dir,
+                f"127.0.0.1:{port}",
+            )
+            started.append(redis)
+            suts["redis"] = redis
+            journals["durable-redis"] = f"redis://127.0.0.1:{port}/0"
+        for path, journal in journals.items():
+            if path not in args.paths:
+                continue
+            config = log_dir / f"{path}.toml"
             config.write_text(
-                '[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\n\n[routes.bench]\n'
-                'provider = "openai-compatible"\nmodel = "bench-model"\n'
+                f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n\n'
+                '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
                 f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
             )
             tokenwire = start(
-                "tokenwire",
+                path,
                 pinned(SUT_CORE, [PY, "-m", "service", "--config", str(config)]),
                 log_dir,
                 r"listening on (\S+);",
             )
             started.append(tokenwire)
-            suts["tokenwire"] = tokenwire
+            suts[path] = tokenwire
         if "litellm" in args.paths:
             config = log_dir / "litellm.yaml"
             config.write_text(
@@ -348,7 +403,7 @@ def versions() -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two steps of 5 s: a smoke run (make bench-quick)")
-    parser.add_argument("--paths", default="direct,bare,tokenwire,litellm")
+    parser.add_argument("--paths", default="direct,bare,tokenwire,durable,durable-redis,litellm")
     parser.add_argument("--steps", default="25,50,100,150,200", help="concurrent streams per step")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step and path")
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -359,6 +414,9 @@ def main() -> int:
     if args.quick:
         args.steps, args.seconds, args.warmup = "20,100", 5.0, 1.5
     args.paths = [p for p in args.paths.split(",") if p]
+    if "durable-redis" in args.paths and not shutil.which("redis-server"):
+        print("durable-redis: no redis-server on PATH (apt-get install redis-server); skipped", flush=True)
+        args.paths.remove("durable-redis")
     if "litellm" in args.paths and not (LITELLM_VENV / "bin" / "litellm").exists():
         print(f"litellm: not installed in {LITELLM_VENV} (make bench installs it); skipped", flush=True)
         args.paths.remove("litellm")
@@ -375,13 +433,24 @@ def main() -> int:
                 base_rss[path] = process.rss_mib()
         for streams in steps_wanted:
             for path in args.paths:
-                step = measure(path, suts.get(path), targets[path], streams, args)
+                beside = suts.get("redis") if path == "durable-redis" else None
+                step = measure(path, suts.get(path), targets[path], streams, args, beside=beside)
                 steps.append(step)
                 print(
                     f"{path:<10} {streams:>4} streams: {step.result['chunks_per_second']:.0f} chunks/s, "
                     f"{step.result['ok']} streams ok, {step.result['bad']} failed",
                     flush=True,
                 )
+        # Resume latency: durable streams whose calls are cut after 20 messages and resumed.
+        resumes: dict[str, Step] = {}
+        for path in (p for p in args.paths if p in DURABLE_PATHS):
+            step = measure(path, suts.get(path), targets[path], RESUME_STREAMS, args, break_after=20)
+            resumes[path] = step
+            print(
+                f"{path:<10} resume: {step.result['resumes']} resumes, p50 {ms(step.result['resume_p50'])} ms, "
+                f"p99 {ms(step.result['resume_p99'])} ms, {step.result['bad']} failed",
+                flush=True,
+            )
     by_step = {(s.path, s.streams): s for s in steps}
     for s in steps:
         direct = by_step.get(("direct", s.streams))
@@ -410,6 +479,16 @@ def main() -> int:
             for s in steps
         ],
         "summary": summary(steps, base_rss),
+        "resume": {
+            path: {
+                "streams": step.streams,
+                "resumes": step.result["resumes"],
+                "resume_p50": step.result["resume_p50"],
+                "resume_p99": step.result["resume_p99"],
+                "failed": step.result["bad"],
+            }
+            for path, step in resumes.items()
+        },
     }
     name = "bench-quick" if args.quick else "bench"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
@@ -424,7 +503,12 @@ def main() -> int:
         print(f"\nwrote {args.out / f'{name}.json'} and {args.out / f'{name}.png'}")
     except ImportError:
         print(f"\nwrote {args.out / f'{name}.json'} (no matplotlib: no plot)")
-    failed = [s for s in steps if s.result["bad"]]
+    for path, figures in report["resume"].items():
+        print(
+            f"{path} resume latency: p50 {ms(figures['resume_p50'])} ms, p99 {ms(figures['resume_p99'])} ms "
+            f"over {figures['resumes']} resumes"
+        )
+    failed = [s for s in [*steps, *resumes.values()] if s.result["bad"]]
     for s in failed:
         print(f"FAILED: {s.path} at {s.streams} streams: {s.result['bad']} broken streams, e.g. {s.result['problems']}")
     return 1 if failed else 0

@@ -79,6 +79,7 @@ class GenerationService:
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         flight: InFlight | None = None
         outcome = "OK"
+        window: float | None = None
         try:
             try:
                 window = self.durable.window(request) if request is not None else None
@@ -112,6 +113,8 @@ class GenerationService:
                 # mean the call is gone, and nothing can be written to it any more.
                 if flight is None or flight.ended_by is None or not flight.interrupted or task.uncancel() > 0:
                     outcome = self._cancelled_outcome(flight, deadline)
+                    if window is not None:
+                        outcome += " (a durable stream's reader: the generation goes on)"
                     raise
                 # The server ended the stream while it waited for its first token: say why.
                 raise flight.ended_by from None
