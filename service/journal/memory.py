@@ -17,17 +17,38 @@ from service.journal.base import Batch, Fenced, Journal, JournalFull, StreamReco
 
 @dataclass(slots=True, eq=False)
 class _Stream:
-    record: StreamRecord
+    # The record as created; what changes is kept in the fields below, and a record is built
+    # only when somebody asks (appends are the hot path).
+    created: StreamRecord
+    status: StreamStatus = StreamStatus.RUNNING
+    last_sequence: int = 0
+    expires_at: float = 0.0
+    start_failure: bytes = b""
     payloads: list[bytes] = field(default_factory=list)
     size: int = 0
-    changed: asyncio.Future[None] | None = None
+    # One future per waiting reader, resolved by the next change.
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     expiry: asyncio.TimerHandle | None = None
 
+    @property
+    def ended(self) -> bool:
+        return self.status is not StreamStatus.RUNNING or bool(self.start_failure)
+
+    def record(self) -> StreamRecord:
+        return replace(
+            self.created,
+            status=self.status,
+            last_sequence=self.last_sequence,
+            expires_at=self.expires_at,
+            start_failure=self.start_failure,
+        )
+
     def notify(self) -> None:
-        if self.changed is not None:
-            if not self.changed.done():
-                self.changed.set_result(None)
-            self.changed = None
+        if self.waiters:
+            for waiter in self.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self.waiters.clear()
 
 
 class MemoryJournal(Journal):
@@ -44,11 +65,13 @@ class MemoryJournal(Journal):
 
     async def create(self, record: StreamRecord) -> StreamRecord | None:
         existing = self._live(record.stream_id)
-        if existing is not None and not existing.record.start_failure:
-            return existing.record
+        if existing is not None and not existing.start_failure:
+            return existing.record()
         if existing is not None:
             self._forget(record.stream_id)
-        stream = self._streams[record.stream_id] = _Stream(record)
+        stream = self._streams[record.stream_id] = _Stream(
+            record, record.status, record.last_sequence, record.expires_at, record.start_failure
+        )
         self._expire_at(stream, record.expires_at)
         return None
 
@@ -62,7 +85,7 @@ class MemoryJournal(Journal):
         status: StreamStatus = StreamStatus.RUNNING,
     ) -> None:
         stream = self._live(stream_id)
-        if stream is None or stream.record.ended or first_sequence != stream.record.last_sequence + 1:
+        if stream is None or stream.ended or first_sequence != stream.last_sequence + 1:
             raise Fenced(f"stream {stream_id} does not continue at {first_sequence}")
         size = sum(map(len, payloads))
         if status is StreamStatus.RUNNING and self.total_bytes + size > self.max_total_bytes:
@@ -70,46 +93,49 @@ class MemoryJournal(Journal):
         stream.payloads.extend(payloads)
         stream.size += size
         self.total_bytes += size
-        stream.record = replace(
-            stream.record,
-            last_sequence=stream.record.last_sequence + len(payloads),
-            status=status,
-            expires_at=expires_at,
-        )
-        self._expire_at(stream, expires_at)
+        stream.last_sequence += len(payloads)
+        stream.status = status
+        # A running stream's expiry only moves later, and `_live` checks it on every access: its
+        # timer is moved only when the stream ends, not on every append.
+        stream.expires_at = expires_at
+        if status is not StreamStatus.RUNNING:
+            self._expire_at(stream, expires_at)
         stream.notify()
 
     async def fail_start(self, stream_id: str, failure: bytes, *, expires_at: float) -> None:
         stream = self._live(stream_id)
-        if stream is None or stream.record.ended or stream.record.last_sequence:
+        if stream is None or stream.ended or stream.last_sequence:
             raise Fenced(f"stream {stream_id} cannot fail before Start")
-        stream.record = replace(stream.record, start_failure=failure, expires_at=expires_at)
+        stream.start_failure = failure
+        stream.expires_at = expires_at
         self._expire_at(stream, expires_at)
         stream.notify()
 
     async def get(self, stream_id: str) -> StreamRecord | None:
         stream = self._live(stream_id)
-        return None if stream is None else stream.record
+        return None if stream is None else stream.record()
 
     async def read(self, stream_id: str, after: int, limit: int) -> Batch | None:
         stream = self._live(stream_id)
         if stream is None:
             return None
         # Sequence n is payloads[n - 1]; slicing a list copies only references.
-        return Batch(stream.payloads[after : after + limit], stream.record, after + 1)
+        return Batch(stream.payloads[after : after + limit], stream.record(), after + 1)
 
     async def wait(self, stream_id: str, after: int, within: float) -> None:
         stream = self._live(stream_id)
-        if stream is None or stream.record.ended or stream.record.last_sequence > after or within <= 0:
+        if stream is None or stream.ended or stream.last_sequence > after or within <= 0:
             return
-        if stream.changed is None:
-            stream.changed = asyncio.get_running_loop().create_future()
-        # Shielded: one waiter's timeout or cancel must not cancel the future the others share.
+        # A future of its own per waiter, so that one reader's cancel leaves the others alone, and
+        # a plain timer for the timeout: cheaper than a timeout scope around a shared future.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        stream.waiters.append(waiter)
+        timer = loop.call_later(within, _wake, waiter)
         try:
-            async with asyncio.timeout(within):
-                await asyncio.shield(stream.changed)
-        except TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
 
     async def aclose(self) -> None:
         for stream_id in list(self._streams):
@@ -117,7 +143,7 @@ class MemoryJournal(Journal):
 
     def _live(self, stream_id: str) -> _Stream | None:
         stream = self._streams.get(stream_id)
-        if stream is not None and stream.record.expires_at <= time.time():
+        if stream is not None and stream.expires_at <= time.time():
             # Its timer may not have run yet: an expired stream is gone all the same.
             self._forget(stream_id)
             return None
@@ -130,8 +156,8 @@ class MemoryJournal(Journal):
         stream.expiry = asyncio.get_running_loop().call_later(delay, self._expired, stream)
 
     def _expired(self, stream: _Stream) -> None:
-        if self._streams.get(stream.record.stream_id) is stream:
-            self._forget(stream.record.stream_id)
+        if self._streams.get(stream.created.stream_id) is stream:
+            self._forget(stream.created.stream_id)
 
     def _forget(self, stream_id: str) -> None:
         stream = self._streams.pop(stream_id, None)
@@ -142,3 +168,8 @@ class MemoryJournal(Journal):
         self.total_bytes -= stream.size
         stream.payloads.clear()
         stream.notify()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
