@@ -382,10 +382,15 @@ class HTTPProvider(Provider):
         try:
             async with self._send(request) as response:
                 read = body_reader(response)
-                while chunk := await read():
-                    started = True
+                while True:
+                    chunk = await read()
                     try:
-                        events = decoder.feed(chunk)
+                        if chunk:
+                            started = True
+                            events = decoder.feed(chunk)
+                        else:
+                            # The body ended, and its end may complete the last event (after a CR).
+                            events = decoder.close()
                     except SSEError:
                         raise GatewayError(
                             ErrorCode.PROVIDER_PROTOCOL_ERROR,
@@ -408,7 +413,10 @@ class HTTPProvider(Provider):
                         if parser.done:
                             break
                     if parser.done:
-                        await drain(read)
+                        if chunk:
+                            await drain(read)
+                        break
+                    if not chunk:
                         break
                 finished = parser.finish()
             yield finished
