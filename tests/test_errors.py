@@ -137,6 +137,37 @@ async def test_tool_call_arguments_at_the_depth_limit_are_accepted(running: Runn
     assert recorder.requests[0].messages[1].tool_calls[0].arguments_json == nested(64)
 
 
+def nested_objects(depth: int) -> struct_pb2.Struct:
+    """A Struct whose JSON is `depth` objects deep, itself the first."""
+    inner: dict[str, Any] = {}
+    for _ in range(depth - 2):
+        inner = {"a": inner}
+    return struct(a=inner)
+
+
+async def test_tool_parameters_too_deep_for_protobuf_are_refused_with_the_likely_cause(
+    running: Running, recorder: Recorder
+) -> None:
+    # 33 objects deep is the most protobuf's limit of 100 nested messages lets through (the
+    # README's figure); one more, and grpc hands the handler no request at all.
+    fits = pb.GenerateRequest(
+        model="recorded", messages=[user()], tools=[pb.Tool(name="t", parameters=nested_objects(33))]
+    )
+    _, code, _ = await collect(running.stub.Generate(fits))
+    assert code == grpc.StatusCode.OK
+    deeper = pb.GenerateRequest(model="recorded", messages=[user()])
+    deeper.tools.add(name="t").parameters.CopyFrom(nested_objects(34))
+    call = running.stub.Generate(deeper)
+    messages, code, trailing = await collect(call)
+    assert (messages, code) == ([], grpc.StatusCode.INVALID_ARGUMENT)
+    details = await call.details()
+    assert details is not None
+    assert details.startswith("request: is not a valid tokenwire.v1.GenerateRequest message (a common cause: nesting")
+    assert "google.protobuf.Struct" in details and "33 levels" in details
+    assert [v.field for v in detail(rich_status(trailing), BadRequest).field_violations] == ["request"]
+    assert len(recorder.requests) == 1
+
+
 async def test_unknown_route_is_not_found(running: Running) -> None:
     messages, code, trailing = await collect(running.stub.Generate(request(model="gpt-17")))
     assert code == grpc.StatusCode.NOT_FOUND and messages == []
