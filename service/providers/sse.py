@@ -127,12 +127,10 @@ def _split(data: bytes, start: int, end: int, events: list[SSEEvent]) -> int:
     while end >= 0:
         block = data[start:end]
         start = end + 2
-        # The shape nearly every LLM chunk has: one `data: ` line and nothing else.
-        if block.startswith(b"data: ") and b"\n" not in block:
-            value = block[6:]
-            # isspace() stops at the first byte that is not blank: a JSON document's first.
-            if value and not value.isspace():
-                events.append((b"", value))
+        # The shape nearly every LLM chunk has: one `data: ` line holding a JSON object and nothing
+        # else (so its data is never blank, and costs no check for it).
+        if block.startswith(b"data: {") and b"\n" not in block:
+            events.append((b"", block[6:]))
         elif block:
             event = _parse_block(block)
             if event is not None:
