@@ -106,13 +106,15 @@ class GatewayError(Exception):
         field_violations: tuple[tuple[str, str], ...] = (),
         correlation_id: str = "",
     ) -> None:
+        # Sanitized where every error is built, so no path to a caller or a log can miss it.
+        message = sanitize(message)
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
         self.provider = provider
         self.provider_http_status = provider_http_status
-        self.field_violations = field_violations
+        self.field_violations = tuple((sanitize(f), sanitize(d)) for f, d in field_violations)
         self.correlation_id = correlation_id
 
     @property
@@ -168,14 +170,36 @@ def register_secret(value: str) -> None:
         _KNOWN_SECRETS.add(value)
 
 
+# Characters a terminal or a log parser acts on: C0 controls but tab and LF (a log line's
+# traceback needs its lines), DEL and the C1 controls (U+009B is a one-character ESC [).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
 def redact(text: str) -> str:
-    """Removes anything shaped like a credential. Defence in depth for messages and log lines."""
+    """Removes anything shaped like a credential and escapes control characters but LF and tab.
+    Defence in depth for log lines (the log formatter applies it); messages use `sanitize`."""
     for secret in _KNOWN_SECRETS:
         if secret in text:
             text = text.replace(secret, "[redacted]")
     text = _SCHEME.sub(r"\1 [redacted]", text)
     text = _KEY_SHAPES.sub("[redacted]", text)
-    return _NAMED.sub(r"\1[redacted]", text)
+    text = _NAMED.sub(r"\1[redacted]", text)
+    # Escaped, not dropped: whoever reads it can tell that the provider sent something odd.
+    return _CONTROL.sub(_escape, text)
+
+
+def sanitize(text: str) -> str:
+    """Diagnostic text fit for a caller: redacted, no control characters, on one line.
+
+    The one sanitizer of every message, status detail and `Error` field, and of provider error
+    text before it is quoted; never applied to relayed answer text, which is byte-exact.
+    """
+    # str.split() also splits at the Unicode line and paragraph separators.
+    return " ".join(redact(text).split())
 
 
 def describe_exception(exc: BaseException) -> str:

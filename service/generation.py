@@ -230,7 +230,15 @@ class GenerationService:
         if self.supervisor.draining:
             raise shutting_down("the server is shutting down; retry")
         if request is None:
-            raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
+            # The deserializer hands over None for bytes protobuf would not decode, and no reason:
+            # the usual one for a well-built request is protobuf's limit of 100 nested messages,
+            # which a google.protobuf.Struct reaches at 3 per JSON object level.
+            raise invalid_request(
+                "request",
+                "is not a valid tokenwire.v1.GenerateRequest message (a common cause: nesting deeper than "
+                "protobuf's limit of 100 messages, which tool parameters in google.protobuf.Struct reach at "
+                "about 33 levels of JSON objects; see the README)",
+            )
         metadata_bytes = _metadata_size(context.invocation_metadata())
         if metadata_bytes > self.config.max_metadata_bytes:
             raise invalid_request(

@@ -6,12 +6,12 @@ field named, before any provider is called.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
 
-from google.protobuf import json_format
+import orjson
+from google.protobuf import json_format, struct_pb2
 
 from service.errors import invalid_request
 from service.events import (
@@ -35,6 +35,11 @@ MAX_TOOLS = 128
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 256
+# Deepest nesting of objects and arrays in caller JSON (`{}` is 1 deep): far beyond any real tool
+# call or schema, and well within every parser and encoder on the way (orjson's limit is 1024,
+# Python's recursive ones about 1000). A google.protobuf.Struct meets protobuf's own nesting
+# limit first (see the README).
+MAX_JSON_DEPTH = 64
 
 _ROLES = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -169,7 +174,7 @@ def _message(m: pb.Message, i: int) -> ChatMessage:
         where = f"{field}.tool_calls[{j}]"
         if not call.id or not call.name:
             raise invalid_request(where, "id and name are required")
-        if not _is_json_object(call.arguments_json):
+        if not isinstance(caller_json(call.arguments_json, f"{where}.arguments_json"), dict):
             raise invalid_request(f"{where}.arguments_json", "must be a JSON object")
         calls.append(ToolCall(call.id, call.name, call.arguments_json))
     return ChatMessage(
@@ -181,11 +186,39 @@ def _message(m: pb.Message, i: int) -> ChatMessage:
     )
 
 
-def _is_json_object(text: str) -> bool:
+def caller_json(source: str | struct_pb2.Struct, field: str) -> Any:
+    """Caller JSON, as text or as a google.protobuf.Struct, read the way every adapter and vendor
+    will read it; INVALID_ARGUMENT naming `field` otherwise.
+
+    Every piece of caller JSON enters through here. The adapters parse with orjson and the vendors
+    with standard parsers, so this is standard JSON only: no NaN or Infinity (Python's json reads
+    both), no number beyond a double, no lone surrogate; and at most MAX_JSON_DEPTH deep, checked
+    without recursion, so no nesting can raise RecursionError.
+    """
     try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
+        # JSON has no NaN or Infinity: a Struct holding one cannot be sent to any provider either.
+        value = orjson.loads(source) if isinstance(source, str) else json_format.MessageToDict(source)
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+        raise invalid_request(
+            field, f"must be standard JSON (no NaN or Infinity) nested at most {MAX_JSON_DEPTH} levels deep"
+        ) from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise invalid_request(field, f"must be nested at most {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` deep, walked with a stack of our own."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _tools(request: pb.GenerateRequest) -> tuple[ToolSpec, ...]:
@@ -207,11 +240,8 @@ def _tools(request: pb.GenerateRequest) -> tuple[ToolSpec, ...]:
 def _json_schema(tool: pb.Tool, i: int) -> dict[str, Any]:
     if not tool.HasField("parameters"):
         return {}
-    try:
-        # JSON has no NaN or Infinity: a schema holding one cannot be sent to any provider.
-        return json_format.MessageToDict(tool.parameters)
-    except ValueError:
-        raise invalid_request(f"tools[{i}].parameters", "must be JSON: NaN and Infinity are not allowed") from None
+    schema: dict[str, Any] = caller_json(tool.parameters, f"tools[{i}].parameters")
+    return schema
 
 
 def _tool_choice(request: pb.GenerateRequest, tools: tuple[ToolSpec, ...]) -> ToolChoice:

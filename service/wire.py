@@ -9,7 +9,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import ErrorCode, GatewayError, redact
+from service.errors import ErrorCode, GatewayError, sanitize
 from tokenwire.v1 import generation_pb2 as pb
 
 ERROR_DOMAIN = "tokenwire"
@@ -58,9 +58,9 @@ def error_event(err: GatewayError, last_sequence: int) -> pb.Error:
         code=_ERROR_CODES[err.code.value],
         fault=_FAULTS[err.code.fault.value],
         grpc_code=STATUS_CODES[err.code].value[0],
-        message=redact(err.message),
+        message=sanitize(err.message),
         retryable=err.retryable,
-        provider=err.provider,
+        provider=sanitize(err.provider),
         last_sequence=last_sequence,
         correlation_id=err.correlation_id,
     )
@@ -85,7 +85,7 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
         ("provider_http_status", "" if err.provider_http_status is None else str(err.provider_http_status)),
     ):
         if value:
-            info.metadata[key] = value
+            info.metadata[key] = sanitize(value)
     details = [info]
     if err.retryable and err.retry_after is not None:
         details.append(error_details_pb2.RetryInfo(retry_delay=duration(err.retry_after)))
@@ -93,12 +93,12 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=redact(d))
+                    error_details_pb2.BadRequest.FieldViolation(field=sanitize(f), description=sanitize(d))
                     for f, d in err.field_violations
                 ]
             )
         )
-    status = status_pb2.Status(code=STATUS_CODES[err.code].value[0], message=redact(err.message))
+    status = status_pb2.Status(code=STATUS_CODES[err.code].value[0], message=sanitize(err.message))
     for detail in details:
         packed = any_pb2.Any()
         packed.Pack(detail)
@@ -108,5 +108,5 @@ def status_metadata(err: GatewayError, stream_id: str) -> tuple[tuple[str, bytes
 
 def set_status(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, stream_id: str) -> None:
     context.set_code(STATUS_CODES[err.code])
-    context.set_details(redact(err.message))
+    context.set_details(sanitize(err.message))
     context.set_trailing_metadata(status_metadata(err, stream_id))

@@ -40,6 +40,20 @@ def struct(**fields: Any) -> struct_pb2.Struct:
     return value
 
 
+def with_arguments(arguments: str) -> dict[str, Any]:
+    """Fields of a request whose assistant message calls a tool with these arguments."""
+    call = pb.ToolCall(id="1", name="t", arguments_json=arguments)
+    return {"messages": [user(), pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call])]}
+
+
+ARGUMENTS = "messages[1].tool_calls[0].arguments_json"
+
+
+def nested(depth: int, inner: str = "1") -> str:
+    """A JSON object whose innermost value is `depth` levels deep (the object itself is the first)."""
+    return '{"a": ' + "[" * (depth - 1) + inner + "]" * (depth - 1) + "}"
+
+
 BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
     ("no messages", {"messages": []}, "messages"),
     ("empty text", {"messages": [pb.Message(role=pb.ROLE_USER, text="")]}, "messages[0].text"),
@@ -81,6 +95,13 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], str]] = [
         },
         "messages[1].tool_calls[0].arguments_json",
     ),
+    ("tool call arguments with NaN", with_arguments('{"city": NaN}'), ARGUMENTS),
+    ("tool call arguments with Infinity", with_arguments('{"t": -Infinity}'), ARGUMENTS),
+    ("tool call arguments with a number beyond a double", with_arguments('{"t": 1e400}'), ARGUMENTS),
+    ("tool call arguments with a lone surrogate", with_arguments('{"t": "\\ud800"}'), ARGUMENTS),
+    ("tool call arguments nested 100,000 deep", with_arguments("[" * 100_000 + "]" * 100_000), ARGUMENTS),
+    ("tool call arguments object nested 100,000 deep", with_arguments(nested(100_000)), ARGUMENTS),
+    ("tool call arguments nested one level too deep", with_arguments(nested(65)), ARGUMENTS),
 ]
 
 
@@ -106,6 +127,45 @@ async def test_bad_request_is_invalid_argument_and_never_reaches_the_provider(
     assert detail(status, ErrorInfo).metadata["fault"] == "CALLER"
     assert [v.field for v in detail(status, BadRequest).field_violations] == [field]
     assert recorder.requests == []
+
+
+async def test_tool_call_arguments_at_the_depth_limit_are_accepted(running: Running, recorder: Recorder) -> None:
+    req = pb.GenerateRequest(model="recorded")
+    req.messages.extend([*with_arguments(nested(64))["messages"], pb.Message(role=pb.ROLE_TOOL, tool_call_id="1")])
+    _, code, _ = await collect(running.stub.Generate(req))
+    assert code == grpc.StatusCode.OK
+    assert recorder.requests[0].messages[1].tool_calls[0].arguments_json == nested(64)
+
+
+def nested_objects(depth: int) -> struct_pb2.Struct:
+    """A Struct whose JSON is `depth` objects deep, itself the first."""
+    inner: dict[str, Any] = {}
+    for _ in range(depth - 2):
+        inner = {"a": inner}
+    return struct(a=inner)
+
+
+async def test_tool_parameters_too_deep_for_protobuf_are_refused_with_the_likely_cause(
+    running: Running, recorder: Recorder
+) -> None:
+    # 33 objects deep is the most protobuf's limit of 100 nested messages lets through (the
+    # README's figure); one more, and grpc hands the handler no request at all.
+    fits = pb.GenerateRequest(
+        model="recorded", messages=[user()], tools=[pb.Tool(name="t", parameters=nested_objects(33))]
+    )
+    _, code, _ = await collect(running.stub.Generate(fits))
+    assert code == grpc.StatusCode.OK
+    deeper = pb.GenerateRequest(model="recorded", messages=[user()])
+    deeper.tools.add(name="t").parameters.CopyFrom(nested_objects(34))
+    call = running.stub.Generate(deeper)
+    messages, code, trailing = await collect(call)
+    assert (messages, code) == ([], grpc.StatusCode.INVALID_ARGUMENT)
+    details = await call.details()
+    assert details is not None
+    assert details.startswith("request: is not a valid tokenwire.v1.GenerateRequest message (a common cause: nesting")
+    assert "google.protobuf.Struct" in details and "33 levels" in details
+    assert [v.field for v in detail(rich_status(trailing), BadRequest).field_violations] == ["request"]
+    assert len(recorder.requests) == 1
 
 
 async def test_unknown_route_is_not_found(running: Running) -> None:

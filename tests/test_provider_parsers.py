@@ -42,6 +42,21 @@ def test_anthropic_stream_without_message_stop_is_truncated() -> None:
     assert caught.value.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
 
 
+@pytest.mark.parametrize("stop_reason", [None, ""])
+def test_anthropic_message_stop_without_a_stop_reason_is_truncated(stop_reason: str | None) -> None:
+    # The Anthropic twin of an OpenAI [DONE] without a finish_reason: the answer may be cut short.
+    parser = EventParser("anthropic")
+    parser.handle(*event("message_start", message={"usage": {"input_tokens": 3, "output_tokens": 1}}))
+    parser.handle(*event("content_block_delta", index=0, delta={"type": "text_delta", "text": "The answer is"}))
+    if stop_reason is not None:
+        parser.handle(*event("message_delta", delta={"stop_reason": stop_reason}, usage={"output_tokens": 3}))
+    parser.handle(*event("message_stop"))
+    assert parser.done
+    with pytest.raises(GatewayError) as caught:
+        parser.finish()
+    assert caught.value.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
+
+
 def test_anthropic_tool_calls_are_numbered_among_tool_calls_only() -> None:
     parser = EventParser("anthropic")
     parser.handle(*event("content_block_start", index=0, content_block={"type": "text", "text": ""}))

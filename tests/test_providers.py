@@ -324,6 +324,39 @@ async def test_anthropic_request_as_the_provider_sees_it(gateway: Running, fake_
     assert [t["name"] for t in body["tools"]] == ["get_weather", "get_time"]
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"city": NaN}',
+        '{"t": Infinity}',
+        '{"t": -Infinity}',
+        '{"t": 1e400}',
+        '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["NaN", "Infinity", "-Infinity", "overflow", "nested-100000"],
+)
+@pytest.mark.parametrize("vendor", VENDORS)
+async def test_tool_call_arguments_no_vendor_can_parse_are_invalid_argument(
+    gateway: Running, fakes: dict[str, Any], vendor: str, arguments: str
+) -> None:
+    # Python's json reads NaN and Infinity, orjson and the vendors do not: validation reads
+    # caller JSON as the adapters do, so nothing reaches INTERNAL or goes upstream as bad JSON.
+    req = pb.GenerateRequest(
+        model=vendor,
+        messages=[
+            pb.Message(role=pb.ROLE_USER, text="Weather?"),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="t1", name="get_weather", arguments_json=arguments)]
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="t1", text="-3 C"),
+        ],
+    )
+    messages, code, trailing = await collect(gateway.stub.Generate(req))
+    assert (messages, code) == ([], grpc.StatusCode.INVALID_ARGUMENT)
+    assert detail(rich_status(trailing), ErrorInfo).reason == "INVALID_REQUEST"
+    assert fakes[vendor].requests == []
+
+
 async def test_azure_deployment_route(gateway: Running, fake_openai: FakeOpenAI) -> None:
     messages, code, _ = await collect(gateway.stub.Generate(request(model="azure")))
     assert code == grpc.StatusCode.OK and messages[0].start.provider == "azure-openai"

@@ -235,9 +235,12 @@ class EventParser:
             self.out.append(ReasoningDelta(_text(block["thinking"])))
 
     def finish(self) -> Finished:
-        if not self.done:
+        # message_stop ends the body, but message_delta's stop_reason is what says the answer is
+        # complete: without it the stream never said why it stopped, and did not finish cleanly
+        # (as an OpenAI [DONE] without a finish_reason).
+        if not self.done or self.stop_reason is None:
             raise truncated(self.kind)
-        raw = self.stop_reason or ""
+        raw = self.stop_reason
         return Finished(
             reason=_STOP_REASONS.get(raw, FinishReason.OTHER),
             raw_reason=raw,

@@ -4,8 +4,13 @@ The vendor SDKs' own stream iterators build a model object per chunk, which cost
 the whole relay budget. Adapters instead feed the raw body bytes through this decoder and parse
 each event's data with a fast JSON parser. It follows the parts of the SSE specification that
 LLM APIs use: events end at a blank line, `data:` lines join with a newline, `event:` names the
-event, comment lines (`:`) and `id:`/`retry:` fields are ignored, and LF, CRLF and CR all end a
-line. Each byte is examined a bounded number of times, however the events are split into chunks.
+event, comment lines (`:`) and `id:`/`retry:` fields are ignored, LF, CRLF and CR all end a
+line, and a UTF-8 BOM that starts the body is stripped. Each byte is examined a bounded number of
+times, however the events are split into chunks.
+
+Two choices of ours: an event whose data is blank is skipped rather than dispatched (no vendor
+sends one on purpose, and there is no JSON in it to parse), and `close()` ends the body, so a
+line end that only the end of the body can settle (a last CR) still completes its event.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 # An event larger than this is no LLM chunk: the upstream is broken or hostile.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
-SSEEvent = tuple[bytes, bytes]  # (event name, b"" when unnamed; data)
+SSEEvent = tuple[bytes, bytes]  # (event name, b"" when unnamed; data, never blank)
+
+_BOM = b"\xef\xbb\xbf"
 
 
 class SSEError(Exception):
@@ -21,18 +28,26 @@ class SSEError(Exception):
 
 
 class SSEDecoder:
-    """Feed it body chunks as they arrive; it returns the events each chunk completed."""
+    """Feed it body chunks as they arrive; it returns the events each chunk completed. When the
+    body has ended, `close()` returns the events its end completed."""
 
-    __slots__ = ("_buffer", "_held_cr", "max_event_bytes")
+    __slots__ = ("_at_start", "_buffer", "_held_cr", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        # The start of an event whose blank line has not arrived yet, line ends already LF.
+        # The start of an event whose blank line has not arrived yet, line ends already LF. At
+        # the start of the body, the bytes that may yet turn out to be a BOM.
         self._buffer = bytearray()
         # A CR that ended the previous chunk: half of a CRLF, or a line end of its own.
         self._held_cr = False
+        # No byte of the body has been decoded yet: a BOM there is to be stripped.
+        self._at_start = True
         self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._at_start:
+            chunk = self._strip_bom(chunk)
+            if self._at_start:
+                return []
         if self._held_cr:
             chunk = b"\r" + chunk
             self._held_cr = False
@@ -68,6 +83,30 @@ class SSEDecoder:
         self._check_size()
         return events
 
+    def close(self) -> list[SSEEvent]:
+        """The events that the end of the body completes; call it once, after the last chunk.
+
+        A CR held back as maybe half of a CRLF is a line end of its own after all, and may be the
+        one that ends the last event. An event still without its blank line is not dispatched
+        (the specification's rule): its bytes stay `pending`.
+        """
+        # Bytes held as the start of a BOM that never completed are the start of an event.
+        self._at_start = False
+        if self._held_cr:
+            return self.feed(b"\n")
+        return []
+
+    def _strip_bom(self, chunk: bytes) -> bytes:
+        """The chunk without the body's leading BOM, once the first bytes settle whether it has one;
+        b"" while they do not (the BOM may be split between chunks)."""
+        head = bytes(self._buffer) + chunk if self._buffer else chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            self._buffer[:] = head
+            return b""
+        self._buffer.clear()
+        self._at_start = False
+        return head[len(_BOM) :] if head.startswith(_BOM) else head
+
     def _keep(self, rest: bytes) -> None:
         self._buffer += rest
         self._check_size()
@@ -88,8 +127,9 @@ def _split(data: bytes, start: int, end: int, events: list[SSEEvent]) -> int:
     while end >= 0:
         block = data[start:end]
         start = end + 2
-        # The shape nearly every LLM chunk has: one `data: ` line and nothing else.
-        if block.startswith(b"data: ") and b"\n" not in block:
+        # The shape nearly every LLM chunk has: one `data: ` line holding a JSON object and nothing
+        # else (so its data is never blank, and costs no check for it).
+        if block.startswith(b"data: {") and b"\n" not in block:
             events.append((b"", block[6:]))
         elif block:
             event = _parse_block(block)
@@ -112,7 +152,10 @@ def _parse_block(block: bytes) -> SSEEvent | None:
             data.append(value)
         elif field == b"event":
             name = value
-    if not data:
+    joined = b"\n".join(data)
+    if not joined or joined.isspace():
         # An event without data is not dispatched (the specification's rule); Anthropic sends none.
+        # One whose data is blank is dispatched by the specification, but carries nothing: no
+        # vendor sends one on purpose, so it is skipped rather than failed as unparsable.
         return None
-    return name, b"\n".join(data)
+    return name, joined

@@ -25,13 +25,13 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, redact, register_secret
+from service.errors import ErrorCode, GatewayError, register_secret, sanitize
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers import http1
 from service.providers.base import Options, Provider
 from service.providers.sse import SSEDecoder, SSEError
 
-# Longest provider-supplied error text passed on to callers (after redaction).
+# Longest provider-supplied error text passed on to callers (after sanitizing).
 _MAX_PROVIDER_MESSAGE = 300
 # After its end marker, a body gets this long to end by itself so that its connection can be
 # reused; the rest of it is almost always in hand already, and the Finish waits for this.
@@ -178,12 +178,13 @@ def _bounded(seconds: float) -> float | None:
     return min(max(seconds, 0.0), 24 * 3600.0)
 
 
-def provider_text(message: object) -> str:
-    """A provider's own error text, fit for a caller: redacted, one line, bounded."""
-    if not isinstance(message, str) or not message.strip():
+def provider_text(message: object, limit: int = _MAX_PROVIDER_MESSAGE) -> str:
+    """A provider's own text (an error message, type or code), fit for a caller: sanitized (see
+    `service.errors.sanitize`), bounded."""
+    if not isinstance(message, str):
         return ""
-    text = " ".join(redact(message).split())
-    return text if len(text) <= _MAX_PROVIDER_MESSAGE else text[: _MAX_PROVIDER_MESSAGE - 1] + "…"
+    text = sanitize(message)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def error_detail(body: object) -> tuple[str, str]:
@@ -195,7 +196,7 @@ def error_detail(body: object) -> tuple[str, str]:
     if not isinstance(body, dict):
         return "", ""
     kind = body.get("type") or body.get("code") or ""
-    return (kind[:64] if isinstance(kind, str) else ""), provider_text(body.get("message"))
+    return provider_text(kind, 64), provider_text(body.get("message"))
 
 
 def status_error(provider: str, status: int, headers: Mapping[str, str] | httpx2.Headers, body: object) -> GatewayError:
@@ -382,10 +383,15 @@ class HTTPProvider(Provider):
         try:
             async with self._send(request) as response:
                 read = body_reader(response)
-                while chunk := await read():
-                    started = True
+                while True:
+                    chunk = await read()
                     try:
-                        events = decoder.feed(chunk)
+                        if chunk:
+                            started = True
+                            events = decoder.feed(chunk)
+                        else:
+                            # The body ended, and its end may complete the last event (after a CR).
+                            events = decoder.close()
                     except SSEError:
                         raise GatewayError(
                             ErrorCode.PROVIDER_PROTOCOL_ERROR,
@@ -408,7 +414,10 @@ class HTTPProvider(Provider):
                         if parser.done:
                             break
                     if parser.done:
-                        await drain(read)
+                        if chunk:
+                            await drain(read)
+                        break
+                    if not chunk:
                         break
                 finished = parser.finish()
             yield finished

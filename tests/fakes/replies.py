@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -45,6 +45,10 @@ class StreamReply:
     A fault goes right after delta frame number `fault_after`; with `fault_after=0`, right before the first delta
     (after the opening frames); when the reply has no more than `fault_after` deltas, right before the vendor's end
     marker. `completed` in the record means the script ran to its end (fault included) before the client left.
+
+    `rewrite(index, frame)` replaces each rendered frame's bytes before anything is planned, for framings a
+    vendor's format allows but the renderer never writes (a BOM, CR line ends, an extra or a missing event);
+    a frame rewritten to b"" is dropped.
     """
 
     text: Sequence[str] = ("Hello", ", world", "!")
@@ -63,6 +67,7 @@ class StreamReply:
     error_type: str = ""
     error_message: str = "simulated failure"
     stall_seconds: float = 60.0
+    rewrite: Callable[[int, bytes], bytes] | None = None
 
     def __post_init__(self) -> None:
         if self.fault is not None and self.fault not in FAULTS:

@@ -134,6 +134,9 @@ def plan_stream(status: int, head: bytes, reply: StreamReply, rendered: Rendered
     """The writes of a stream reply: frames grouped `events_per_write` to an HTTP chunk, with the
     script's pacing and fault. All bytes are built here, none while streaming."""
     frames = list(rendered.frames)
+    if reply.rewrite is not None:
+        rewrite = reply.rewrite
+        frames = [Frame(data, f.delta, f.finish) for i, f in enumerate(frames) if (data := rewrite(i, f.data))]
     ending = Ending.KEEP
     terminator = TERMINATOR
     truncated: Frame | None = None

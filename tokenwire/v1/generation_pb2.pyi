@@ -636,7 +636,9 @@ class ToolCall(_message.Message):
     name: _builtins.str
     """Required. The name of the called tool."""
     arguments_json: _builtins.str
-    """Required. The call's arguments, a JSON object as text."""
+    """Required. The call's arguments, a JSON object as text: standard JSON (no NaN or Infinity),
+    nested at most 64 levels deep (`{}` is 1).
+    """
     def __init__(
         self,
         *,
@@ -695,7 +697,10 @@ class Tool(_message.Message):
     """Optional. What the tool does and when to use it, for the model to read."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Optional. A JSON Schema object describing the tool's arguments. Unset means no arguments."""
+        """Optional. A JSON Schema object describing the tool's arguments. Unset means no arguments.
+        Standard JSON (no NaN or Infinity), nested at most 64 levels deep; protobuf's own limit of
+        100 nested messages stops a Struct sooner, at about 33 levels of JSON objects.
+        """
 
     def __init__(
         self,
