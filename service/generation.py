@@ -15,8 +15,9 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -48,6 +49,32 @@ Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 _DEADLINE_SLACK_SECONDS = 0.05
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What the handlers get for request bytes protobuf would not decode (see server._lenient)."""
+
+    # The message nests deeper than protobuf's limit of 100 messages.
+    too_deep: bool = False
+
+
+_M = TypeVar("_M")
+
+
+def decoded(request: _M | Undecodable, name: str) -> _M:
+    """The request, or INVALID_ARGUMENT that says why it could not be read."""
+    if not isinstance(request, Undecodable):
+        return request
+    if request.too_deep:
+        # A google.protobuf.Struct spends 3 of protobuf's 100 levels per JSON object level.
+        raise invalid_request(
+            "request",
+            f"is not a valid tokenwire.v1.{name} message: it nests deeper than protobuf's limit of 100 "
+            "messages (tool parameters in google.protobuf.Struct reach it at about 33 levels of JSON "
+            "objects; see the README)",
+        )
+    raise invalid_request("request", f"is not a valid tokenwire.v1.{name} message")
+
+
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     # grpc's own accounting: name and value lengths plus 32 bytes per entry (as in HPACK).
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
@@ -68,11 +95,11 @@ class GenerationService:
     def idle(self) -> asyncio.Event:
         return self.supervisor.idle
 
-    async def Generate(self, request: pb.GenerateRequest | None, context: Context) -> None:
+    async def Generate(self, request: pb.GenerateRequest | Undecodable, context: Context) -> None:
         received_at = time.monotonic()
         create_time = datetime.now(UTC)
         # A malformed request_id is rejected below, but must not name the stream in the meantime.
-        given = request.request_id if request is not None else ""
+        given = request.request_id if not isinstance(request, Undecodable) else ""
         stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         remaining = context.time_remaining()
         deadline = None if remaining is None else received_at + remaining
@@ -82,11 +109,11 @@ class GenerationService:
         window: float | None = None
         try:
             try:
-                window = self.durable.window(request) if request is not None else None
+                window = self.durable.window(request) if not isinstance(request, Undecodable) else None
                 # A durable generation is not bound by this call's deadline: it outlives the call.
                 route, generation = self._admissible(request, context, stream_id, None if window else deadline)
                 if window is not None:
-                    assert request is not None
+                    assert not isinstance(request, Undecodable)
                     follower = await self.durable.start(
                         request, route, generation, window=window, received_at=received_at, create_time=create_time
                     )
@@ -135,12 +162,11 @@ class GenerationService:
             relay = flight.relay if flight is not None else None
             self._log_outcome(request, stream_id, outcome, relay.sequencer if relay else None, received_at)
 
-    async def Resume(self, request: pb.ResumeRequest | None, context: Context) -> None:
+    async def Resume(self, request: pb.ResumeRequest | Undecodable, context: Context) -> None:
         """Writes a durable stream's messages after the cursor, then its live tail."""
-        stream_id = request.stream_id if request is not None else ""
+        stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
-            if request is None:
-                raise invalid_request("request", "is not a valid tokenwire.v1.ResumeRequest message")
+            request = decoded(request, "ResumeRequest")
             follower = await self.durable.resume(request.stream_id, request.resume_token, request.after_sequence)
             await self._follow(follower, context)
         except GatewayError as err:
@@ -150,13 +176,12 @@ class GenerationService:
         except Exception as exc:
             self._internal(context, exc, stream_id)
 
-    async def Poll(self, request: pb.PollRequest | None, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def Poll(self, request: pb.PollRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """The long-poll read. Answers with the PollResponse's bytes: its messages are the journal's
         own, byte for byte, with the other fields appended (protobuf merges concatenated messages)."""
-        stream_id = request.stream_id if request is not None else ""
+        stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
-            if request is None:
-                raise invalid_request("request", "is not a valid tokenwire.v1.PollRequest message")
+            request = decoded(request, "PollRequest")
             limit = request.max_messages or DEFAULT_POLL_MESSAGES
             if limit > MAX_POLL_MESSAGES:
                 raise invalid_request("max_messages", f"must be at most {MAX_POLL_MESSAGES}")
@@ -181,12 +206,11 @@ class GenerationService:
         return b"".join(parts)
 
     async def Cancel(
-        self, request: pb.CancelRequest | None, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.CancelRequest | Undecodable, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CancelResponse:
-        stream_id = request.stream_id if request is not None else ""
+        stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
-            if request is None:
-                raise invalid_request("request", "is not a valid tokenwire.v1.CancelRequest message")
+            request = decoded(request, "CancelRequest")
             state = await self.durable.cancel(request.stream_id, request.resume_token)
         except GatewayError as err:
             set_status(context, err, stream_id)
@@ -224,21 +248,12 @@ class GenerationService:
         return outcome
 
     def _admissible(
-        self, request: pb.GenerateRequest | None, context: Context, stream_id: str, deadline: float | None
+        self, request: pb.GenerateRequest | Undecodable, context: Context, stream_id: str, deadline: float | None
     ) -> tuple[Route, GenerationRequest]:
         """Checks everything a provider must never see; raises GatewayError for the caller."""
         if self.supervisor.draining:
             raise shutting_down("the server is shutting down; retry")
-        if request is None:
-            # The deserializer hands over None for bytes protobuf would not decode, and no reason:
-            # the usual one for a well-built request is protobuf's limit of 100 nested messages,
-            # which a google.protobuf.Struct reaches at 3 per JSON object level.
-            raise invalid_request(
-                "request",
-                "is not a valid tokenwire.v1.GenerateRequest message (a common cause: nesting deeper than "
-                "protobuf's limit of 100 messages, which tool parameters in google.protobuf.Struct reach at "
-                "about 33 levels of JSON objects; see the README)",
-            )
+        request = decoded(request, "GenerateRequest")
         metadata_bytes = _metadata_size(context.invocation_metadata())
         if metadata_bytes > self.config.max_metadata_bytes:
             raise invalid_request(
@@ -275,7 +290,7 @@ class GenerationService:
 
     def _log_outcome(
         self,
-        request: pb.GenerateRequest | None,
+        request: pb.GenerateRequest | Undecodable,
         stream_id: str,
         outcome: str,
         sequencer: Sequencer | None,
@@ -283,12 +298,12 @@ class GenerationService:
     ) -> None:
         finish = sequencer.finish if sequencer is not None else None
         labels = ""
-        if request is not None and request.metadata:
+        if not isinstance(request, Undecodable) and request.metadata:
             labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
         log.info(
             "stream %s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
             stream_id,
-            request.model[:128] if request is not None else "",
+            request.model[:128] if not isinstance(request, Undecodable) else "",
             outcome,
             pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
             sequencer.sequence if sequencer is not None else 0,
@@ -298,7 +313,7 @@ class GenerationService:
 
     async def ListModels(
         self,
-        request: pb.ListModelsRequest | None,
+        request: pb.ListModelsRequest | Undecodable,
         context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(

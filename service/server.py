@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.config import Config, ConfigError
-from service.generation import GenerationService
+from service.generation import GenerationService, Undecodable
 from service.journal import open_journal
 from service.reflection import enable_reflection
 from service.routing import Router
@@ -21,22 +21,25 @@ from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.server")
 
+_TOO_DEEP = Undecodable(too_deep=True)
+_UNDECODABLE = Undecodable()
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _M = TypeVar("_M", bound=Message)
 
 
-def _lenient(message: type[_M]) -> Callable[[bytes], _M | None]:
-    """A deserializer that hands undecodable bytes to the handler as None.
+def _lenient(message: type[_M]) -> Callable[[bytes], _M | Undecodable]:
+    """A deserializer that hands undecodable bytes to the handler as `Undecodable`.
 
     grpc turns a deserializer exception into a bare INTERNAL; the contract wants the caller told
-    that its request was malformed (INVALID_ARGUMENT).
+    that its request was malformed (INVALID_ARGUMENT), and why where protobuf says.
     """
 
-    def decode(data: bytes) -> _M | None:
+    def decode(data: bytes) -> _M | Undecodable:
         try:
             return message.FromString(data)
-        except DecodeError:
-            return None
+        except DecodeError as exc:
+            # upb's error for protobuf's nesting limit; the text is all it gives to tell it apart.
+            return _TOO_DEEP if "MaxDepth" in str(exc) else _UNDECODABLE
 
     return decode
 

@@ -162,10 +162,15 @@ async def test_tool_parameters_too_deep_for_protobuf_are_refused_with_the_likely
     assert (messages, code) == ([], grpc.StatusCode.INVALID_ARGUMENT)
     details = await call.details()
     assert details is not None
-    assert details.startswith("request: is not a valid tokenwire.v1.GenerateRequest message (a common cause: nesting")
+    assert details.startswith("request: is not a valid tokenwire.v1.GenerateRequest message: it nests deeper than")
     assert "google.protobuf.Struct" in details and "33 levels" in details
     assert [v.field for v in detail(rich_status(trailing), BadRequest).field_violations] == ["request"]
     assert len(recorder.requests) == 1
+    # Bytes that are no message at all are told apart from a message that is only too deep.
+    garbage = running.channel.unary_stream("/tokenwire.v1.GenerationService/Generate")
+    messages, code, trailing = await collect(garbage(b"\xff\xff\xff"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_status(trailing).message == "request: is not a valid tokenwire.v1.GenerateRequest message"
 
 
 async def test_unknown_route_is_not_found(running: Running) -> None:
