@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -232,7 +233,7 @@ class FakeDurable:
 async def fake() -> AsyncIterator[FakeDurable]:
     state = FakeDurable()
     server = grpc.aio.server()
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             state.generate, pb.GenerateRequest.FromString, pb.GenerateResponse.SerializeToString
         ),
