@@ -56,6 +56,17 @@ class ServerConfig:
     # Server processes sharing the listening port (SO_REUSEPORT); the kernel spreads connections
     # over them. One per core is the most that helps; limits above apply to each process.
     workers: int = 1
+    # Where durable streams are journaled: "memory" (this process only; the default) or a Redis
+    # URL such as "redis://127.0.0.1:6379/0" (shared by every server pointing at it).
+    journal: str = "memory"
+    # The longest resume window a request may ask for; longer ones are shortened to it.
+    max_resume_window_seconds: float = 3600.0
+    # Bounds of one durable stream in the journal. A stream that would pass one ends with a
+    # terminal JOURNAL_FULL Error: nothing is dropped silently.
+    journal_max_stream_messages: int = 100_000
+    journal_max_stream_bytes: int = 64 * 1024 * 1024
+    # Bound of the memory journal, every stream together (Redis is bounded by its maxmemory).
+    journal_max_total_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +202,10 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "keepalive_timeout_seconds": (1, 3600),
     "keepalive_min_ping_interval_seconds": (1, 86_400),
     "workers": (1, 64),
+    "max_resume_window_seconds": (1, 7 * 86_400),
+    "journal_max_stream_messages": (16, 100_000_000),
+    "journal_max_stream_bytes": (64 * 1024, 16 * 1024 * 1024 * 1024),
+    "journal_max_total_bytes": (1024 * 1024, 1024 * 1024 * 1024 * 1024),
 }
 
 
@@ -239,6 +254,8 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
     server = ServerConfig(**checked)
     if server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: [server] log_level must be DEBUG, INFO, WARNING or ERROR")
+    if server.journal != "memory" and not server.journal.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f'{where}: [server] journal must be "memory" or a redis:// URL')
     if not re.fullmatch(r".+:\d+", server.listen):
         raise ConfigError(f"{where}: [server] listen must be HOST:PORT, got {server.listen!r}")
     return server

@@ -1,8 +1,10 @@
-"""The gRPC face of the service: Generate and ListModels, validation, and the error firewall.
+"""The gRPC door: Generate, Resume, Poll, Cancel and ListModels, and the error firewall.
 
 Whatever happens inside, a caller gets the contract: a plain rich status before Start, a terminal
 Error event mirrored by the status after it, INTERNAL with a correlation id for bugs — never
-grpc's default UNKNOWN with exception text.
+grpc's default UNKNOWN with exception text. Admission, the duration limit and the drain are the
+supervisor's (`service.supervisor`); durable streams are `service.durable`'s, whose readers this
+door writes out as the journal's bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 
 from service.config import ServerConfig
+from service.durable import DEFAULT_POLL_MESSAGES, MAX_POLL_MESSAGES, DurableStreams, Follower, failure_of
 from service.errors import (
     ErrorCode,
     GatewayError,
@@ -30,8 +33,10 @@ from service.errors import (
     shutting_down,
 )
 from service.events import GenerationRequest
+from service.journal import Journal
 from service.routing import OpenedStream, Route, Router
 from service.streams import Relay, Sequencer, StreamInfo
+from service.supervisor import InFlight, StreamSupervisor
 from service.validation import REQUEST_ID, prompt_chars, validate_request
 from service.wire import set_status
 from tokenwire.v1 import generation_pb2 as pb
@@ -39,12 +44,8 @@ from tokenwire.v1 import generation_pb2 as pb
 log = logging.getLogger("tokenwire.generation")
 
 Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
-# Retry delay suggested to callers turned away at the concurrency limit.
-OVERLOAD_RETRY_AFTER_SECONDS = 1.0
 # The caller's clock and ours differ a little: a cancel this close to the deadline is the deadline.
 _DEADLINE_SLACK_SECONDS = 0.05
-# How long a stream past its maximum duration may sit in a write before its handler is cancelled.
-_STALLED_WRITE_SECONDS = 5.0
 
 
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
@@ -52,37 +53,20 @@ def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
 
 
-@dataclass(slots=True, eq=False)
-class _InFlight:
-    """One Generate stream in flight, as shutdown and the stream limits see it."""
-
-    task: asyncio.Task[None]
-    # Set once the provider's first event arrived and Start is on its way.
-    relay: Relay | None = None
-    # Why the server ends this stream early (shutdown, the duration limit); None while it runs.
-    ended_by: GatewayError | None = None
-    # The handler was cancelled to end the stream: it was still waiting for its provider's first
-    # event, before anything was sent.
-    interrupted: bool = False
-    # The handler was cancelled because its caller stopped reading past the duration limit.
-    cut: bool = False
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
-
-
 class GenerationService:
-    def __init__(self, router: Router, config: ServerConfig) -> None:
+    def __init__(self, router: Router, config: ServerConfig, journal: Journal) -> None:
         self.router = router
         self.config = config
-        # The Generate streams in flight: the concurrency limit counts these.
-        self.active: dict[asyncio.Task[None], _InFlight] = {}
-        # Set while no stream is in flight: what a draining shutdown waits for.
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.draining = False
+        self.supervisor = StreamSupervisor(config)
+        self.durable = DurableStreams(router, self.supervisor, journal, config)
 
     @property
     def active_streams(self) -> int:
-        return len(self.active)
+        return len(self.supervisor.active)
+
+    @property
+    def idle(self) -> asyncio.Event:
+        return self.supervisor.idle
 
     async def Generate(self, request: pb.GenerateRequest | None, context: Context) -> None:
         received_at = time.monotonic()
@@ -93,12 +77,21 @@ class GenerationService:
         remaining = context.time_remaining()
         deadline = None if remaining is None else received_at + remaining
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        flight: _InFlight | None = None
+        flight: InFlight | None = None
         outcome = "OK"
         try:
             try:
-                route, generation = self._admissible(request, context, stream_id, deadline)
-                flight = self._admit(task, received_at)
+                window = self.durable.window(request) if request is not None else None
+                # A durable generation is not bound by this call's deadline: it outlives the call.
+                route, generation = self._admissible(request, context, stream_id, None if window else deadline)
+                if window is not None:
+                    assert request is not None
+                    follower = await self.durable.start(
+                        request, route, generation, window=window, received_at=received_at, create_time=create_time
+                    )
+                    outcome = await self._follow(follower, context)
+                    return
+                flight = self.supervisor.admit(task, received_at)
                 try:
                     opened = await self.router.open(route, generation)
                     info = StreamInfo(
@@ -112,17 +105,13 @@ class GenerationService:
                     )
                     await self._relay(flight, opened, info, context)
                 finally:
-                    self._release(flight)
+                    self.supervisor.release(flight)
             except asyncio.CancelledError:
                 # Only a cancel of our own, and no other beside it, is turned into a status: a
                 # client's cancel, its deadline or grpc's own stop at the end of the grace period
                 # mean the call is gone, and nothing can be written to it any more.
                 if flight is None or flight.ended_by is None or not flight.interrupted or task.uncancel() > 0:
-                    # grpc says only "cancelled"; the caller's deadline tells the two apart.
-                    late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
-                    outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
-                    if flight is not None and flight.cut and flight.ended_by is not None:
-                        outcome = f"{flight.ended_by.code.value} (the caller had stopped reading)"
+                    outcome = self._cancelled_outcome(flight, deadline)
                     raise
                 # The server ended the stream while it waited for its first token: say why.
                 raise flight.ended_by from None
@@ -138,19 +127,104 @@ class GenerationService:
             # Nobody is left to tell; this is no bug of ours, and not worth an ERROR line.
             outcome = f"CALL_ENDED ({type(gone.__cause__).__name__} while writing)"
         except Exception as exc:
-            correlation_id = new_correlation_id()
-            log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
-            set_status(context, internal_error(correlation_id), stream_id)
-            outcome = ErrorCode.INTERNAL.value
+            outcome = self._internal(context, exc, stream_id)
         finally:
             relay = flight.relay if flight is not None else None
             self._log_outcome(request, stream_id, outcome, relay.sequencer if relay else None, received_at)
+
+    async def Resume(self, request: pb.ResumeRequest | None, context: Context) -> None:
+        """Writes a durable stream's messages after the cursor, then its live tail."""
+        stream_id = request.stream_id if request is not None else ""
+        try:
+            if request is None:
+                raise invalid_request("request", "is not a valid tokenwire.v1.ResumeRequest message")
+            follower = await self.durable.resume(request.stream_id, request.resume_token, request.after_sequence)
+            await self._follow(follower, context)
+        except GatewayError as err:
+            set_status(context, err, stream_id)
+        except _CallGone:
+            pass
+        except Exception as exc:
+            self._internal(context, exc, stream_id)
+
+    async def Poll(self, request: pb.PollRequest | None, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """The long-poll read. Answers with the PollResponse's bytes: its messages are the journal's
+        own, byte for byte, with the other fields appended (protobuf merges concatenated messages)."""
+        stream_id = request.stream_id if request is not None else ""
+        try:
+            if request is None:
+                raise invalid_request("request", "is not a valid tokenwire.v1.PollRequest message")
+            limit = request.max_messages or DEFAULT_POLL_MESSAGES
+            if limit > MAX_POLL_MESSAGES:
+                raise invalid_request("max_messages", f"must be at most {MAX_POLL_MESSAGES}")
+            wait = request.wait.seconds + request.wait.nanos / 1e9 if request.HasField("wait") else 0.0
+            if wait < 0:
+                raise invalid_request("wait", "must not be negative")
+            result = await self.durable.poll(
+                request.stream_id, request.resume_token, request.after_sequence, wait, limit
+            )
+        except GatewayError as err:
+            set_status(context, err, stream_id)
+            return b""
+        except Exception as exc:
+            self._internal(context, exc, stream_id)
+            return b""
+        parts = [_field_bytes(1, payload) for payload in result.payloads]
+        parts.append(
+            pb.PollResponse(
+                next_after_sequence=result.next_after, terminal=result.terminal, state=result.state
+            ).SerializeToString()
+        )
+        return b"".join(parts)
+
+    async def Cancel(
+        self, request: pb.CancelRequest | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelResponse:
+        stream_id = request.stream_id if request is not None else ""
+        try:
+            if request is None:
+                raise invalid_request("request", "is not a valid tokenwire.v1.CancelRequest message")
+            state = await self.durable.cancel(request.stream_id, request.resume_token)
+        except GatewayError as err:
+            set_status(context, err, stream_id)
+            return pb.CancelResponse()
+        except Exception as exc:
+            self._internal(context, exc, stream_id)
+            return pb.CancelResponse()
+        return pb.CancelResponse(state=state)
+
+    async def _follow(self, follower: Follower, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Writes a follower's payloads as they are; the status then mirrors the terminal one."""
+        async with contextlib.aclosing(follower.batches()) as batches:
+            async for batch in batches:
+                for payload in batch:
+                    await _write(context, payload)
+        failure = failure_of(follower.terminal) if follower.terminal is not None else None
+        if failure is not None:
+            set_status(context, failure, follower.stream_id)
+            return failure.code.value
+        return "OK"
+
+    def _internal(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception, stream_id: str) -> str:
+        correlation_id = new_correlation_id()
+        log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
+        set_status(context, internal_error(correlation_id), stream_id)
+        return ErrorCode.INTERNAL.value
+
+    @staticmethod
+    def _cancelled_outcome(flight: InFlight | None, deadline: float | None) -> str:
+        # grpc says only "cancelled"; the caller's deadline tells the two apart.
+        late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
+        outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+        if flight is not None and flight.cut and flight.ended_by is not None:
+            outcome = f"{flight.ended_by.code.value} (the caller had stopped reading)"
+        return outcome
 
     def _admissible(
         self, request: pb.GenerateRequest | None, context: Context, stream_id: str, deadline: float | None
     ) -> tuple[Route, GenerationRequest]:
         """Checks everything a provider must never see; raises GatewayError for the caller."""
-        if self.draining:
+        if self.supervisor.draining:
             raise shutting_down("the server is shutting down; retry")
         if request is None:
             raise invalid_request("request", "is not a valid tokenwire.v1.GenerateRequest message")
@@ -173,64 +247,7 @@ class GenerationService:
         )
         return route, generation
 
-    def _admit(self, task: asyncio.Task[None], received_at: float) -> _InFlight:
-        if len(self.active) >= self.config.max_concurrent_streams:
-            raise GatewayError(
-                ErrorCode.SERVER_OVERLOADED,
-                f"the server is at its limit of {self.config.max_concurrent_streams} concurrent streams",
-                retry_after=OVERLOAD_RETRY_AFTER_SECONDS,
-            )
-        flight = self.active[task] = _InFlight(task)
-        self.idle.clear()
-        limit = self.config.max_stream_duration_seconds
-        if limit:
-            remaining = received_at + limit - time.monotonic()
-            flight.timers.append(asyncio.get_running_loop().call_later(remaining, self._expire, flight))
-        return flight
-
-    def _release(self, flight: _InFlight) -> None:
-        for timer in flight.timers:
-            timer.cancel()
-        self.active.pop(flight.task, None)
-        if not self.active:
-            self.idle.set()
-
-    def _expire(self, flight: _InFlight) -> None:
-        limit = self.config.max_stream_duration_seconds
-        self._end(
-            flight,
-            GatewayError(
-                ErrorCode.STREAM_DURATION_EXCEEDED,
-                f"the stream reached this server's maximum stream duration of {limit:g} s",
-            ),
-        )
-        if flight.relay is not None:
-            # A caller that stopped reading holds the handler in a write that may never return,
-            # and grpc.aio can neither cancel that write nor send a status behind it. The handler
-            # is cancelled instead: the provider's stream and the slot are freed, and gRPC ends
-            # the call at the caller's deadline or when its connection goes.
-            flight.timers.append(
-                asyncio.get_running_loop().call_later(_STALLED_WRITE_SECONDS, self._cut_stalled, flight)
-            )
-
-    def _end(self, flight: _InFlight, reason: GatewayError) -> None:
-        """Ends a stream early with `reason`: a plain status before Start, a terminal Error after."""
-        # A handler already being cancelled (its client hung up) is left to finish its cleanup.
-        if flight.ended_by is not None or flight.task.cancelling():
-            return
-        flight.ended_by = reason
-        if flight.relay is None:
-            flight.interrupted = True
-            flight.task.cancel("the server ends this stream")
-        else:
-            flight.relay.stop(reason)
-
-    def _cut_stalled(self, flight: _InFlight) -> None:
-        if self.active.get(flight.task) is flight and not flight.task.cancelling():
-            flight.cut = True
-            flight.task.cancel("the caller stopped reading a stream past its maximum duration")
-
-    async def _relay(self, flight: _InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
+    async def _relay(self, flight: InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
         """Writes the sequenced stream. The provider's stream is closed on every path out."""
         relay = flight.relay = Relay(
             Sequencer(info),
@@ -290,30 +307,30 @@ class GenerationService:
 
     def begin_drain(self) -> None:
         """New streams are refused from now on; the ones in flight go on."""
-        self.draining = True
+        self.supervisor.begin_drain()
 
     def end_streams(self) -> int:
-        """Ends every stream in flight with SERVER_SHUTTING_DOWN.
-
-        A stream still waiting for its first token gets a plain status at once; a started one
-        gets a terminal Error, at once if it waits for its provider, or right after the write in
-        flight returns.
-        """
-        for flight in list(self.active.values()):
-            self._end(flight, _stream_shut_down())
-        return len(self.active)
+        """Ends every generation in flight, durable ones included, with SERVER_SHUTTING_DOWN."""
+        return self.supervisor.end_streams()
 
 
 class _CallGone(Exception):
     """A write failed because the call is over: the client went away or the server stopped it."""
 
 
-async def _write(context: Context, message: pb.GenerateResponse) -> None:
+async def _write(context: grpc.aio.ServicerContext[Any, Any], message: pb.GenerateResponse | bytes) -> None:
     try:
         await context.write(message)
     except Exception as exc:  # CancelledError is no Exception: it goes on as it is
         raise _CallGone from exc
 
 
-def _stream_shut_down() -> GatewayError:
-    return shutting_down("the server is shutting down and ended the stream before it finished; retry")
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
+    head = bytearray(((number << 3) | 2,))
+    size = len(payload)
+    while size > 0x7F:
+        head.append((size & 0x7F) | 0x80)
+        size >>= 7
+    head.append(size)
+    return bytes(head) + payload

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.config import Config, ConfigError
 from service.generation import GenerationService
+from service.journal import open_journal
 from service.reflection import enable_reflection
 from service.routing import Router
 from tokenwire.v1 import generation_pb2 as pb
@@ -38,6 +39,11 @@ def _lenient(message: type[_M]) -> Callable[[bytes], _M | None]:
             return None
 
     return decode
+
+
+def _serialize(message: Message | bytes) -> bytes:
+    """Messages are serialized; bytes (a durable stream's journaled messages) go out as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def grpc_options(config: Config) -> list[tuple[str, Any]]:
@@ -68,7 +74,9 @@ class TokenwireServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.router = Router(config.routes)
-        self.generation = GenerationService(self.router, config.server)
+        s = config.server
+        self.journal = open_journal(s.journal, max_total_bytes=s.journal_max_total_bytes)
+        self.generation = GenerationService(self.router, s, self.journal)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(config))
         self.port = 0
@@ -79,12 +87,27 @@ class TokenwireServer:
             "Generate": grpc.unary_stream_rpc_method_handler(
                 g.Generate,
                 request_deserializer=_lenient(pb.GenerateRequest),
-                response_serializer=pb.GenerateResponse.SerializeToString,
+                response_serializer=_serialize,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 g.ListModels,
                 request_deserializer=_lenient(pb.ListModelsRequest),
                 response_serializer=pb.ListModelsResponse.SerializeToString,
+            ),
+            "Resume": grpc.unary_stream_rpc_method_handler(
+                g.Resume,
+                request_deserializer=_lenient(pb.ResumeRequest),
+                response_serializer=_serialize,
+            ),
+            "Poll": grpc.unary_unary_rpc_method_handler(
+                g.Poll,
+                request_deserializer=_lenient(pb.PollRequest),
+                response_serializer=_serialize,
+            ),
+            "Cancel": grpc.unary_unary_rpc_method_handler(
+                g.Cancel,
+                request_deserializer=_lenient(pb.CancelRequest),
+                response_serializer=pb.CancelResponse.SerializeToString,
             ),
         }
         # As generated code does: registered handlers are grpc's fast path, the generic one its
@@ -135,3 +158,4 @@ class TokenwireServer:
             async with asyncio.timeout(1.0):
                 await self.generation.idle.wait()
         await self.router.aclose()
+        await self.journal.aclose()

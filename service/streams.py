@@ -50,6 +50,9 @@ class StreamInfo:
     received_at: float  # time.monotonic() at request receipt
     create_time: datetime
     prompt_chars: int
+    # Durable streams only: the capability Resume, Poll and Cancel need, and the window granted.
+    resume_token: str = ""
+    resume_window: float | None = None
 
 
 class Sequencer:
@@ -75,16 +78,17 @@ class Sequencer:
         info = self.info
         create_time = timestamp_pb2.Timestamp()
         create_time.FromDatetime(info.create_time)
-        return pb.GenerateResponse(
-            sequence=self._next(),
-            start=pb.Start(
-                stream_id=info.stream_id,
-                route=info.route,
-                provider=info.provider,
-                upstream_model=info.upstream_model,
-                create_time=create_time,
-            ),
+        start = pb.Start(
+            stream_id=info.stream_id,
+            route=info.route,
+            provider=info.provider,
+            upstream_model=info.upstream_model,
+            create_time=create_time,
+            resume_token=info.resume_token,
         )
+        if info.resume_window is not None:
+            start.resume_window.CopyFrom(duration(info.resume_window))
+        return pb.GenerateResponse(sequence=self._next(), start=start)
 
     def message(self, event: ProviderEvent) -> pb.GenerateResponse | None:
         """The message for one provider event; None for an event that carries nothing.

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply, ToolCallScript
 
-import service.generation
+import service.supervisor
 from conftest import (
     ErrorInfo,
     assert_well_formed,
@@ -123,7 +123,7 @@ async def test_a_stalled_reader_past_the_maximum_duration_is_cut_and_its_provide
     start_server: Any, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(service.generation, "_STALLED_WRITE_SECONDS", 0.5)
+    monkeypatch.setattr(service.supervisor, "_STALLED_WRITE_SECONDS", 0.5)
     # ~12 MB of SSE: more than the sockets' buffers hold, so the provider is still writing.
     fake_openai.enqueue(StreamReply(text=["x" * 400] * 30_000, events_per_write=100))
     running = await start_server(routes={"r": vendor_route(fake_openai)}, max_stream_duration_seconds=1)

@@ -1,0 +1,561 @@
+"""Durable streams: generations that outlive the call that started them, read back by cursor.
+
+A durable stream's generation (provider -> relay -> sequencer) runs in a producer task of its
+own, supervised like any generation (admission, the duration limit, the drain), and writes every
+message to the journal as the exact bytes any reader will get. Every door's reads (the first
+call, Resume, the poll read) are readers of the journal by cursor, so a resumed message is the
+same message, byte for byte. Nothing here knows gRPC: a door turns `GatewayError` into its
+statuses and writes the payloads it is given.
+
+Ephemeral streams never come here and pay nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+from google.protobuf import timestamp_pb2
+
+from service.config import ServerConfig
+from service.errors import (
+    ErrorCode,
+    GatewayError,
+    describe_exception,
+    internal_error,
+    invalid_request,
+    new_correlation_id,
+)
+from service.events import GenerationRequest
+from service.journal import (
+    Batch,
+    Fenced,
+    Journal,
+    JournalError,
+    JournalFull,
+    JournalUnavailable,
+    StreamRecord,
+    StreamStatus,
+)
+from service.routing import Route, Router
+from service.streams import Relay, Sequencer, StreamInfo
+from service.supervisor import InFlight, StreamSupervisor
+from service.validation import prompt_chars
+from service.wire import error_event
+from tokenwire.v1 import generation_pb2 as pb
+
+log = logging.getLogger("tokenwire.durable")
+
+# A window shorter than this leaves a reader no time to come back.
+MIN_WINDOW_SECONDS = 1.0
+# The longest a poll read waits, whatever it asks for.
+MAX_POLL_WAIT_SECONDS = 30.0
+MAX_POLL_MESSAGES = 1000
+DEFAULT_POLL_MESSAGES = 100
+# How many payloads a follower reads at once; and how long it waits on the journal before it
+# looks again (a journal's wait may also return early).
+_READ_BATCH = 256
+_WAIT_SLICE_SECONDS = 5.0
+# Bytes of randomness in a resume token (the contract asks for at least 128 bits).
+_TOKEN_BYTES = 24
+# A failed start is kept this long, so that a caller attached to it learns why.
+_FAILED_START_TTL_SECONDS = 30.0
+
+_STATUSES = {
+    StreamStatus.RUNNING: pb.STREAM_STATUS_RUNNING,
+    StreamStatus.FINISHED: pb.STREAM_STATUS_FINISHED,
+    StreamStatus.FAILED: pb.STREAM_STATUS_FAILED,
+    StreamStatus.CANCELLED: pb.STREAM_STATUS_CANCELLED,
+}
+_CODES = {f"ERROR_CODE_{code.value}": code for code in ErrorCode}
+
+
+def digest(value: bytes | str) -> bytes:
+    return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
+
+
+def not_found() -> GatewayError:
+    # Unknown, expired and a wrong token look the same: a token cannot be probed for.
+    return GatewayError(ErrorCode.STREAM_NOT_FOUND, "no durable stream with this id and resume token")
+
+
+def journal_unavailable() -> GatewayError:
+    return GatewayError(ErrorCode.JOURNAL_UNAVAILABLE, "the stream journal cannot be reached; retry")
+
+
+def stream_state(record: StreamRecord) -> pb.StreamState:
+    expire_time = timestamp_pb2.Timestamp()
+    expire_time.FromDatetime(datetime.fromtimestamp(record.expires_at, UTC))
+    return pb.StreamState(
+        stream_id=record.stream_id,
+        status=_STATUSES[record.status],
+        last_sequence=record.last_sequence,
+        expire_time=expire_time,
+    )
+
+
+def failure_of(payload: bytes) -> GatewayError | None:
+    """The error a terminal payload carries (None for a Finish), for a status that mirrors it."""
+    message = pb.GenerateResponse.FromString(payload)
+    if message.WhichOneof("event") != "error":
+        return None
+    error = message.error
+    return GatewayError(
+        _CODES.get(pb.ErrorCode.Name(error.code), ErrorCode.INTERNAL),
+        error.message,
+        retry_after=error.retry_after.ToNanoseconds() / 1e9 if error.HasField("retry_after") else None,
+        provider=error.provider,
+        provider_http_status=error.provider_http_status if error.HasField("provider_http_status") else None,
+        correlation_id=error.correlation_id,
+    )
+
+
+def _encode_failure(err: GatewayError) -> bytes:
+    return orjson.dumps(
+        {
+            "code": err.code.value,
+            "message": err.message,
+            "retry_after": err.retry_after,
+            "provider": err.provider,
+            "provider_http_status": err.provider_http_status,
+            "correlation_id": err.correlation_id,
+        }
+    )
+
+
+def _decode_failure(data: bytes) -> GatewayError:
+    fields = orjson.loads(data)
+    return GatewayError(
+        ErrorCode(fields["code"]),
+        fields["message"],
+        retry_after=fields["retry_after"],
+        provider=fields["provider"],
+        provider_http_status=fields["provider_http_status"],
+        correlation_id=fields["correlation_id"],
+    )
+
+
+def _terminal_payload(sequence: int, err: GatewayError) -> bytes:
+    return pb.GenerateResponse(sequence=sequence, error=error_event(err, sequence - 1)).SerializeToString()
+
+
+def _status_of(err: GatewayError) -> StreamStatus:
+    return StreamStatus.CANCELLED if err.code is ErrorCode.STREAM_CANCELLED else StreamStatus.FAILED
+
+
+@dataclass(slots=True, eq=False)
+class _Producer:
+    """A durable generation running in this process, and the readers attached to it here."""
+
+    stream_id: str
+    window: float
+    flight: InFlight | None = None
+    readers: int = 0
+    # Wakes when no reader has been attached (nor polled) for a whole window.
+    abandon_timer: asyncio.TimerHandle | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    payloads: Sequence[bytes]
+    next_after: int
+    terminal: bool
+    state: pb.StreamState
+
+
+class Follower:
+    """One reader of a durable stream, by cursor: the payloads after it, to the terminal one.
+
+    After iterating, `terminal` holds the terminal payload (None if the stream vanished), so
+    that a door can make its status mirror it.
+    """
+
+    def __init__(self, streams: DurableStreams, stream_id: str, after: int) -> None:
+        self._streams = streams
+        self.stream_id = stream_id
+        self.after = after
+        self.terminal: bytes | None = None
+
+    async def batches(self) -> AsyncGenerator[Sequence[bytes], None]:
+        streams = self._streams
+        journal = streams.journal
+        producer = streams.attach(self.stream_id)
+        try:
+            while True:
+                batch = await streams.read(self.stream_id, self.after, _READ_BATCH)
+                record = batch.record
+                if record.start_failure:
+                    raise _decode_failure(record.start_failure)
+                if batch.payloads:
+                    self.after = batch.last
+                    if batch.terminal:
+                        self.terminal = batch.payloads[-1]
+                        yield batch.payloads
+                        return
+                    yield batch.payloads
+                    continue
+                if record.ended:
+                    # The cursor is at the terminal message: nothing more to send, but the
+                    # status still mirrors it.
+                    last = await streams.read(self.stream_id, record.last_sequence - 1, 1)
+                    self.terminal = last.payloads[-1] if last.payloads else None
+                    return
+                try:
+                    await journal.wait(self.stream_id, self.after, _WAIT_SLICE_SECONDS)
+                except JournalError:
+                    raise journal_unavailable() from None
+        finally:
+            streams.detach(producer)
+
+
+class DurableStreams:
+    def __init__(self, router: Router, supervisor: StreamSupervisor, journal: Journal, config: ServerConfig) -> None:
+        self.router = router
+        self.supervisor = supervisor
+        self.journal = journal
+        self.config = config
+        self.producers: dict[str, _Producer] = {}
+
+    def window(self, request: pb.GenerateRequest) -> float | None:
+        """The resume window a request gets; None for an ephemeral request."""
+        if not request.HasField("resume_window"):
+            return None
+        asked = request.resume_window.seconds + request.resume_window.nanos / 1e9
+        if asked == 0:
+            return None
+        if asked < MIN_WINDOW_SECONDS:
+            raise invalid_request("resume_window", f"must be at least {MIN_WINDOW_SECONDS:g} s, or unset")
+        return float(min(asked, self.config.max_resume_window_seconds))
+
+    async def start(
+        self,
+        request: pb.GenerateRequest,
+        route: Route,
+        generation: GenerationRequest,
+        *,
+        window: float,
+        received_at: float,
+        create_time: datetime,
+    ) -> Follower:
+        """Starts the durable stream the request asks for, or attaches to it when it exists
+        (the same request_id and the same request); returns a follower from its first message."""
+        stream_id = generation.stream_id
+        fingerprint = digest(request.SerializeToString(deterministic=True))
+        self.supervisor.check_open()
+        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        record = StreamRecord(
+            stream_id=stream_id,
+            token_digest=digest(token),
+            fingerprint=fingerprint,
+            window=window,
+            expires_at=self._running_expiry(window),
+        )
+        try:
+            existing = await self.journal.create(record)
+        except JournalError:
+            raise journal_unavailable() from None
+        if existing is not None:
+            if not hmac.compare_digest(existing.fingerprint, fingerprint):
+                raise GatewayError(
+                    ErrorCode.STREAM_ALREADY_EXISTS,
+                    "a durable stream with this request_id exists and was started by a different request",
+                )
+            return Follower(self, stream_id, 0)
+        producer = self.producers[stream_id] = _Producer(stream_id, window)
+        info = StreamInfo(
+            stream_id=stream_id,
+            route=route.name,
+            provider="",
+            upstream_model="",
+            received_at=received_at,
+            create_time=create_time,
+            prompt_chars=prompt_chars(generation),
+            resume_token=token,
+            resume_window=window,
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._produce(producer, route, generation, info), name=f"durable producer {stream_id}"
+        )
+        try:
+            producer.flight = self.supervisor.admit(task, received_at)
+        except GatewayError as err:
+            task.cancel()
+            with contextlib.suppress(JournalError):
+                await self.journal.fail_start(stream_id, _encode_failure(err), expires_at=time.time() + 1)
+            raise
+        return Follower(self, stream_id, 0)
+
+    async def resume(self, stream_id: str, token: str, after: int) -> Follower:
+        record = await self._authorized(stream_id, token)
+        if after > record.last_sequence:
+            raise GatewayError(
+                ErrorCode.CURSOR_OUT_OF_RANGE,
+                f"after_sequence {after} is past the stream's last journaled message ({record.last_sequence})",
+            )
+        return Follower(self, stream_id, after)
+
+    async def poll(self, stream_id: str, token: str, after: int, wait: float, limit: int) -> PollResult:
+        record = await self._authorized(stream_id, token)
+        if after > record.last_sequence:
+            raise GatewayError(
+                ErrorCode.CURSOR_OUT_OF_RANGE,
+                f"after_sequence {after} is past the stream's last journaled message ({record.last_sequence})",
+            )
+        producer = self.attach(stream_id)
+        try:
+            batch = await self.read(stream_id, after, limit)
+            if not batch.payloads and not batch.record.ended and wait > 0:
+                try:
+                    await self.journal.wait(stream_id, after, min(wait, MAX_POLL_WAIT_SECONDS))
+                except JournalError:
+                    raise journal_unavailable() from None
+                batch = await self.read(stream_id, after, limit)
+        finally:
+            self.detach(producer)
+        return PollResult(batch.payloads, batch.last, batch.terminal, stream_state(batch.record))
+
+    async def cancel(self, stream_id: str, token: str) -> pb.StreamState:
+        record = await self._authorized(stream_id, token)
+        if record.ended:
+            return stream_state(record)
+        cancelled = GatewayError(ErrorCode.STREAM_CANCELLED, "the stream was cancelled by a Cancel call")
+        producer = self.producers.get(stream_id)
+        if producer is not None and producer.flight is not None:
+            self.supervisor.end(producer.flight, cancelled)
+            # The producer journals the terminal Error as soon as no write is in flight.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await producer.done.wait()
+        else:
+            # Its producer is not in this process (or is gone): the fenced terminal write decides
+            # the race with any producer still writing, which stops at its next write.
+            with contextlib.suppress(Fenced):
+                await self._append_terminal(record, cancelled)
+        after = await self.journal.get(stream_id)
+        return stream_state(after if after is not None else record)
+
+    async def read(self, stream_id: str, after: int, limit: int) -> Batch:
+        try:
+            batch = await self.journal.read(stream_id, after, limit)
+        except JournalError:
+            raise journal_unavailable() from None
+        if batch is None:
+            raise not_found()
+        return batch
+
+    def attach(self, stream_id: str) -> _Producer | None:
+        producer = self.producers.get(stream_id)
+        if producer is not None:
+            producer.readers += 1
+            if producer.abandon_timer is not None:
+                producer.abandon_timer.cancel()
+                producer.abandon_timer = None
+        return producer
+
+    def detach(self, producer: _Producer | None) -> None:
+        if producer is None:
+            return
+        producer.readers -= 1
+        if producer.readers == 0 and not producer.done.is_set():
+            producer.abandon_timer = asyncio.get_running_loop().call_later(producer.window, self._abandon, producer)
+
+    def _abandon(self, producer: _Producer) -> None:
+        producer.abandon_timer = None
+        if producer.readers == 0 and producer.flight is not None:
+            self.supervisor.end(
+                producer.flight,
+                GatewayError(
+                    ErrorCode.STREAM_ABANDONED,
+                    f"no reader came back to the stream within its resume window of {producer.window:g} s",
+                ),
+            )
+
+    async def _authorized(self, stream_id: str, token: str) -> StreamRecord:
+        if not stream_id or not token:
+            raise not_found()
+        try:
+            record = await self.journal.get(stream_id)
+        except JournalError:
+            raise journal_unavailable() from None
+        if record is None or record.start_failure or not hmac.compare_digest(record.token_digest, digest(token)):
+            raise not_found()
+        return record
+
+    def _running_expiry(self, window: float) -> float:
+        # A running stream's producer ends it long before this; the expiry only guards against a
+        # producer that died without a word.
+        return time.time() + window + self.config.max_stream_duration_seconds
+
+    async def _append_terminal(self, record: StreamRecord, err: GatewayError) -> None:
+        sequence = record.last_sequence + 1
+        await self.journal.append(
+            record.stream_id,
+            sequence,
+            [_terminal_payload(sequence, err)],
+            expires_at=time.time() + record.window,
+            status=_status_of(err),
+        )
+
+    async def _produce(
+        self, producer: _Producer, route: Route, generation: GenerationRequest, info: StreamInfo
+    ) -> None:
+        stream_id = producer.stream_id
+        outcome = "OK"
+        sequencer: Sequencer | None = None
+        started = time.monotonic()
+        # The reader that started the stream attaches right after this task is created: until
+        # then, and whenever no reader is attached, the abandonment clock runs.
+        self.detach(self.attach(stream_id))
+        try:
+            # `start` admitted this task before it first ran.
+            flight = producer.flight
+            assert flight is not None
+            try:
+                opened = await self.router.open(route, generation)
+            except asyncio.CancelledError:
+                # Ended by the server (shutdown, duration, a cancel) before the first token.
+                failure = flight.ended_by or GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, "the stream was stopped")
+                outcome = failure.code.value
+                await self._fail_start(stream_id, failure)
+                return
+            except GatewayError as err:
+                outcome = err.code.value
+                await self._fail_start(stream_id, err)
+                return
+            info = dataclasses.replace(
+                info, provider=opened.route.provider.kind, upstream_model=opened.route.config.model
+            )
+            sequencer = Sequencer(info)
+            relay = flight.relay = Relay(
+                sequencer,
+                opened.first,
+                opened.events,
+                heartbeat_interval=self.config.heartbeat_interval_seconds or None,
+            )
+            outcome = await self._journal_stream(producer, relay)
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
+        except Exception as exc:
+            correlation_id = new_correlation_id()
+            log.error("internal error %s in durable stream %s: %s", correlation_id, stream_id, describe_exception(exc))
+            outcome = ErrorCode.INTERNAL.value
+            record = await self._record_or_none(stream_id)
+            if record is not None and not record.ended:
+                with contextlib.suppress(JournalError):
+                    if record.last_sequence:
+                        await self._append_terminal(record, internal_error(correlation_id))
+                    else:
+                        await self._fail_start(stream_id, internal_error(correlation_id))
+        finally:
+            if producer.abandon_timer is not None:
+                producer.abandon_timer.cancel()
+            producer.done.set()
+            if self.producers.get(stream_id) is producer:
+                del self.producers[stream_id]
+            if producer.flight is not None:
+                self.supervisor.release(producer.flight)
+            log.info(
+                "stream %s durable route=%r outcome=%s messages=%d duration_ms=%.1f",
+                stream_id,
+                info.route[:128],
+                outcome,
+                sequencer.sequence if sequencer is not None else 0,
+                (time.monotonic() - started) * 1000,
+            )
+
+    async def _journal_stream(self, producer: _Producer, relay: Relay) -> str:
+        """Writes the relay's messages to the journal until the terminal one; returns the outcome.
+
+        Deltas that queue while a journal write is in flight are merged by the relay into one
+        message, so a slow journal gets fewer, larger writes rather than a round trip per token.
+        A message the journal has no room for is replaced by a terminal JOURNAL_FULL Error in its
+        place: nothing is silently dropped, and the sequence stays contiguous.
+        """
+        stream_id = producer.stream_id
+        limits = self.config
+        count = 0
+        size = 0
+        try:
+            async with contextlib.aclosing(relay.messages()) as messages:
+                async for message in messages:
+                    event = message.WhichOneof("event")
+                    terminal = event in ("finish", "error")
+                    payload = message.SerializeToString()
+                    status = StreamStatus.RUNNING
+                    if terminal:
+                        status = StreamStatus.FINISHED if event == "finish" else _status_of(_failure(relay))
+                    elif (
+                        count + 2 > limits.journal_max_stream_messages
+                        or size + len(payload) > limits.journal_max_stream_bytes
+                    ):
+                        return await self._full(stream_id, message.sequence, producer.window, "per stream")
+                    try:
+                        await self.journal.append(
+                            stream_id,
+                            message.sequence,
+                            (payload,),
+                            expires_at=time.time() + producer.window
+                            if terminal
+                            else self._running_expiry(producer.window),
+                            status=status,
+                        )
+                    except JournalFull:
+                        return await self._full(stream_id, message.sequence, producer.window, "in total")
+                    count += 1
+                    size += len(payload)
+                    if terminal:
+                        failure = relay.sequencer.failure
+                        return failure.code.value if failure is not None else "OK"
+        except Fenced:
+            # Someone else ended the stream (a Cancel whose producer was not found, a lost lease).
+            return "ENDED_ELSEWHERE"
+        except JournalUnavailable:
+            return ErrorCode.JOURNAL_UNAVAILABLE.value
+        finally:
+            await relay.aclose()
+        return "CANCELLED"
+
+    async def _full(self, stream_id: str, sequence: int, window: float, which: str) -> str:
+        err = GatewayError(
+            ErrorCode.JOURNAL_FULL,
+            f"the stream journal is full ({which}); the stream ended before its answer did",
+        )
+        with contextlib.suppress(JournalError):
+            await self.journal.append(
+                stream_id,
+                sequence,
+                [_terminal_payload(sequence, err)],
+                expires_at=time.time() + window,
+                status=StreamStatus.FAILED,
+            )
+        return err.code.value
+
+    async def _fail_start(self, stream_id: str, err: GatewayError) -> None:
+        with contextlib.suppress(JournalError):
+            await self.journal.fail_start(
+                stream_id, _encode_failure(err), expires_at=time.time() + _FAILED_START_TTL_SECONDS
+            )
+
+    async def _record_or_none(self, stream_id: str) -> StreamRecord | None:
+        try:
+            return await self.journal.get(stream_id)
+        except JournalError:
+            return None
+
+
+def _failure(relay: Relay) -> GatewayError:
+    failure = relay.sequencer.failure
+    assert failure is not None
+    return failure

@@ -1,0 +1,494 @@
+"""Durable streams end to end: a real server, real channels, every durable-stream case of QUALITY.md.
+
+Every test runs on each journal (see `journal_url`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from fakes.proxy import FaultProxy
+from google.protobuf import duration_pb2
+
+from conftest import (
+    FAST,
+    TEST_ROUTES,
+    ErrorInfo,
+    Recorder,
+    Running,
+    assert_well_formed,
+    collect,
+    detail,
+    eventually,
+    read_to_end,
+    request,
+    rich_status,
+)
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(30)
+
+ROUTES: dict[str, dict[str, Any]] = TEST_ROUTES | {
+    # Deterministic and quick, but slow enough to be broken in the middle: 200 tokens at 400/s.
+    "paced": {
+        "provider": "recording",
+        "model": "m",
+        "options": FAST | {"tokens_per_second": 400, "answer_tokens": 200},
+    },
+}
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(value * 1e9))
+    return d
+
+
+def durable(model: str = "paced", window: float = 30.0, **fields: Any) -> pb.GenerateRequest:
+    return request(model, resume_window=seconds(window), **fields)
+
+
+def text_of(messages: list[pb.GenerateResponse]) -> str:
+    return "".join(m.text_delta.text for m in messages if m.WhichOneof("event") == "text_delta")
+
+
+@pytest.fixture(params=["memory"])
+def journal_url(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Any], journal_url: str) -> Running:
+    running: Running = await start_server(ROUTES, journal=journal_url)
+    return running
+
+
+async def read_some(call: Any, n: int) -> list[pb.GenerateResponse]:
+    messages: list[pb.GenerateResponse] = []
+    while len(messages) < n:
+        message = await call.read()
+        assert message is not grpc.aio.EOF
+        messages.append(message)
+    return messages
+
+
+async def reference_text(stub: pb_grpc.GenerationServiceAsyncStub, model: str = "paced") -> str:
+    """The answer of an unbroken, ephemeral run of the same deterministic request."""
+    messages, code, _ = await collect(stub.Generate(request(model)))
+    assert code == grpc.StatusCode.OK
+    return text_of(messages)
+
+
+async def test_durable_stream_reads_to_its_finish_with_a_token(server: Running) -> None:
+    messages, code, _ = await collect(server.stub.Generate(durable("sim", request_id="d-1")))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    start = messages[0].start
+    assert start.stream_id == "d-1"
+    assert len(start.resume_token) >= 22  # 128 bits at least, URL-safe base64
+    assert start.resume_window.ToSeconds() == 30
+    assert messages[-1].WhichOneof("event") == "finish"
+
+
+async def test_ephemeral_start_has_no_token(server: Running) -> None:
+    messages, _, _ = await collect(server.stub.Generate(request("sim")))
+    assert messages[0].start.resume_token == "" and not messages[0].start.HasField("resume_window")
+
+
+async def test_window_is_capped_and_checked(start_server: Callable[..., Any], journal_url: str) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url, max_resume_window_seconds=5.0)
+    messages, _, _ = await collect(running.stub.Generate(durable("sim", window=3600)))
+    assert messages[0].start.resume_window.ToSeconds() == 5
+    _, code, trailing = await collect(running.stub.Generate(durable("sim", window=0.2)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resume_window" in rich_status(trailing).message
+
+
+async def test_broken_call_resumes_to_the_identical_answer(server: Running, recorder: Recorder) -> None:
+    expected = await reference_text(server.stub)
+    call = server.stub.Generate(durable(request_id="broken"))
+    first = await read_some(call, 12)
+    call.cancel()  # the caller's connection breaks at message 12
+    token = first[0].start.resume_token
+    rest, code, _ = await collect(
+        server.stub.Resume(pb.ResumeRequest(stream_id="broken", resume_token=token, after_sequence=12))
+    )
+    assert code == grpc.StatusCode.OK
+    whole = first + rest
+    assert_well_formed(whole)
+    assert text_of(whole) == expected
+    assert len(recorder.requests) == 2  # the reference run and this one: the provider was called once
+
+
+async def test_resumed_messages_are_byte_identical(server: Running) -> None:
+    first, code, _ = await collect(server.stub.Generate(durable("sim", request_id="same")))
+    assert code == grpc.StatusCode.OK
+    token = first[0].start.resume_token
+    again, code, _ = await collect(server.stub.Resume(pb.ResumeRequest(stream_id="same", resume_token=token)))
+    assert code == grpc.StatusCode.OK
+    assert [m.SerializeToString() for m in again] == [m.SerializeToString() for m in first]
+
+
+async def test_resume_from_the_middle_the_last_and_past_it(server: Running) -> None:
+    messages, _, _ = await collect(server.stub.Generate(durable("sim", request_id="cursor")))
+    token = messages[0].start.resume_token
+    last = messages[-1].sequence
+
+    async def resume(after: int) -> tuple[list[pb.GenerateResponse], grpc.StatusCode, Any]:
+        return await collect(
+            server.stub.Resume(pb.ResumeRequest(stream_id="cursor", resume_token=token, after_sequence=after))
+        )
+
+    middle, code, _ = await resume(3)
+    assert code == grpc.StatusCode.OK and [m.sequence for m in middle] == list(range(4, last + 1))
+    at_end, code, _ = await resume(last)
+    assert code == grpc.StatusCode.OK and at_end == []
+    past, code, trailing = await resume(last + 1)
+    assert code == grpc.StatusCode.OUT_OF_RANGE and past == []
+    assert detail(rich_status(trailing), ErrorInfo).reason == "CURSOR_OUT_OF_RANGE"
+
+
+async def test_status_of_a_resume_mirrors_the_terminal_error(server: Running) -> None:
+    messages, code, _ = await collect(server.stub.Generate(durable("error-after-3", request_id="fails")))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    token = messages[0].start.resume_token
+    last = messages[-1].sequence
+    for after in (0, last):  # also from the terminal message itself: nothing sent, same status
+        _, code, trailing = await collect(
+            server.stub.Resume(pb.ResumeRequest(stream_id="fails", resume_token=token, after_sequence=after))
+        )
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert detail(rich_status(trailing), ErrorInfo).reason == "PROVIDER_UNAVAILABLE"
+
+
+async def test_unknown_id_and_wrong_token_are_the_same_not_found(server: Running) -> None:
+    messages, _, _ = await collect(server.stub.Generate(durable("sim", request_id="mine")))
+    token = messages[0].start.resume_token
+    answers = []
+    for stream_id, tok in (("mine", token[:-1] + ("A" if token[-1] != "A" else "B")), ("nobody", token), ("mine", "")):
+        _, code, trailing = await collect(server.stub.Resume(pb.ResumeRequest(stream_id=stream_id, resume_token=tok)))
+        status = rich_status(trailing)
+        answers.append((code, status.message, detail(status, ErrorInfo).reason))
+    assert answers[0][0] == grpc.StatusCode.NOT_FOUND and answers[0][2] == "STREAM_NOT_FOUND"
+    assert answers[0] == answers[1] == answers[2]
+    with pytest.raises(grpc.aio.AioRpcError) as poll:
+        await server.stub.Poll(pb.PollRequest(stream_id="mine", resume_token="wrong"))
+    assert poll.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as cancel:
+        await server.stub.Cancel(pb.CancelRequest(stream_id="mine", resume_token="wrong"))
+    assert cancel.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_ended_stream_expires_after_its_window(server: Running) -> None:
+    messages, _, _ = await collect(server.stub.Generate(durable("sim", window=1.0, request_id="short")))
+    token = messages[0].start.resume_token
+    _, code, _ = await collect(server.stub.Resume(pb.ResumeRequest(stream_id="short", resume_token=token)))
+    assert code == grpc.StatusCode.OK
+    await asyncio.sleep(1.3)
+    _, code, _ = await collect(server.stub.Resume(pb.ResumeRequest(stream_id="short", resume_token=token)))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_many_concurrent_readers_of_one_stream(server: Running) -> None:
+    call = server.stub.Generate(durable(request_id="crowd"))
+    first = await read_some(call, 1)
+    token = first[0].start.resume_token
+    readers = [collect(server.stub.Resume(pb.ResumeRequest(stream_id="crowd", resume_token=token))) for _ in range(25)]
+    results = await asyncio.gather(read_to_end(call), *readers)
+    own = first + results[0][0]
+    assert_well_formed(own)
+    for messages, code, _ in results[1:]:
+        assert code == grpc.StatusCode.OK
+        assert [m.SerializeToString() for m in messages] == [m.SerializeToString() for m in own]
+
+
+async def test_cancel_mid_stream_closes_the_provider_and_ends_every_reader(server: Running, recorder: Recorder) -> None:
+    call = server.stub.Generate(durable("slow", request_id="stop-me"))
+    first = await read_some(call, 5)
+    token = first[0].start.resume_token
+    other = server.stub.Resume(pb.ResumeRequest(stream_id="stop-me", resume_token=token, after_sequence=2))
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    answer = await server.stub.Cancel(pb.CancelRequest(stream_id="stop-me", resume_token=token))
+    assert answer.state.status == pb.STREAM_STATUS_CANCELLED
+    await eventually(lambda: len(recorder.closed) == 1, within=1.0)
+    assert recorder.closed[0] - sent < 0.2
+    assert recorder.finished == [False]
+    rest, code, trailing = await read_to_end(call)
+    whole = first + rest
+    assert_well_formed(whole)
+    assert whole[-1].error.code == pb.ERROR_CODE_STREAM_CANCELLED and not whole[-1].error.retryable
+    assert code == grpc.StatusCode.CANCELLED
+    assert detail(rich_status(trailing), ErrorInfo).reason == "STREAM_CANCELLED"
+    seen, code, _ = await collect(other)
+    assert code == grpc.StatusCode.CANCELLED and seen[-1].SerializeToString() == whole[-1].SerializeToString()
+    # Twice is harmless, and so is after the end: the state says what happened.
+    again = await server.stub.Cancel(pb.CancelRequest(stream_id="stop-me", resume_token=token))
+    assert again.state.status == pb.STREAM_STATUS_CANCELLED and again.state.last_sequence == whole[-1].sequence
+    assert server.server.generation.active_streams == 0
+
+
+async def test_cancel_after_the_finish_changes_nothing(server: Running) -> None:
+    messages, _, _ = await collect(server.stub.Generate(durable("sim", request_id="done")))
+    token = messages[0].start.resume_token
+    answer = await server.stub.Cancel(pb.CancelRequest(stream_id="done", resume_token=token))
+    assert answer.state.status == pb.STREAM_STATUS_FINISHED
+    assert answer.state.last_sequence == messages[-1].sequence
+    assert answer.state.expire_time.ToDatetime().timestamp() > time.time()
+    again, code, _ = await collect(server.stub.Resume(pb.ResumeRequest(stream_id="done", resume_token=token)))
+    assert code == grpc.StatusCode.OK and again[-1].WhichOneof("event") == "finish"
+
+
+async def test_generation_goes_on_after_its_call_breaks(server: Running, recorder: Recorder) -> None:
+    call = server.stub.Generate(durable(request_id="detached"))
+    first = await read_some(call, 3)
+    call.cancel()
+    token = first[0].start.resume_token
+    # Nobody reads, yet the producer finishes: a reader never holds it back.
+    for _ in range(100):
+        state = await server.stub.Poll(pb.PollRequest(stream_id="detached", resume_token=token, after_sequence=3))
+        if state.state.status != pb.STREAM_STATUS_RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert state.state.status == pb.STREAM_STATUS_FINISHED
+    assert len(recorder.closed) == 1
+    rest, code, _ = await collect(
+        server.stub.Resume(pb.ResumeRequest(stream_id="detached", resume_token=token, after_sequence=3))
+    )
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(first + rest)
+
+
+async def test_no_reader_for_the_window_abandons_the_stream(
+    start_server: Callable[..., Any], journal_url: str, recorder: Recorder
+) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url)
+    call = running.stub.Generate(durable("slow", window=1.0, request_id="left"))
+    first = await read_some(call, 2)
+    call.cancel()
+    token = first[0].start.resume_token
+    await eventually(lambda: len(recorder.closed) == 1, within=3.0)
+    assert recorder.finished == [False]
+    rest, _, trailing = await collect(
+        running.stub.Resume(pb.ResumeRequest(stream_id="left", resume_token=token, after_sequence=2))
+    )
+    assert rest[-1].error.code == pb.ERROR_CODE_STREAM_ABANDONED
+    assert detail(rich_status(trailing), ErrorInfo).reason == "STREAM_ABANDONED"
+    assert running.server.generation.active_streams == 0
+    if journal_url == "memory":
+        journal: Any = running.server.journal
+        await eventually(lambda: len(journal) == 0 and journal.total_bytes == 0, within=3.0)
+
+
+async def test_poll_reads_the_stream_by_cursor_to_its_end(server: Running) -> None:
+    call = server.stub.Generate(durable(request_id="polled"))
+    first = await read_some(call, 1)
+    call.cancel()
+    token = first[0].start.resume_token
+    after, batches = 0, 0
+    seen: list[pb.GenerateResponse] = []
+    while True:
+        batch = await server.stub.Poll(
+            pb.PollRequest(
+                stream_id="polled", resume_token=token, after_sequence=after, wait=seconds(5), max_messages=20
+            )
+        )
+        batches += 1
+        assert len(batch.messages) <= 20
+        seen.extend(batch.messages)
+        after = batch.next_after_sequence
+        assert after == (seen[-1].sequence if seen else 0)
+        if batch.terminal:
+            assert batch.state.status == pb.STREAM_STATUS_FINISHED
+            break
+        assert batches < 500
+    assert_well_formed(seen)
+    assert batches > 1
+
+
+async def test_short_poll_and_an_empty_wait_are_ok(server: Running) -> None:
+    call = server.stub.Generate(durable("slow", request_id="quiet"))
+    first = await read_some(call, 1)
+    token = first[0].start.resume_token
+    messages = await read_some(call, 3)
+    last = messages[-1].sequence
+    short = await server.stub.Poll(pb.PollRequest(stream_id="quiet", resume_token=token, after_sequence=0))
+    assert [m.sequence for m in short.messages][:4] == [1, 2, 3, 4] and not short.terminal
+    assert short.state.status == pb.STREAM_STATUS_RUNNING
+    # The same bytes as the first delivery.
+    assert short.messages[0].SerializeToString() == first[0].SerializeToString()
+    await server.stub.Cancel(pb.CancelRequest(stream_id="quiet", resume_token=token))
+    ended = await server.stub.Poll(pb.PollRequest(stream_id="quiet", resume_token=token, after_sequence=last))
+    assert ended.terminal and ended.state.status == pb.STREAM_STATUS_CANCELLED
+    beyond = await server.stub.Poll(
+        pb.PollRequest(stream_id="quiet", resume_token=token, after_sequence=ended.next_after_sequence, wait=seconds(2))
+    )
+    assert list(beyond.messages) == [] and not beyond.terminal  # nothing after the terminal: at once
+    with pytest.raises(grpc.aio.AioRpcError) as too_many:
+        await server.stub.Poll(pb.PollRequest(stream_id="quiet", resume_token=token, max_messages=5000))
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_poll_waits_for_the_first_message(server: Running) -> None:
+    call = server.stub.Generate(durable("slow", request_id="waiting"))
+    first = await read_some(call, 1)
+    token = first[0].start.resume_token
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    last = first[-1].sequence
+    batch = await server.stub.Poll(
+        pb.PollRequest(stream_id="waiting", resume_token=token, after_sequence=last + 1, wait=seconds(5))
+    )
+    assert batch.messages and batch.messages[0].sequence == last + 2
+    assert loop.time() - started < 4
+    call.cancel()
+
+
+async def test_same_request_id_attaches_instead_of_calling_again(server: Running, recorder: Recorder) -> None:
+    req = durable(request_id="once")
+    first = server.stub.Generate(req)
+    head = await read_some(first, 2)
+    second, code, _ = await collect(server.stub.Generate(req))
+    assert code == grpc.StatusCode.OK
+    assert second[0].SerializeToString() == head[0].SerializeToString()
+    assert_well_formed(second)
+    assert len(recorder.requests) == 1
+    first.cancel()
+    _, code, trailing = await collect(server.stub.Generate(durable(request_id="once", text="something else")))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert detail(rich_status(trailing), ErrorInfo).reason == "STREAM_ALREADY_EXISTS"
+
+
+async def test_a_failed_start_is_a_plain_status_and_can_be_tried_again(server: Running) -> None:
+    messages, code, trailing = await collect(server.stub.Generate(durable("down", request_id="retry-me")))
+    assert messages == [] and code == grpc.StatusCode.UNAVAILABLE
+    assert detail(rich_status(trailing), ErrorInfo).reason == "PROVIDER_UNAVAILABLE"
+    _, code, _ = await collect(server.stub.Generate(durable("down", request_id="retry-me")))
+    assert code == grpc.StatusCode.UNAVAILABLE  # tried again, not ALREADY_EXISTS
+
+
+async def test_journal_bound_per_stream_ends_the_stream_clearly(
+    start_server: Callable[..., Any], journal_url: str
+) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url, journal_max_stream_messages=16)
+    messages, code, trailing = await collect(running.stub.Generate(durable("slow", request_id="big")))
+    assert_well_formed(messages)
+    assert len(messages) == 16
+    assert messages[-1].error.code == pb.ERROR_CODE_JOURNAL_FULL
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert detail(rich_status(trailing), ErrorInfo).reason == "JOURNAL_FULL"
+
+
+async def test_concurrency_limit_counts_generations_not_readers(
+    start_server: Callable[..., Any], journal_url: str
+) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url, max_concurrent_streams=1)
+    call = running.stub.Generate(durable("slow", request_id="only"))
+    first = await read_some(call, 1)
+    token = first[0].start.resume_token
+    readers = [running.stub.Resume(pb.ResumeRequest(stream_id="only", resume_token=token)) for _ in range(3)]
+    for reader in readers:
+        head = await reader.read()
+        assert isinstance(head, pb.GenerateResponse) and head.sequence == 1
+    _, code, _ = await collect(running.stub.Generate(request("sim")))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await running.stub.Cancel(pb.CancelRequest(stream_id="only", resume_token=token))
+    for reader in readers:
+        reader.cancel()
+    call.cancel()
+
+
+async def test_shutdown_journals_the_terminal_error(start_server: Callable[..., Any], journal_url: str) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url, shutdown_grace_seconds=1.0)
+    call = running.stub.Generate(durable("slow", request_id="shut"))
+    await read_some(call, 3)
+    stopping = asyncio.create_task(running.server.stop())
+    rest, code, trailing = await read_to_end(call)
+    await stopping
+    assert rest[-1].error.code == pb.ERROR_CODE_SERVER_SHUTTING_DOWN and rest[-1].error.retryable
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert detail(rich_status(trailing), ErrorInfo).reason == "SERVER_SHUTTING_DOWN"
+
+
+async def test_duration_limit_applies_to_durable_streams(start_server: Callable[..., Any], journal_url: str) -> None:
+    running: Running = await start_server(ROUTES, journal=journal_url, max_stream_duration_seconds=1)
+    messages, code, _ = await collect(running.stub.Generate(durable("slow", request_id="long")))
+    assert_well_formed(messages)
+    assert messages[-1].error.code == pb.ERROR_CODE_STREAM_DURATION_EXCEEDED
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_broken_by_a_reset_connection_resumes(server: Running) -> None:
+    expected = await reference_text(server.stub)
+    port = int(server.address.rsplit(":", 1)[1])
+    async with FaultProxy(port) as proxy:
+        channel = grpc.aio.insecure_channel(proxy.address)
+        try:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            await stub.ListModels(pb.ListModelsRequest())
+            proxy.reset_after(1500)
+            call = stub.Generate(durable(request_id="reset"))
+            got: list[pb.GenerateResponse] = []
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for message in call:
+                    got.append(message)
+            assert got and got[-1].WhichOneof("event") not in ("finish", "error")
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await channel.close()
+    rest, code, _ = await collect(
+        server.stub.Resume(
+            pb.ResumeRequest(stream_id="reset", resume_token=got[0].start.resume_token, after_sequence=got[-1].sequence)
+        )
+    )
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(got + rest)
+    assert text_of(got + rest) == expected
+
+
+async def test_broken_by_closing_the_channel_resumes_on_another(server: Running) -> None:
+    expected = await reference_text(server.stub)
+    channel = grpc.aio.insecure_channel(server.address)
+    stub = pb_grpc.GenerationServiceStub(channel)
+    call = stub.Generate(durable(request_id="closed"))
+    first = await read_some(call, 20)
+    await channel.close()
+    rest, code, _ = await collect(
+        server.stub.Resume(
+            pb.ResumeRequest(stream_id="closed", resume_token=first[0].start.resume_token, after_sequence=20)
+        )
+    )
+    assert code == grpc.StatusCode.OK
+    assert text_of(first + rest) == expected
+
+
+async def test_hundred_durable_streams_at_once(server: Running) -> None:
+    async def one(i: int) -> list[pb.GenerateResponse]:
+        messages, code, _ = await collect(server.stub.Generate(durable("sim", request_id=f"many-{i}")))
+        assert code == grpc.StatusCode.OK
+        return messages
+
+    for messages in await asyncio.gather(*(one(i) for i in range(100))):
+        assert_well_formed(messages)
+
+
+RECORDER_FREE_ID = "ephemeral-1"
+
+
+async def test_ephemeral_cancel_still_stops_the_provider_at_once(server: Running, recorder: Recorder) -> None:
+    call = server.stub.Generate(request("slow", request_id=RECORDER_FREE_ID))
+    await read_some(call, 3)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    call.cancel()
+    await eventually(lambda: len(recorder.closed) == 1, within=1.0)
+    assert recorder.closed[0] - sent < 0.2
+    # Ephemeral streams are never journaled.
+    assert await server.server.journal.get(RECORDER_FREE_ID) is None
