@@ -139,3 +139,25 @@ def test_server_recipes_serve_until_sigterm(command: str, tmp_path: Path) -> Non
 def test_help_recipe(command: str, default_address: str) -> None:
     out = run(command, default_address)
     assert out.returncode == 0 and "TOKENWIRE_" in out.stdout
+
+
+@pytest.mark.parametrize("script", blocks("bash"))
+def test_durable_stream_recipes(default_address: str, script: str, tmp_path: Path) -> None:
+    # Run as a whole, as a user pastes it: each line uses what the ones before it set.
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script.replace("localhost:50051", default_address)],
+        cwd=tmp_path,
+        env=shell_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    if "Cancel" in script:
+        # The resumed part ends with the Finish, the poll shows two chunks after 3, and Cancel on
+        # the finished stream says so.
+        assert '"finish"' in out.stdout and '"sequence": "4"' in out.stdout and '"sequence": "5"' in out.stdout
+        assert "STREAM_STATUS_FINISHED" in out.stdout
+    else:
+        assert out.stdout.strip().splitlines()[-1].startswith("batch up to ")
