@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -31,6 +32,7 @@ from ._events import (
     ToolCall,
     ToolCallDelta,
 )
+from ._resume import FINAL_REASONS, Durable, is_break
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -57,10 +59,16 @@ class StreamAccumulator:
     Reasoning: text is appended to the current block. A signature seals the block it
     arrives with (a later signature replaces it), and reasoning text after a signature
     opens a new block, as providers that sign each thinking block at its end send them.
+
+    A stream read from a cursor (Resume or Poll with ``after`` > 0) begins at message
+    ``after + 1``, not at Start: the stream is already under way, ``stream_id`` names it,
+    and what is assembled is what came after the cursor.
     """
 
-    def __init__(self) -> None:
-        self._last_sequence = 0
+    def __init__(self, *, after: int = 0, stream_id: str = "") -> None:
+        self._after = after
+        self._stream_id = stream_id
+        self._last_sequence = after
         self._started: Started | None = None
         self._finished: Finished | None = None
         self._error: pb.Error | None = None
@@ -78,8 +86,22 @@ class StreamAccumulator:
 
     @property
     def last_sequence(self) -> int:
-        """The sequence of the last message fed; 0 before the first."""
+        """The sequence of the last message fed (or the cursor read from); 0 before the first."""
         return self._last_sequence
+
+    @property
+    def begun(self) -> bool:
+        """Whether the stream is under way: its Start was fed, or it is read from past Start."""
+        return self._started is not None or self._last_sequence > 0
+
+    @property
+    def ended(self) -> bool:
+        """Whether the terminal event, Finish or Error, was fed."""
+        return self._finished is not None or self._error is not None
+
+    @property
+    def stream_id(self) -> str:
+        return self._started.stream_id if self._started is not None else self._stream_id
 
     def feed(self, message: pb.GenerateResponse) -> Event | None:
         """Checks and records one message; returns its event, or None if it has none.
@@ -156,7 +178,7 @@ class StreamAccumulator:
                 self._error.message,
                 None,
             )
-        if self._started is None:
+        if not self.begun:
             raise TruncatedStreamError("the call ended without sending any message")
         raise TruncatedStreamError(
             f"the stream ended after sequence {self._last_sequence} without a Finish or Error event"
@@ -169,15 +191,15 @@ class StreamAccumulator:
         trailing_metadata: TrailingMetadata | None,
     ) -> APIStatusError:
         """The exception for the call's non-OK status, with what the stream told."""
-        started = self._started
+        begun = self.begun
         return error_from_status(
             code,
             details,
             trailing_metadata,
             self._error,
-            stream_id=started.stream_id if started else "",
-            last_sequence=self._last_sequence if started else None,
-            truncated=started is not None and self._finished is None,
+            stream_id=self.stream_id,
+            last_sequence=self._last_sequence if begun else None,
+            truncated=begun and self._finished is None,
         )
 
     def snapshot(self) -> Snapshot:
@@ -199,15 +221,19 @@ class StreamAccumulator:
         ]
 
     def response(self) -> Response:
-        """The whole response; only once the Finish event was fed."""
+        """The whole response; only once the Finish event was fed.
+
+        Read from a cursor past Start, it has what came after the cursor, and no route,
+        provider or resume window: those were in the Start it did not read.
+        """
         started, finished = self._started, self._finished
-        if started is None or finished is None:
+        if finished is None or not self.begun:
             raise RuntimeError("the stream has not finished")
         return Response(
-            stream_id=started.stream_id,
-            route=started.route,
-            provider=started.provider,
-            upstream_model=started.upstream_model,
+            stream_id=self.stream_id,
+            route=started.route if started else "",
+            provider=started.provider if started else "",
+            upstream_model=started.upstream_model if started else "",
             text="".join(self._text),
             reasoning=self._reasoning_blocks(),
             tool_calls=self._assembled_tool_calls(),
@@ -217,6 +243,8 @@ class StreamAccumulator:
             usage=finished.usage,
             timing=finished.timing,
             last_sequence=finished.sequence,
+            resume_token=started.resume_token if started else "",
+            resume_window=started.resume_window if started else None,
         )
 
 
@@ -231,22 +259,51 @@ class StreamLifecycle(Generic[_CallT]):
     """The lifecycle the async and the sync stream share.
 
     A call started on demand, the accumulator that checks it, and how the stream ended.
+    A durable stream (``durable`` given) may go through several calls: after a break it
+    reopens one that continues from the last message delivered, into the same accumulator,
+    so that sequences run on and every message is delivered once.
     """
 
-    def __init__(self, start_call: Callable[[], _CallT]) -> None:
+    def __init__(
+        self,
+        start_call: Callable[[], _CallT],
+        *,
+        durable: Durable[_CallT] | None = None,
+        accumulator: StreamAccumulator | None = None,
+    ) -> None:
         self._start_call = start_call
         self._call: _CallT | None = None
-        self._accumulator = StreamAccumulator()
+        self._accumulator = accumulator or StreamAccumulator()
         self._ended = False
         self._entered = False
         # Re-raised by every later read, so that no caller mistakes a failed stream for
         # a finished one.
         self._failure: TokenwireError | None = None
+        self._durable = durable
+        self._deadline: float | None = None
+        self._attempts = 0
+        self._reconnects = 0
+        self._progress = self._accumulator.last_sequence
+        self._cancel_sent = False
 
     @property
     def started(self) -> Started | None:
         """The Start event, once received: it names the provider actually serving."""
         return self._accumulator.started
+
+    @property
+    def stream_id(self) -> str:
+        """The stream's id, once known (from Start, or as given to resume)."""
+        return self._accumulator.stream_id
+
+    @property
+    def durable(self) -> bool:
+        return self._durable is not None
+
+    @property
+    def reconnects(self) -> int:
+        """How many times this stream reopened its call after a break."""
+        return self._reconnects
 
     def snapshot(self) -> Snapshot:
         """What arrived so far: the partial answer after a failure, for instance."""
@@ -283,8 +340,86 @@ class StreamLifecycle(Generic[_CallT]):
 
     def _ensure_call(self) -> _CallT:
         if self._call is None:
-            self._call = self._start_call()
+            call = self._open()
+            self._call = call
+            # A cancel() from another thread may have come while the call was opening.
+            if self._ended:
+                call.cancel()
         return self._call
+
+    def _open(self) -> _CallT:
+        durable = self._durable
+        if durable is None:
+            return self._start_call()
+        if self._call is None and self._reconnects == 0:
+            # The first call gets the caller's timeout as it is; the ones after, what is left of it.
+            if durable.timeout is not None:
+                self._deadline = time.monotonic() + durable.timeout
+            return self._start_call()
+        remaining = self._remaining()
+        accumulator = self._accumulator
+        if not accumulator.begun:
+            return durable.reopen(remaining)
+        started = accumulator.started
+        token = started.resume_token if started is not None and started.resume_token else durable.token
+        return durable.resume(accumulator.stream_id, token, accumulator.last_sequence, remaining)
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def _plan_reconnect(self, error: TokenwireError) -> float | None:
+        """The wait before reopening the call after ``error``; None when it must raise instead."""
+        durable = self._durable
+        if durable is None or self._failure is not None:
+            return None
+        accumulator = self._accumulator
+        if accumulator.ended or not is_break(error, begun=accumulator.begun):
+            return None
+        if accumulator.begun and not self._resume_token():
+            return None  # a server that granted no token cannot be resumed
+        if accumulator.last_sequence > self._progress:
+            self._progress = accumulator.last_sequence
+            self._attempts = 0
+        if self._attempts >= durable.policy.max_attempts:
+            return None
+        self._attempts += 1
+        retry_after = error.retry_after if isinstance(error, APIStatusError) else None
+        delay = durable.policy.backoff(self._attempts, retry_after)
+        remaining = self._remaining()
+        if remaining is not None and remaining <= delay:
+            return None
+        return delay
+
+    def _drop_call(self) -> None:
+        """Forgets the broken call, so that the next read opens the one that continues it."""
+        call, self._call = self._call, None
+        self._ended = False
+        self._reconnects += 1
+        if call is not None:
+            call.cancel()
+
+    def _resume_token(self) -> str:
+        started = self._accumulator.started
+        if started is not None and started.resume_token:
+            return started.resume_token
+        return self._durable.token if self._durable is not None else ""
+
+    def _stop_target(self) -> tuple[str, str] | None:
+        """The durable stream to Cancel when this one is stopped early, once; else None.
+
+        None for an ephemeral stream, one that received its terminal event, one whose token
+        is unknown (it broke before Start), and one the server already said is over.
+        """
+        if self._durable is None or self._cancel_sent or self._accumulator.ended:
+            return None
+        failure = self._failure
+        if isinstance(failure, APIStatusError) and failure.reason in FINAL_REASONS:
+            return None
+        token = self._resume_token()
+        if not token:
+            return None
+        self._cancel_sent = True
+        return self._accumulator.stream_id, token
 
     def _readable(self) -> bool:
         """Whether a read may go on; raises how the stream failed, if it did."""

@@ -193,6 +193,43 @@ class InternalServerError(APIStatusError):
     """INTERNAL, UNKNOWN or any other code: quote the correlation id to report it."""
 
 
+# Durable streams. Each code the contract added for them gets a class of its own, a subclass
+# of the class its gRPC code already chose, so that code written before durable streams (an
+# ``except NotFoundError``, say) still catches them.
+
+
+class StreamNotFoundError(NotFoundError):
+    """STREAM_NOT_FOUND: no durable stream with this id and token (unknown, expired or a wrong token)."""
+
+
+class CursorOutOfRangeError(APIStatusError):
+    """OUT_OF_RANGE (CURSOR_OUT_OF_RANGE): the cursor is past the stream's last journaled message."""
+
+
+class StreamAlreadyExistsError(APIStatusError):
+    """ALREADY_EXISTS (STREAM_ALREADY_EXISTS): this request_id names a stream of another request."""
+
+
+class StreamStoppedError(StreamCancelledError):
+    """STREAM_CANCELLED: a Cancel call stopped the durable stream (this client's, or another's)."""
+
+
+class StreamAbandonedError(APIStatusError):
+    """ABORTED (STREAM_ABANDONED): no reader came back within the resume window, so the server stopped it."""
+
+
+class ProducerLostError(UnavailableError):
+    """PRODUCER_LOST: the server producing the stream died; send the request again (it cannot resume)."""
+
+
+class JournalFullError(RateLimitError):
+    """JOURNAL_FULL: the stream outgrew the journal's bounds, and ended rather than lose messages."""
+
+
+class JournalUnavailableError(UnavailableError):
+    """JOURNAL_UNAVAILABLE: the server could not reach its journal (Redis, say)."""
+
+
 _ERRORS_BY_CODE: dict[grpc.StatusCode, type[APIStatusError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -202,6 +239,21 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[APIStatusError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: StreamCancelledError,
+    # Only durable streams answer these two codes, so the code alone names the class.
+    grpc.StatusCode.OUT_OF_RANGE: CursorOutOfRangeError,
+    grpc.StatusCode.ALREADY_EXISTS: StreamAlreadyExistsError,
+}
+
+# A reason is more precise than a code: it picks the class where both are known.
+_ERRORS_BY_REASON: dict[str, type[APIStatusError]] = {
+    "STREAM_NOT_FOUND": StreamNotFoundError,
+    "CURSOR_OUT_OF_RANGE": CursorOutOfRangeError,
+    "STREAM_ALREADY_EXISTS": StreamAlreadyExistsError,
+    "STREAM_CANCELLED": StreamStoppedError,
+    "STREAM_ABANDONED": StreamAbandonedError,
+    "PRODUCER_LOST": ProducerLostError,
+    "JOURNAL_FULL": JournalFullError,
+    "JOURNAL_UNAVAILABLE": JournalUnavailableError,
 }
 
 
@@ -303,7 +355,8 @@ def error_from_status(
         correlation_id = error_event.correlation_id or correlation_id
         last_sequence = error_event.last_sequence or last_sequence
         message = message or error_event.message
-    return _ERRORS_BY_CODE.get(code, InternalServerError)(
+    kind = _ERRORS_BY_REASON.get(reason) or _ERRORS_BY_CODE.get(code, InternalServerError)
+    return kind(
         code=code,
         message=message,
         reason=reason,

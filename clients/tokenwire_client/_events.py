@@ -8,7 +8,7 @@ unset, because "unknown" and 0 mean different things.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -123,7 +123,12 @@ class Timing:
 
 @dataclass(frozen=True, slots=True)
 class Started:
-    """The stream began; names the provider that serves it, after any fallback."""
+    """The stream began; names the provider that serves it, after any fallback.
+
+    On a durable stream, ``resume_token`` (with ``stream_id``) is what Resume, Poll and Cancel
+    need, and ``resume_window`` the seconds the server granted; "" and None on an ephemeral one.
+    The token is a capability: it is left out of the repr, so that logging an event leaks nothing.
+    """
 
     sequence: int
     stream_id: str
@@ -131,6 +136,12 @@ class Started:
     provider: str
     upstream_model: str
     create_time: datetime
+    resume_token: str = field(default="", repr=False)
+    resume_window: float | None = None
+
+    @property
+    def durable(self) -> bool:
+        return bool(self.resume_token)
 
     @classmethod
     def from_proto(cls, sequence: int, start: pb.Start) -> Started:
@@ -141,6 +152,8 @@ class Started:
             provider=start.provider,
             upstream_model=start.upstream_model,
             create_time=start.create_time.ToDatetime(tzinfo=UTC),
+            resume_token=start.resume_token,
+            resume_window=_seconds(start.resume_window) if start.HasField("resume_window") else None,
         )
 
 
@@ -244,6 +257,80 @@ class Response:
     usage: Usage
     timing: Timing
     last_sequence: int
+    # Durable streams only (see Started); the token stays out of the repr.
+    resume_token: str = field(default="", repr=False)
+    resume_window: float | None = None
+
+
+class StreamStatus(StrEnum):
+    """Where a durable stream is in its life."""
+
+    UNSPECIFIED = "unspecified"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def from_proto(cls, value: int) -> StreamStatus:
+        return _STREAM_STATUSES.get(value, cls.UNSPECIFIED)
+
+
+_STREAM_STATUSES: dict[int, StreamStatus] = {
+    pb.STREAM_STATUS_RUNNING: StreamStatus.RUNNING,
+    pb.STREAM_STATUS_FINISHED: StreamStatus.FINISHED,
+    pb.STREAM_STATUS_FAILED: StreamStatus.FAILED,
+    pb.STREAM_STATUS_CANCELLED: StreamStatus.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A durable stream's state, as Poll and Cancel answer it."""
+
+    stream_id: str
+    status: StreamStatus
+    last_sequence: int
+    expire_time: datetime | None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (StreamStatus.FINISHED, StreamStatus.FAILED, StreamStatus.CANCELLED)
+
+    @classmethod
+    def from_proto(cls, state: pb.StreamState) -> StreamState:
+        return cls(
+            stream_id=state.stream_id,
+            status=StreamStatus.from_proto(state.status),
+            last_sequence=state.last_sequence,
+            expire_time=state.expire_time.ToDatetime(tzinfo=UTC) if state.HasField("expire_time") else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PollBatch:
+    """One answer of the long-poll read.
+
+    ``messages`` are the wire messages, in sequence order (a terminal Error among them is a
+    message like any other here); ``events`` their typed events, without the Error. Poll
+    again with ``after=next_after`` until ``terminal``.
+    """
+
+    messages: list[pb.GenerateResponse]
+    events: list[Event]
+    next_after: int
+    terminal: bool
+    state: StreamState
+
+    @property
+    def text(self) -> str:
+        return "".join(event.text for event in self.events if isinstance(event, TextDelta))
+
+    @property
+    def error(self) -> pb.Error | None:
+        """The terminal Error, when the batch ends with one."""
+        last = self.messages[-1] if self.messages else None
+        return last.error if last is not None and last.HasField("error") else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypedDict
 
@@ -16,6 +18,9 @@ ToolLike = pb.Tool | Mapping[str, Any]
 """A pb.Tool, or a dict with "name", "description" and "parameters" (a JSON Schema)."""
 
 ReasoningEffort = Literal["low", "medium", "high"]
+
+DEFAULT_RESUME_WINDOW = 60.0
+"""Seconds asked for by ``durable=True`` without a ``resume_window``; the server may shorten it."""
 
 _ROLES: dict[str, pb.Role.ValueType] = {
     "system": pb.ROLE_SYSTEM,
@@ -51,6 +56,8 @@ class RequestOptions(TypedDict, total=False):
     reasoning_budget_tokens: int | None
     request_id: str
     metadata: Mapping[str, str] | None
+    durable: bool
+    resume_window: float | None
 
 
 def system(text: str) -> pb.Message:
@@ -136,11 +143,24 @@ def build_request(
     reasoning_budget_tokens: int | None = None,
     request_id: str = "",
     metadata: Mapping[str, str] | None = None,
+    durable: bool = False,
+    resume_window: float | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; options left as None stay unset, meaning the server's default.
 
     ``tool_choice`` is "auto", "none", "required" or the name of a tool to force.
+
+    ``durable=True`` or a ``resume_window`` (seconds, at least 1) makes the stream durable:
+    it can be resumed after a break, polled and cancelled by id. A durable request always
+    has a request_id (a random one unless given), because retrying a start that failed
+    before Start with the same id attaches to the stream instead of paying the provider again.
     """
+    if resume_window is None and durable:
+        resume_window = DEFAULT_RESUME_WINDOW
+    if resume_window is not None:
+        if not math.isfinite(resume_window) or resume_window < 1:
+            raise ValueError(f"resume_window must be a finite number of seconds >= 1, got {resume_window!r}")
+        request_id = request_id or uuid.uuid4().hex
     if isinstance(messages, str | bytes):
         raise TypeError("messages is a list of messages; for a single prompt pass [user(text)]")
     request = pb.GenerateRequest(
@@ -167,4 +187,6 @@ def build_request(
         request.reasoning.effort = _EFFORTS[reasoning_effort]
     if reasoning_budget_tokens is not None:
         request.reasoning.budget_tokens = reasoning_budget_tokens
+    if resume_window is not None:
+        request.resume_window.FromNanoseconds(round(resume_window * 1e9))
     return request

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol, Self, Unpack
 
@@ -11,11 +13,12 @@ import grpc
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
-from ._accumulate import Cancellable, StreamLifecycle
-from ._client import DEFAULT_TARGET
+from ._accumulate import Cancellable, StreamAccumulator, StreamLifecycle
+from ._client import CANCEL_TIMEOUT, DEFAULT_TARGET, poll_batch, poll_request
 from ._errors import ClientClosedError, TokenwireError, TrailingMetadata, error_from_status
-from ._events import Event, ModelInfo, Response, TextDelta
+from ._events import Event, ModelInfo, PollBatch, Response, StreamState, TextDelta
 from ._messages import MessageLike, RequestOptions, build_request
+from ._resume import Durable, ResumePolicy
 
 
 def _trailers(error: grpc.RpcError) -> TrailingMetadata:
@@ -33,8 +36,19 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
     """One streamed response; see :class:`GenerationStream` for the semantics.
 
     Use it as ``with client.generate(...) as stream``; leaving the block cancels the
-    call unless it has ended.
+    call unless it has ended (and, on a durable stream, sends Cancel).
     """
+
+    def __init__(
+        self,
+        start_call: Callable[[], _Call],
+        *,
+        durable: Durable[_Call] | None = None,
+        accumulator: StreamAccumulator | None = None,
+        send_cancel: Callable[[str, str], None] | None = None,
+    ) -> None:
+        super().__init__(start_call, durable=durable, accumulator=accumulator)
+        self._send_cancel = send_cancel
 
     def __enter__(self) -> Self:
         self._enter()
@@ -80,19 +94,30 @@ class SyncGenerationStream(StreamLifecycle[_Call]):
     def close(self) -> None:
         self.cancel()
 
+    def cancel(self) -> None:
+        """Stops the call unless it has ended; on a durable stream, sends Cancel first (blocking, bounded)."""
+        target = self._stop_target()
+        if target is not None and self._send_cancel is not None:
+            self._send_cancel(*target)
+        super().cancel()
+
     def _next_message(self) -> pb.GenerateResponse | None:
         item = self._next()
         return None if item is None else item[0]
 
     def _next(self) -> tuple[pb.GenerateResponse, Event | None] | None:
         self._require_entered()
-        if not self._readable():
-            return None
-        try:
-            return self._read(self._ensure_call())
-        except TokenwireError as error:
-            self._fail(error)
-            raise
+        while self._readable():
+            try:
+                return self._read(self._ensure_call())
+            except TokenwireError as error:
+                delay = self._plan_reconnect(error)
+                if delay is None:
+                    self._fail(error)
+                    raise
+                time.sleep(delay)
+                self._drop_call()
+        return None
 
     def _read(self, call: _Call) -> tuple[pb.GenerateResponse, Event | None] | None:
         try:
@@ -119,6 +144,7 @@ class Client:
         channel: grpc.Channel | None = None,
         timeout: float | None = None,
         headers: Sequence[tuple[str, str]] = (),
+        resume_policy: ResumePolicy | None = None,
     ) -> None:
         self._owns_channel = channel is None
         self._channel = grpc.insecure_channel(target) if channel is None else channel
@@ -126,6 +152,7 @@ class Client:
         self._closed = False
         self._timeout = timeout
         self._headers = tuple(headers)
+        self._resume_policy = resume_policy or ResumePolicy()
 
     @property
     def _stub(self) -> pb_grpc.GenerationServiceStub:
@@ -167,10 +194,70 @@ class Client:
         return self.stream_request(build_request(model, messages, **options), timeout=timeout)
 
     def stream_request(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> SyncGenerationStream:
+        timeout = self._timeout if timeout is None else timeout
+
+        def start(call_timeout: float | None) -> _Call:
+            return self._stub.Generate(request, timeout=call_timeout, metadata=self._headers)
+
+        if not request.HasField("resume_window") or request.resume_window.ToNanoseconds() <= 0:
+            return SyncGenerationStream(lambda: start(timeout))
         return SyncGenerationStream(
-            lambda: self._stub.Generate(
-                request,
-                timeout=self._timeout if timeout is None else timeout,
-                metadata=self._headers,
-            )
+            lambda: start(timeout),
+            durable=Durable(start, self._resume_call, timeout, self._resume_policy),
+            send_cancel=self._quiet_cancel,
         )
+
+    def resume(
+        self, stream_id: str, token: str, after: int = 0, *, timeout: float | None = None
+    ) -> SyncGenerationStream:
+        """Reads a durable stream again from the cursor ``after``; see AsyncClient.resume."""
+        timeout = self._timeout if timeout is None else timeout
+
+        def first(call_timeout: float | None) -> _Call:
+            return self._resume_call(stream_id, token, after, call_timeout)
+
+        return SyncGenerationStream(
+            lambda: first(timeout),
+            durable=Durable(first, self._resume_call, timeout, self._resume_policy, stream_id, token),
+            accumulator=StreamAccumulator(after=after, stream_id=stream_id),
+            send_cancel=self._quiet_cancel,
+        )
+
+    def poll(
+        self,
+        stream_id: str,
+        token: str,
+        after: int = 0,
+        *,
+        wait: float = 20.0,
+        max_messages: int = 100,
+        timeout: float | None = None,
+    ) -> PollBatch:
+        """One long-poll read; see AsyncClient.poll."""
+        request = poll_request(stream_id, token, after, wait, max_messages)
+        deadline = timeout if timeout is not None else wait + (self._timeout or 10.0)
+        try:
+            response = self._stub.Poll(request, timeout=deadline, metadata=self._headers)
+        except grpc.RpcError as exc:
+            raise error_from_status(exc.code(), exc.details() or "", _trailers(exc)) from exc
+        return poll_batch(response, after, stream_id)
+
+    def cancel(self, stream_id: str, token: str, *, timeout: float | None = None) -> StreamState:
+        """Stops a durable stream's generation (idempotent) and answers its state."""
+        request = pb.CancelRequest(stream_id=stream_id, resume_token=token)
+        try:
+            response = self._stub.Cancel(
+                request, timeout=self._timeout if timeout is None else timeout, metadata=self._headers
+            )
+        except grpc.RpcError as exc:
+            raise error_from_status(exc.code(), exc.details() or "", _trailers(exc)) from exc
+        return StreamState.from_proto(response.state)
+
+    def _resume_call(self, stream_id: str, token: str, after: int, timeout: float | None) -> _Call:
+        request = pb.ResumeRequest(stream_id=stream_id, resume_token=token, after_sequence=after)
+        return self._stub.Resume(request, timeout=timeout, metadata=self._headers)
+
+    def _quiet_cancel(self, stream_id: str, token: str) -> None:
+        # See AsyncClient._quiet_cancel.
+        with contextlib.suppress(TokenwireError):
+            self.cancel(stream_id, token, timeout=CANCEL_TIMEOUT)

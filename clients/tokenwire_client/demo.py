@@ -8,6 +8,12 @@ The last line of a successful run is a summary in a stable format, for scripts t
 delta, the server's from receiving it. Numbers that are unknown read "n/a", unknown token counts "?", and
 "(estimated)" follows the usage when the server estimated it. Exit status: 0 on success,
 1 on an error, 2 on a usage error, 130 when interrupted; with --json, the gRPC status code.
+
+Durable streams: ``--durable`` asks for one and prints its id and resume token to stderr at
+Start (the token is the user's own capability: anyone holding it can read or stop the
+stream); ``--resume ID TOKEN [--after N]`` reads it again from a cursor, and with ``--poll``
+reads it by long polling, a line per batch on stderr. Ctrl-C on a durable stream sends
+Cancel, which stops the generation on the server too.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from rich.console import Console
 
 from tokenwire.v1 import generation_pb2 as pb
 
-from ._client import DEFAULT_TARGET, AsyncClient
+from ._client import DEFAULT_TARGET, AsyncClient, GenerationStream
 from ._errors import APIStatusError, TokenwireError
 from ._events import (
     Event,
+    Finished,
     ReasoningDelta,
     Response,
+    Started,
     TextDelta,
     ToolCallDelta,
     UsageSource,
@@ -56,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, help="deadline of the call, seconds")
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="ask for a durable stream: prints its id and resume token to stderr at Start",
+    )
+    parser.add_argument(
+        "--resume", nargs=2, metavar=("ID", "TOKEN"), help="read a durable stream again instead of asking"
+    )
+    parser.add_argument("--after", type=int, default=0, help="with --resume: the last sequence already read")
+    parser.add_argument("--poll", action="store_true", help="with --resume: read by long polling, batch by batch")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_true", help="print the raw messages as JSON lines")
     mode.add_argument("--list", action="store_true", help="list the server's models")
@@ -152,8 +170,20 @@ async def _list_models(client: AsyncClient, screen: _Screen) -> int:
     return 0
 
 
-async def _print_json(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen, target: str) -> int:
-    async with client.stream_request(request) as stream:
+def _announce(started: Started, screen: _Screen) -> None:
+    """Tells the user how to come back to a durable stream: on stderr, so stdout stays the answer."""
+    if not started.durable:
+        return
+    window = "n/a" if started.resume_window is None else f"{started.resume_window:g} s"
+    screen.err.print(
+        f"durable stream {started.stream_id} (window {window}); resume with: "
+        f"--resume {started.stream_id} {started.resume_token} --after N",
+        style="dim",
+    )
+
+
+async def _print_json(stream: GenerationStream, screen: _Screen, target: str) -> int:
+    async with stream:
         try:
             async for message in stream.raw_messages:
                 line = MessageToJson(message, indent=None, preserving_proto_field_name=False)
@@ -165,12 +195,14 @@ async def _print_json(client: AsyncClient, request: pb.GenerateRequest, screen: 
     return 0
 
 
-async def _stream_text(client: AsyncClient, request: pb.GenerateRequest, screen: _Screen) -> int:
+async def _stream_text(stream: GenerationStream, screen: _Screen) -> int:
     started_at = time.perf_counter()
     first_delta_at: float | None = None
     previous: Event | None = None
-    async with client.stream_request(request) as stream:
+    async with stream:
         async for event in stream:
+            if isinstance(event, Started):
+                _announce(event, screen)
             if not isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta):
                 continue
             if first_delta_at is None:
@@ -210,6 +242,14 @@ async def _run(args: argparse.Namespace, screen: _Screen) -> int:
     async with AsyncClient(args.target, timeout=args.timeout) as client:
         if args.list:
             return await _list_models(client, screen)
+        if args.resume:
+            stream_id, token = args.resume
+            if args.poll:
+                return await _poll(client, stream_id, token, args.after, screen)
+            resumed = client.resume(stream_id, token, args.after)
+            if args.json:
+                return await _print_json(resumed, screen, args.target)
+            return await _stream_text(resumed, screen)
         messages = [system(args.system)] if args.system else []
         try:
             request = build_request(
@@ -218,13 +258,39 @@ async def _run(args: argparse.Namespace, screen: _Screen) -> int:
                 max_output_tokens=args.max_tokens,
                 temperature=args.temperature,
                 stop_sequences=args.stop,
+                durable=args.durable,
             )
         except (ValueError, UnicodeError) as exc:
             # Out-of-range numbers, or text that is not valid Unicode, cannot even be encoded.
             raise _UsageError(f"cannot build the request: {exc}") from None
+        stream = client.stream_request(request)
         if args.json:
-            return await _print_json(client, request, screen, args.target)
-        return await _stream_text(client, request, screen)
+            return await _print_json(stream, screen, args.target)
+        return await _stream_text(stream, screen)
+
+
+async def _poll(client: AsyncClient, stream_id: str, token: str, after: int, screen: _Screen) -> int:
+    """Long-polls the stream to its terminal event: its text on stdout, a line per batch on stderr."""
+    while True:
+        batch = await client.poll(stream_id, token, after)
+        for event in batch.events:
+            if isinstance(event, TextDelta):
+                screen.write(event.text)
+        screen.end_line()
+        screen.err.print(
+            f"batch: {len(batch.messages)} messages · next after {batch.next_after} · {batch.state.status}",
+            style="dim",
+        )
+        after = batch.next_after
+        if not batch.terminal:
+            continue
+        error = batch.error
+        if error is not None:
+            screen.error(f"error: {pb.ErrorCode.Name(error.code).removeprefix('ERROR_CODE_')}: {error.message}")
+            return 1
+        finish = next((event for event in batch.events if isinstance(event, Finished)), None)
+        screen.out.print(f"finish: {finish.reason if finish else 'unknown'}", style="dim")
+        return 0
 
 
 class _UsageError(Exception):
@@ -232,7 +298,12 @@ class _UsageError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.poll and not args.resume:
+        parser.error("--poll reads a durable stream: give it --resume ID TOKEN")
+    if args.durable and args.resume:
+        parser.error("--durable starts a stream; --resume reads one that exists")
     screen = _Screen()
     try:
         return asyncio.run(_run(args, screen))
@@ -244,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         # asyncio.run has cancelled the task, and leaving the stream's block cancelled
-        # the call: the server and the provider stop too.
+        # the call (a durable stream's with Cancel): the server and the provider stop too.
         screen.end_line()
         screen.err.print("cancelled")
         return 130
