@@ -15,6 +15,7 @@ import grpc
 import pytest
 from fakes import FakeAnthropic, FakeOpenAI
 from google.rpc import error_details_pb2, status_pb2
+from redis_server import RedisServer, running_redis
 
 from service.config import Config, ServerConfig, build_routes, load_config
 from service.events import EventStream, GenerationRequest
@@ -219,6 +220,13 @@ def default_address() -> Iterator[str]:
     config = load_config(ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0"})
     with serve_in_thread(config) as address:
         yield address
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests keep apart by key prefix); fails if not installed."""
+    with running_redis() as server:
+        yield server
 
 
 async def eventually(predicate: Callable[[], object], within: float = 2.0) -> None:

@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
+from redis_server import RedisServer, running_redis
 
-from service.journal import Batch, Fenced, Journal, StreamRecord, StreamStatus
+from service.journal import Batch, Fenced, Journal, JournalFull, JournalUnavailable, StreamRecord, StreamStatus
 from service.journal.memory import MemoryJournal
+from service.journal.redis import BLOCK_SECONDS, RedisJournal
 
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture(params=["memory"])
+def _prefix() -> str:
+    # Tests share one redis-server: each gets keys of its own.
+    return f"tokenwire-test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(params=["memory", "redis"])
 async def journal(request: pytest.FixtureRequest) -> AsyncIterator[Journal]:
-    j: Journal = MemoryJournal(max_total_bytes=1 << 20)
+    j: Journal
+    if request.param == "memory":
+        j = MemoryJournal(max_total_bytes=1 << 20)
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        j = RedisJournal(server.url, prefix=_prefix())
     try:
         yield j
     finally:
@@ -164,8 +179,6 @@ async def test_batch_terminal_only_with_the_last_message() -> None:
 
 async def test_memory_journal_bounds_its_total() -> None:
     journal = MemoryJournal(max_total_bytes=100)
-    from service.journal import JournalFull
-
     await journal.create(_record())
     await journal.append("s1", 1, [b"x" * 60], expires_at=_later())
     with pytest.raises(JournalFull):
@@ -176,3 +189,235 @@ async def test_memory_journal_bounds_its_total() -> None:
     await asyncio.sleep(0.4)
     assert await journal.get("s1") is None and journal.total_bytes == 0 and len(journal) == 0
     await journal.aclose()
+
+
+# The Redis journal's own cases, against a real redis-server.
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, protocol=3)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_a_second_replica_sees_the_same_streams(redis_server: RedisServer) -> None:
+    prefix = _prefix()
+    a, b = RedisJournal(redis_server.url, prefix=prefix), RedisJournal(redis_server.url, prefix=prefix)
+    try:
+        assert await a.create(_record()) is None
+        existing = await b.create(_record(fingerprint=b"g" * 32))
+        assert existing is not None and existing.fingerprint == b"f" * 32
+        waiter = asyncio.create_task(b.wait("s1", 0, 10))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()
+        await a.append("s1", 1, [b"a", b"b"], expires_at=_later())
+        await asyncio.wait_for(waiter, 2)
+        batch = await b.read("s1", 0, 10)
+        assert batch is not None and list(batch.payloads) == [b"a", b"b"] and batch.last == 2
+        # Two writers at one sequence: one wins, the other is fenced, whichever replica it is on.
+        outcomes = await asyncio.gather(
+            a.append("s1", 3, [b"from a"], expires_at=_later()),
+            b.append("s1", 3, [b"from b"], expires_at=_later()),
+            return_exceptions=True,
+        )
+        assert sorted(type(o).__name__ for o in outcomes) == ["Fenced", "NoneType"]
+        ending = asyncio.create_task(a.wait("s1", 3, 10))
+        await asyncio.sleep(0.1)
+        await b.append("s1", 4, [b"end"], expires_at=_later(), status=StreamStatus.FINISHED)
+        await asyncio.wait_for(ending, 2)
+        batch = await a.read("s1", 3, 10)
+        assert batch is not None and batch.terminal and batch.record.status is StreamStatus.FINISHED
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def _journal_clients(raw: Redis) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for client in await raw.client_list():
+        name = str(client.get("name", ""))
+        if name.startswith("tokenwire-journal"):
+            key = f"{name} {client['cmd']}" if name == "tokenwire-journal-reader" else name
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def test_many_waiters_share_one_blocking_connection(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    journal = RedisJournal(redis_server.url, prefix=prefix, max_connections=4)
+    writer = RedisJournal(redis_server.url, prefix=prefix)
+    try:
+        ids = [f"s{i}" for i in range(50)]
+        for sid in ids:
+            await journal.create(_record(sid))
+        assert await _journal_clients(raw) == {"tokenwire-journal": 1}
+        waiters = []
+        for round_ in range(5):
+            waiters += [asyncio.create_task(journal.wait(sid, 0, 15)) for sid in ids[round_ * 10 : round_ * 10 + 10]]
+            await asyncio.sleep(0.2)
+            counts = await _journal_clients(raw)
+            # One connection blocks in XREAD, however many streams are waited on; the commands'
+            # pool stays within its bound.
+            assert counts.get("tokenwire-journal-reader xread") == 1, counts
+            assert sum(v for k, v in counts.items() if k.startswith("tokenwire-journal-reader")) == 1, counts
+            assert counts.get("tokenwire-journal", 0) <= 4, counts
+        assert not any(w.done() for w in waiters)
+        # Written by another replica: only the XREAD can wake them.
+        for sid in ids:
+            await writer.append(sid, 1, [b"x"], expires_at=_later())
+        done, pending = await asyncio.wait(waiters, timeout=3)
+        assert not pending and len(done) == 50
+    finally:
+        await writer.aclose()
+        await journal.aclose()
+
+
+async def test_payloads_of_every_byte_value(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    journal = RedisJournal(redis_server.url, prefix=prefix)
+    try:
+        await journal.create(_record())
+        payloads = [bytes([i]) for i in range(256)] + [bytes(range(256)) * 64, b"", b"*1\r\n$-1\r\n\x00"]
+        for first in range(0, len(payloads), 8):
+            await journal.append("s1", first + 1, payloads[first : first + 8], expires_at=_later())
+        batch = await journal.read("s1", 0, 1000)
+        assert batch is not None and list(batch.payloads) == payloads and batch.last == len(payloads)
+        # Stored as the brief says: entry 0-<sequence>, one field holding the bytes as they are.
+        entries = await raw.xrange(f"{prefix}{{s1}}:log", "-", "+") or []
+        assert [e[0] for e in entries] == [f"0-{n}".encode() for n in range(1, len(payloads) + 1)]
+        assert [e[1] for e in entries] == [{b"p": p} for p in payloads]
+    finally:
+        await journal.aclose()
+
+
+async def test_expiry_by_pexpireat(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    journal = RedisJournal(redis_server.url, prefix=prefix)
+    rec, log = f"{prefix}{{s1}}:rec", f"{prefix}{{s1}}:log"
+    try:
+        await journal.create(_record(ttl=0.4))
+        assert await raw.exists(rec) == 1 and 0 < await raw.pttl(rec) <= 410
+        await asyncio.sleep(0.6)
+        assert await raw.exists(rec) == 0  # a running stream nobody wrote to: gone at its expiry
+        await journal.create(_record())
+        await journal.append("s1", 1, [b"a", b"end"], expires_at=time.time() + 0.5, status=StreamStatus.FINISHED)
+        assert await raw.exists(rec, log) == 2
+        assert 0 < await raw.pttl(rec) <= 510 and 0 < await raw.pttl(log) <= 510
+        await asyncio.sleep(0.7)
+        assert await raw.exists(rec, log) == 0
+    finally:
+        await journal.aclose()
+
+
+async def test_a_waiter_returns_when_its_stream_vanishes_or_fails_elsewhere(redis_server: RedisServer) -> None:
+    prefix = _prefix()
+    journal, other = RedisJournal(redis_server.url, prefix=prefix), RedisJournal(redis_server.url, prefix=prefix)
+    try:
+        await journal.create(_record("short", ttl=0.3))
+        await journal.create(_record("doomed"))
+        started = time.monotonic()
+        vanished = asyncio.create_task(journal.wait("short", 0, 10))
+        failed = asyncio.create_task(journal.wait("doomed", 0, 10))
+        await asyncio.sleep(0.1)
+        await other.fail_start("doomed", b"error", expires_at=_later())  # on another replica
+        await asyncio.wait_for(asyncio.gather(vanished, failed), 0.3 + 2 * BLOCK_SECONDS + 0.5)
+        assert time.monotonic() - started < 0.3 + 2 * BLOCK_SECONDS + 0.5
+    finally:
+        await other.aclose()
+        await journal.aclose()
+
+
+async def test_aclose_leaves_no_task_behind(redis_server: RedisServer) -> None:
+    before = asyncio.all_tasks()
+    journal = RedisJournal(redis_server.url, prefix=_prefix())
+    await journal.create(_record())
+    waiter = asyncio.create_task(journal.wait("s1", 0, 10))
+    await asyncio.sleep(0.1)
+    await journal.aclose()
+    await asyncio.wait_for(waiter, 1)  # its waiter returns
+    assert asyncio.all_tasks() - before == set()
+    await journal.wait("s1", 0, 10)  # closed: nothing to wait for
+
+
+async def test_redis_down_then_back() -> None:
+    with running_redis() as server:
+        journal = RedisJournal(server.url, prefix=_prefix(), socket_timeout=0.5, connect_timeout=0.5)
+        try:
+            await journal.create(_record())
+            await journal.append("s1", 1, [b"a"], expires_at=_later())
+            waiter = asyncio.create_task(journal.wait("s1", 1, 15))
+            await asyncio.sleep(0.2)
+            server.stop()
+            await asyncio.wait_for(waiter, 2)  # a dead Redis ends the wait; it does not hang
+            with pytest.raises(JournalUnavailable):
+                await journal.append("s1", 2, [b"b"], expires_at=_later())
+            with pytest.raises(JournalUnavailable):
+                await journal.read("s1", 0, 10)
+            with pytest.raises(JournalUnavailable):
+                await journal.create(_record("s2"))
+            started = time.monotonic()
+            await journal.wait("s1", 1, 10)
+            assert time.monotonic() - started < 2
+            server.start()  # no persistence: the streams are gone, the journal works again
+            assert await journal.get("s1") is None
+            assert await journal.create(_record()) is None
+            waiter = asyncio.create_task(journal.wait("s1", 0, 10))
+            await asyncio.sleep(0.1)
+            await journal.append("s1", 1, [b"again"], expires_at=_later())
+            await asyncio.wait_for(waiter, 2 + BLOCK_SECONDS)
+        finally:
+            await journal.aclose()
+
+
+async def test_redis_silent_is_unavailable_within_the_timeouts() -> None:
+    with running_redis() as server:
+        journal = RedisJournal(server.url, prefix=_prefix(), socket_timeout=0.5, connect_timeout=0.5)
+        assert server.process is not None
+        try:
+            await journal.create(_record())
+            waiter = asyncio.create_task(journal.wait("s1", 0, 15))
+            await asyncio.sleep(0.2)
+            server.process.send_signal(signal.SIGSTOP)  # it accepts nothing and answers nothing
+            started = time.monotonic()
+            with pytest.raises(JournalUnavailable):
+                await journal.append("s1", 1, [b"a"], expires_at=_later())
+            assert time.monotonic() - started < 1.5
+            # The blocked XREAD's socket timeout (BLOCK + 2 s) ends it, and so the wait.
+            await asyncio.wait_for(waiter, BLOCK_SECONDS + 3)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+            await journal.aclose()
+
+
+async def test_redis_over_maxmemory_is_full_but_can_still_end_a_stream() -> None:
+    with running_redis("--maxmemory-policy", "noeviction") as server:
+        journal = RedisJournal(server.url, prefix=_prefix())
+        raw = Redis.from_url(server.url, protocol=3)
+        try:
+            await journal.create(_record())
+            used = int((await raw.info("memory"))["used_memory"])
+            await raw.config_set("maxmemory", used + 256 * 1024)
+            sequence, refused = 0, None
+            while refused is None and sequence < 1000:
+                try:
+                    await journal.append("s1", sequence + 1, [b"x" * 8192], expires_at=_later())
+                    sequence += 1
+                except JournalFull as e:
+                    refused = e
+            assert refused is not None and 0 < sequence < 1000
+            # Far over the limit now (its margin no longer depends on buffers coming and going).
+            await raw.config_set("maxmemory", 1)
+            with pytest.raises(JournalFull):
+                await journal.append("s1", sequence + 1, [b"y"], expires_at=_later())
+            with pytest.raises(JournalFull):
+                await journal.create(_record("s2"))
+            # The terminal entry is written all the same, and reads go on.
+            await journal.append("s1", sequence + 1, [b"journal full"], expires_at=_later(), status=StreamStatus.FAILED)
+            batch = await journal.read("s1", sequence, 10)
+            assert batch is not None and list(batch.payloads) == [b"journal full"] and batch.terminal
+        finally:
+            await raw.aclose()
+            await journal.aclose()

@@ -1,0 +1,446 @@
+"""The Redis Streams journal: durable streams kept in one Redis, shared by every replica that uses it.
+
+Keys, under a prefix ("tokenwire:" by default). `{stream_id}` is a Redis Cluster hash tag, so both
+keys of one stream hash to one slot and a script may touch them together:
+
+    <prefix>{<stream_id>}:rec   hash: token_digest, fingerprint, window, status, last_sequence,
+                                expires_at, start_failure (the record, see base.StreamRecord)
+    <prefix>{<stream_id>}:log   stream: entry `0-<sequence>`, field "p" = the payload's exact bytes
+    <prefix>wake:<uuid4>        stream: wake-ups of this process's blocking reader (see `wait`)
+
+Entry ids are explicit, so besides the scripts' own check (status RUNNING and last_sequence ==
+first - 1), a second writer is also fenced by XADD's rule that ids only grow. Both keys get
+PEXPIREAT `expires_at`, so Redis forgets a stream by itself; its clock is the one that counts.
+
+Every write is one Lua script (one round trip, atomic); a read is one pipeline (see `read`). Errors
+map to the journal's own: Redis's OOM (maxmemory) to JournalFull, a connection error or timeout
+to JournalUnavailable. Terminal appends and failed starts run a copy of their script flagged
+`allow-oom`, so a full Redis can still end a stream clearly.
+
+`wait` does not take a connection per stream: one task per RedisJournal runs `XREAD BLOCK` on a
+dedicated connection over every log key being waited on (plus the wake key, which an XADD from
+this process uses to interrupt the XREAD when a new key must join it) and wakes the waiters whose
+keys got entries. A stream that vanished (expired) or failed before Start gets no entry: the reader
+checks the waited-on records every BLOCK period (1 s), so those waiters return within about that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service.journal.base import (
+    Batch,
+    Fenced,
+    Journal,
+    JournalError,
+    JournalFull,
+    JournalUnavailable,
+    StreamRecord,
+    StreamStatus,
+)
+
+# The record's fields, in the order every script and read returns them (HMGET).
+_FIELDS = ("token_digest", "fingerprint", "window", "status", "last_sequence", "expires_at", "start_failure")
+_HMGET_RECORD = "redis.call('HMGET', KEYS[1], " + ", ".join(f"'{f}'" for f in _FIELDS) + ")"
+# The one field of a log entry.
+_PAYLOAD = b"p"
+
+# Scripts carry a shebang (Redis 7): without `allow-oom` Redis refuses the whole script when it is
+# over maxmemory, before any write, so a refused append leaves nothing half done.
+_CREATE = f"""#!lua
+-- KEYS: rec, log. ARGV: token_digest, fingerprint, window, status, last_sequence, expires_at,
+-- start_failure, expires_ms. Returns nil when created, else the existing record.
+local failure = redis.call('HGET', KEYS[1], 'start_failure')
+if failure and failure == '' then
+  return {_HMGET_RECORD}
+end
+-- No stream, or one that failed before Start (it has no messages): (re)create it. A log left
+-- without its record would fence the first XADD, so it goes too.
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'token_digest', ARGV[1], 'fingerprint', ARGV[2], 'window', ARGV[3],
+  'status', ARGV[4], 'last_sequence', ARGV[5], 'expires_at', ARGV[6], 'start_failure', ARGV[7])
+redis.call('PEXPIREAT', KEYS[1], ARGV[8])
+return false
+"""
+
+_APPEND_BODY = """
+-- KEYS: rec, log. ARGV: first_sequence, status, expires_at, expires_ms, payload...
+local state = redis.call('HMGET', KEYS[1], 'status', 'last_sequence', 'start_failure')
+if not state[1] then
+  return redis.error_reply('FENCED the stream is gone')
+end
+if state[1] ~= 'RUNNING' or state[3] ~= '' then
+  return redis.error_reply('FENCED the stream has ended')
+end
+local first = tonumber(ARGV[1])
+local next_sequence = tonumber(state[2]) + 1
+if first ~= next_sequence then
+  return redis.error_reply(string.format('FENCED the stream continues at %d', next_sequence))
+end
+local last = first - 1
+for i = 5, #ARGV do
+  last = last + 1
+  redis.call('XADD', KEYS[2], string.format('0-%d', last), 'p', ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'last_sequence', string.format('%d', last), 'status', ARGV[2], 'expires_at', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+return last
+"""
+_APPEND = "#!lua\n" + _APPEND_BODY
+# The terminal append: the same script, allowed to write when Redis is over maxmemory.
+_APPEND_TERMINAL = "#!lua flags=allow-oom\n" + _APPEND_BODY
+
+_FAIL_START = """#!lua flags=allow-oom
+-- KEYS: rec. ARGV: failure, expires_at, expires_ms.
+local state = redis.call('HMGET', KEYS[1], 'status', 'last_sequence', 'start_failure')
+if not state[1] or state[1] ~= 'RUNNING' or state[3] ~= '' or state[2] ~= '0' then
+  return redis.error_reply('FENCED the stream cannot fail before Start')
+end
+redis.call('HSET', KEYS[1], 'start_failure', ARGV[1], 'expires_at', ARGV[2])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+return 1
+"""
+
+# How long one XREAD blocks, which is also how soon a waiter notices a stream that vanished or
+# failed before Start (neither writes an entry to wake it).
+BLOCK_SECONDS = 1.0
+# The blocking connection's socket timeout exceeds BLOCK by this much, so a blocked XREAD is never
+# cut by its own timeout, while a Redis that stopped answering is still noticed.
+_BLOCK_MARGIN = 2.0
+# The wake stream keeps a few entries and lives an hour past its last use, in case this process
+# dies without deleting it.
+_WAKE_MAXLEN = 8
+_WAKE_TTL_MS = 3_600_000
+# Between XREADs that fail (Redis down), the reader backs off up to BLOCK_SECONDS.
+_BACKOFF_FIRST = 0.05
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    after: int
+    woken: asyncio.Future[None]
+
+
+class RedisJournal(Journal):
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tokenwire:",
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 32,
+    ) -> None:
+        self.prefix = prefix
+        # Commands: a bounded pool (a burst of streams queues for a connection instead of opening
+        # hundreds), explicit timeouts, and no retries: a script whose reply was lost may have
+        # run, and running it again would fence its own writer. A connection the server closed
+        # (a restart) is replaced by the pool before use, so no retry is needed for that.
+        # RESP3 is pinned: it is what the tests run, and reply shapes differ between protocols.
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            protocol=3,
+            client_name="tokenwire-journal",
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+        # The blocking reader's own connection: its timeout outlasts the BLOCK, and retries are
+        # off, so a dead Redis surfaces here as an error (the waiters return) instead of redis-py
+        # re-sending the XREAD for a minute (its defaults: a 5 s timeout and ten retries).
+        self._blocking: Redis = Redis.from_url(
+            url,
+            single_connection_client=True,
+            socket_timeout=BLOCK_SECONDS + _BLOCK_MARGIN,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            protocol=3,
+            client_name="tokenwire-journal-reader",
+        )
+        self._create = self._redis.register_script(_CREATE)
+        self._append = self._redis.register_script(_APPEND)
+        self._append_terminal = self._redis.register_script(_APPEND_TERMINAL)
+        self._fail_start = self._redis.register_script(_FAIL_START)
+
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        # Set when a waiter arrives, for a reader that has nothing to watch.
+        self._wanted = asyncio.Event()
+        # What the XREAD in flight watches (stream id -> its cursor), None between XREADs.
+        self._inflight: dict[str, int] | None = None
+        self._nudged = False
+        self._wake_key = f"{prefix}wake:{uuid.uuid4()}"
+        self._wake_seen = b"0-0"
+        self._next_check = 0.0
+        self._closed = False
+
+    def _rec(self, stream_id: str) -> str:
+        return f"{self.prefix}{{{stream_id}}}:rec"
+
+    def _log(self, stream_id: str) -> str:
+        return f"{self.prefix}{{{stream_id}}}:log"
+
+    async def create(self, record: StreamRecord) -> StreamRecord | None:
+        sid = record.stream_id
+        with _mapped_errors():
+            existing = await self._create(
+                keys=[self._rec(sid), self._log(sid)],
+                args=[
+                    record.token_digest,
+                    record.fingerprint,
+                    repr(float(record.window)),
+                    record.status.value,
+                    record.last_sequence,
+                    repr(float(record.expires_at)),
+                    record.start_failure,
+                    _ms(record.expires_at),
+                ],
+            )
+        return None if existing is None else _record(sid, cast(list[bytes | None], existing))
+
+    async def append(
+        self,
+        stream_id: str,
+        first_sequence: int,
+        payloads: Sequence[bytes],
+        *,
+        expires_at: float,
+        status: StreamStatus = StreamStatus.RUNNING,
+    ) -> None:
+        script = self._append if status is StreamStatus.RUNNING else self._append_terminal
+        with _mapped_errors():
+            await script(
+                keys=[self._rec(stream_id), self._log(stream_id)],
+                args=[first_sequence, status.value, repr(float(expires_at)), _ms(expires_at), *payloads],
+            )
+
+    async def fail_start(self, stream_id: str, failure: bytes, *, expires_at: float) -> None:
+        with _mapped_errors():
+            await self._fail_start(
+                keys=[self._rec(stream_id)], args=[failure, repr(float(expires_at)), _ms(expires_at)]
+            )
+        # This process's waiters learn it at once; other replicas' within a BLOCK period.
+        self._wake(stream_id)
+
+    async def get(self, stream_id: str) -> StreamRecord | None:
+        with _mapped_errors():
+            fields = await self._redis.hmget(self._rec(stream_id), _FIELDS)
+        return _record(stream_id, cast(list[bytes | None], fields))
+
+    async def read(self, stream_id: str, after: int, limit: int) -> Batch | None:
+        # One round trip: a pipeline, not MULTI/EXEC, because Redis refuses every command queued
+        # in a MULTI while it is over maxmemory, and a full journal must stay readable (its
+        # streams' terminal entries are there). Without MULTI, the order keeps the pair coherent:
+        # the record is read after the entries, so it is never older than they are; at worst it
+        # is newer (the batch then is not terminal, and the next read brings the rest).
+        with _mapped_errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if limit > 0:
+                    pipe.xrange(self._log(stream_id), min=f"0-{max(after, 0) + 1}", max="+", count=limit)
+                pipe.hmget(self._rec(stream_id), _FIELDS)
+                replies = await pipe.execute()
+        record = _record(stream_id, cast(list[bytes | None], replies[-1]))
+        if record is None:
+            return None
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], replies[0]) if limit > 0 else []
+        return Batch([fields[_PAYLOAD] for _, fields in entries], record, after + 1)
+
+    async def wait(self, stream_id: str, after: int, within: float) -> None:
+        if within <= 0 or self._closed:
+            return
+        try:
+            record = await self.get(stream_id)
+        except JournalUnavailable:
+            # Waiting on an unreachable store would only hang: the caller's next read says why.
+            return
+        if record is None or record.ended or record.last_sequence > after:
+            return
+        waiter = _Waiter(after, asyncio.get_running_loop().create_future())
+        self._waiters.setdefault(stream_id, []).append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                await self._watch(stream_id, after)
+                await waiter.woken
+        except TimeoutError:
+            pass
+        finally:
+            self._unwait(stream_id, waiter)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        for stream_id in list(self._waiters):
+            self._wake(stream_id)
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.delete(self._wake_key)
+        await self._blocking.aclose()
+        await self._redis.aclose()
+
+    # The blocking reader.
+
+    async def _watch(self, stream_id: str, after: int) -> None:
+        """Makes the reader watch `stream_id` from `after`: starts it, or interrupts its XREAD
+        when that one does not cover this cursor."""
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name="redis-journal-reader")
+        self._wanted.set()
+        inflight = self._inflight
+        if inflight is None or self._nudged or inflight.get(stream_id, after + 1) <= after:
+            # No XREAD in flight (the next one includes this waiter), one already interrupted,
+            # or the one in flight wakes on any entry after this cursor.
+            return
+        self._nudged = True
+        # A failure here means Redis is unreachable: the XREAD fails too and wakes everyone.
+        with contextlib.suppress(RedisError, OSError):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {b"w": b""}, maxlen=_WAKE_MAXLEN, approximate=True)
+                pipe.pexpire(self._wake_key, _WAKE_TTL_MS)
+                await pipe.execute()
+
+    async def _read_loop(self) -> None:
+        backoff = _BACKOFF_FIRST
+        while not self._closed:
+            if not self._waiters:
+                self._wanted.clear()
+                await self._wanted.wait()
+                continue
+            # One cursor per stream: the lowest of its waiters'; an entry past it wakes those
+            # it is past, and the rest stay for the next round.
+            watched = {sid: min(w.after for w in waiters) for sid, waiters in self._waiters.items()}
+            by_key = {self._log(sid).encode(): sid for sid in watched}
+            streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {self._wake_key: self._wake_seen}
+            streams.update({key: f"0-{max(watched[sid], 0)}" for key, sid in by_key.items()})
+            self._inflight, self._nudged = watched, False
+            try:
+                reply = await self._blocking.xread(streams, count=1, block=int(BLOCK_SECONDS * 1000))
+            except (RedisError, OSError):
+                # Redis is down or silent (or refused the XREAD): every waiter returns, and its
+                # next read says why, rather than hang; the reader tries again shortly.
+                for sid in list(self._waiters):
+                    self._wake(sid)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BLOCK_SECONDS)
+                continue
+            finally:
+                self._inflight = None
+            backoff = _BACKOFF_FIRST
+            for key, entry_id in _first_ids(reply).items():
+                if key == self._wake_key.encode():
+                    self._wake_seen = entry_id
+                elif (woken := by_key.get(key)) is not None:
+                    self._wake(woken, before=int(entry_id.split(b"-", 1)[1]))
+            if time.monotonic() >= self._next_check:
+                self._next_check = time.monotonic() + BLOCK_SECONDS
+                await self._check_ended()
+
+    async def _check_ended(self) -> None:
+        """Wakes the waiters of streams that vanished or ended without an entry to say so."""
+        sids = list(self._waiters)
+        if not sids:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in sids:
+                    pipe.hmget(self._rec(sid), ["status", "start_failure"])
+                states = cast(list[list[bytes | None]], await pipe.execute())
+        except (RedisError, OSError):
+            states = [[None, None]] * len(sids)
+        for sid, (status, failure) in zip(sids, states, strict=True):
+            if status != StreamStatus.RUNNING.value.encode() or failure:
+                self._wake(sid)
+
+    def _wake(self, stream_id: str, *, before: int | None = None) -> None:
+        """Wakes the stream's waiters (those whose cursor is below `before`, when given)."""
+        waiters = self._waiters.get(stream_id)
+        if not waiters:
+            return
+        # Woken waiters leave the list now, so the next XREAD no longer asks for what they had.
+        keep: list[_Waiter] = []
+        for w in waiters:
+            if before is not None and w.after >= before:
+                keep.append(w)
+            elif not w.woken.done():
+                w.woken.set_result(None)
+        if keep:
+            self._waiters[stream_id] = keep
+        else:
+            del self._waiters[stream_id]
+
+    def _unwait(self, stream_id: str, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(stream_id)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[stream_id]
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except OutOfMemoryError as e:
+        raise JournalFull(f"redis is over its maxmemory: {e}") from e
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as e:
+        # ReadOnlyError: a replica after a failover; for this journal, the store is unavailable.
+        raise JournalUnavailable(f"redis: {e}") from e
+    except ResponseError as e:
+        if str(e).startswith("FENCED"):
+            raise Fenced(str(e).removeprefix("FENCED ")) from e
+        raise JournalError(f"redis: {e}") from e
+
+
+def _ms(expires_at: float) -> int:
+    # PEXPIREAT takes whole milliseconds; rounding up never forgets a stream early.
+    return math.ceil(expires_at * 1000)
+
+
+def _record(stream_id: str, fields: Sequence[bytes | None]) -> StreamRecord | None:
+    token_digest, fingerprint, window, status, last_sequence, expires_at, start_failure = fields
+    if status is None:
+        return None
+    return StreamRecord(
+        stream_id=stream_id,
+        token_digest=token_digest or b"",
+        fingerprint=fingerprint or b"",
+        window=float(window or 0),
+        status=StreamStatus(status.decode()),
+        last_sequence=int(last_sequence or 0),
+        expires_at=float(expires_at or 0),
+        start_failure=start_failure or b"",
+    )
+
+
+def _first_ids(reply: Any) -> dict[bytes, bytes]:
+    """The first entry id per key in an XREAD reply."""
+    # redis-py 8 answers RESP3 with {key: [[entries]]}, RESP2 with [[key, [entries]]].
+    items = cast(Mapping[bytes, Any], reply).items() if isinstance(reply, Mapping) else (reply or [])
+    first: dict[bytes, bytes] = {}
+    for key, entries in items:
+        while entries and isinstance(entries[0], list):
+            entries = entries[0]
+        if entries:
+            first[key] = entries[0][0]
+    return first
