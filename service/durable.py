@@ -68,6 +68,8 @@ _READ_BATCH = 256
 _WAIT_SLICE_SECONDS = 5.0
 # Bytes of randomness in a resume token (the contract asks for at least 128 bits).
 _TOKEN_BYTES = 24
+# How long a producer that lost its journal keeps trying to journal the stream's terminal Error.
+_UNREACHABLE_RETRY_SECONDS = 30.0
 # A failed start is kept this long, so that a caller attached to it learns why.
 _FAILED_START_TTL_SECONDS = 30.0
 
@@ -522,10 +524,37 @@ class DurableStreams:
             # Someone else ended the stream (a Cancel whose producer was not found, a lost lease).
             return "ENDED_ELSEWHERE"
         except JournalUnavailable:
+            await relay.aclose()
+            await self._end_unreachable(stream_id)
             return ErrorCode.JOURNAL_UNAVAILABLE.value
         finally:
             await relay.aclose()
         return "CANCELLED"
+
+    async def _end_unreachable(self, stream_id: str) -> None:
+        """Journals a terminal JOURNAL_UNAVAILABLE once the journal answers again, for a while.
+
+        The write that failed may still land (a stalled Redis runs what it was sent when it wakes),
+        so the terminal goes after whatever the journal holds then; without it, a reader that comes
+        back would wait for a producer that gave up.
+        """
+        err = GatewayError(
+            ErrorCode.JOURNAL_UNAVAILABLE,
+            "the stream journal could not be reached, so the stream ended before its answer did; retry",
+        )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _UNREACHABLE_RETRY_SECONDS
+        pause = 0.1
+        while loop.time() < give_up:
+            try:
+                record = await self.journal.get(stream_id)
+                if record is None or record.ended:
+                    return
+                await self._append_terminal(record, err)
+                return
+            except (JournalUnavailable, Fenced):
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _full(self, stream_id: str, sequence: int, window: float, which: str) -> str:
         err = GatewayError(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,8 @@ import grpc
 import pytest
 from fakes.proxy import FaultProxy
 from google.protobuf import duration_pb2
+from redis.asyncio import Redis
+from redis_server import RedisServer, running_redis
 
 from conftest import (
     FAST,
@@ -59,9 +63,18 @@ def text_of(messages: list[pb.GenerateResponse]) -> str:
     return "".join(m.text_delta.text for m in messages if m.WhichOneof("event") == "text_delta")
 
 
-@pytest.fixture(params=["memory"])
-def journal_url(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
+@pytest.fixture(params=["memory", "redis"])
+async def journal_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    # The tests reuse stream ids: each starts from an empty database.
+    client = Redis.from_url(server.url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    return server.url
 
 
 @pytest.fixture
@@ -492,3 +505,44 @@ async def test_ephemeral_cancel_still_stops_the_provider_at_once(server: Running
     assert recorder.closed[0] - sent < 0.2
     # Ephemeral streams are never journaled.
     assert await server.server.journal.get(RECORDER_FREE_ID) is None
+
+
+@pytest.mark.timeout(60)
+async def test_redis_stalled_mid_stream_ends_durable_streams_clearly_and_spares_ephemeral_ones(
+    start_server: Callable[..., Any], recorder: Recorder
+) -> None:
+    with running_redis() as redis:
+        running: Running = await start_server(ROUTES, journal=redis.url)
+        durable_call = running.stub.Generate(durable("slow", request_id="frozen"))
+        head = await read_some(durable_call, 3)
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)  # Redis stops answering; connections stay open
+        try:
+            ephemeral, code, _ = await collect(running.stub.Generate(request("paced")))
+            assert code == grpc.StatusCode.OK and ephemeral[-1].WhichOneof("event") == "finish"
+            started = time.monotonic()
+            rest, code, trailing = await asyncio.wait_for(read_to_end(durable_call), 15)
+            # A break, not an answer: no terminal event reached this reader, and the status says why.
+            assert code == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 15
+            assert detail(rich_status(trailing), ErrorInfo).reason == "JOURNAL_UNAVAILABLE"
+            seen = head + rest
+            assert all(m.WhichOneof("event") not in ("finish", "error") for m in seen)
+            # The producer cannot journal either: it stops the provider rather than run on unrecorded.
+            await eventually(lambda: len(recorder.closed) == 2, within=10.0)  # the ephemeral one, and it
+            assert recorder.finished[-1] is False
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        # Once Redis answers again, the producer journals the terminal Error it owes its readers.
+        token = head[0].start.resume_token
+        for _ in range(100):
+            state = await running.stub.Poll(pb.PollRequest(stream_id="frozen", resume_token=token))
+            if state.state.status != pb.STREAM_STATUS_RUNNING:
+                break
+            await asyncio.sleep(0.1)
+        resumed, code, _ = await collect(
+            running.stub.Resume(pb.ResumeRequest(stream_id="frozen", resume_token=token, after_sequence=3))
+        )
+        assert_well_formed(head + resumed)
+        assert resumed[-1].error.code == pb.ERROR_CODE_JOURNAL_UNAVAILABLE and resumed[-1].error.retryable
+        assert code == grpc.StatusCode.UNAVAILABLE
+        await running.server.stop(grace=0.5)

@@ -167,7 +167,7 @@ async def test_tool_parameters_too_deep_for_protobuf_are_refused_with_the_likely
     assert [v.field for v in detail(rich_status(trailing), BadRequest).field_violations] == ["request"]
     assert len(recorder.requests) == 1
     # Bytes that are no message at all are told apart from a message that is only too deep.
-    garbage = running.channel.unary_stream("/tokenwire.v1.GenerationService/Generate")
+    garbage: Any = running.channel.unary_stream("/tokenwire.v1.GenerationService/Generate")
     messages, code, trailing = await collect(garbage(b"\xff\xff\xff"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert rich_status(trailing).message == "request: is not a valid tokenwire.v1.GenerateRequest message"
