@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -38,6 +39,7 @@ from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.generation")
 
+_M = TypeVar("_M")
 Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
 # Retry delay suggested to callers turned away at the concurrency limit.
 OVERLOAD_RETRY_AFTER_SECONDS = 1.0
@@ -50,6 +52,26 @@ _STALLED_WRITE_SECONDS = 5.0
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     # grpc's own accounting: name and value lengths plus 32 bytes per entry (as in HPACK).
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
+
+
+class Received(Generic[_M]):
+    """A request as a handler receives it: the decoded message (None if undecodable) and its size.
+
+    grpc keeps whatever the deserializer returned alive until the call ends. The handler takes
+    the message out of this holder, so that once it is validated the parsed message, a whole copy
+    of the request, can be freed while the stream goes on. The size is the one on the wire:
+    protobuf's ByteSize() would serialize the message again to find it (two more copies).
+    """
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: _M | None, size: int) -> None:
+        self.message = message
+        self.size = size
+
+    def take(self) -> _M | None:
+        message, self.message = self.message, None
+        return message
 
 
 @dataclass(slots=True, eq=False)
@@ -84,9 +106,12 @@ class GenerationService:
     def active_streams(self) -> int:
         return len(self.active)
 
-    async def Generate(self, request: pb.GenerateRequest | None, context: Context) -> None:
+    async def Generate(self, received: Received[pb.GenerateRequest], context: Context) -> None:
         received_at = time.monotonic()
         create_time = datetime.now(UTC)
+        request = received.take()
+        # What the closing log line needs; the message itself is let go of once it is validated.
+        model, labels = _log_fields(request)
         # A malformed request_id is rejected below, but must not name the stream in the meantime.
         given = request.request_id if request is not None else ""
         stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -97,7 +122,8 @@ class GenerationService:
         outcome = "OK"
         try:
             try:
-                route, generation = self._admissible(request, context, stream_id, deadline)
+                route, generation = self._admissible(request, received.size, context, stream_id, deadline)
+                request = None
                 flight = self._admit(task, received_at)
                 try:
                     opened = await self.router.open(route, generation)
@@ -144,10 +170,10 @@ class GenerationService:
             outcome = ErrorCode.INTERNAL.value
         finally:
             relay = flight.relay if flight is not None else None
-            self._log_outcome(request, stream_id, outcome, relay.sequencer if relay else None, received_at)
+            self._log_outcome(model, labels, stream_id, outcome, relay.sequencer if relay else None, received_at)
 
     def _admissible(
-        self, request: pb.GenerateRequest | None, context: Context, stream_id: str, deadline: float | None
+        self, request: pb.GenerateRequest | None, size: int, context: Context, stream_id: str, deadline: float | None
     ) -> tuple[Route, GenerationRequest]:
         """Checks everything a provider must never see; raises GatewayError for the caller."""
         if self.draining:
@@ -170,6 +196,7 @@ class GenerationService:
             stream_id=stream_id,
             deadline=deadline,
             max_request_bytes=self.config.max_request_bytes,
+            size=size,
         )
         return route, generation
 
@@ -247,20 +274,18 @@ class GenerationService:
 
     def _log_outcome(
         self,
-        request: pb.GenerateRequest | None,
+        model: str,
+        labels: str,
         stream_id: str,
         outcome: str,
         sequencer: Sequencer | None,
         received_at: float,
     ) -> None:
         finish = sequencer.finish if sequencer is not None else None
-        labels = ""
-        if request is not None and request.metadata:
-            labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
         log.info(
             "stream %s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
             stream_id,
-            request.model[:128] if request is not None else "",
+            model,
             outcome,
             pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
             sequencer.sequence if sequencer is not None else 0,
@@ -302,6 +327,16 @@ class GenerationService:
         for flight in list(self.active.values()):
             self._end(flight, _stream_shut_down())
         return len(self.active)
+
+
+def _log_fields(request: pb.GenerateRequest | None) -> tuple[str, str]:
+    """The route name and the caller's metadata labels, as the stream's log line shows them."""
+    if request is None:
+        return "", ""
+    labels = ""
+    if request.metadata:
+        labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
+    return request.model[:128], labels
 
 
 class _CallGone(Exception):

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.config import Config, ConfigError
-from service.generation import GenerationService
+from service.generation import GenerationService, Received
 from service.reflection import enable_reflection
 from service.routing import Router
 from tokenwire.v1 import generation_pb2 as pb
@@ -62,6 +62,13 @@ CALLER_HEADER_NOISE = CallerHeaderNoise()
 def quiet_caller_header_noise() -> None:
     """Installs the filter on grpc's logger (once: a logger keeps one copy of a filter)."""
     logging.getLogger(GRPC_CORE_LOGGER).addFilter(CALLER_HEADER_NOISE)
+
+
+def _received(decode: Callable[[bytes], _M | None]) -> Callable[[bytes], Received[_M]]:
+    def receive(data: bytes) -> Received[_M]:
+        return Received(decode(data), len(data))
+
+    return receive
 
 
 def _lenient(message: type[_M]) -> Callable[[bytes], _M | None]:
@@ -121,7 +128,7 @@ class TokenwireServer:
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 g.Generate,
-                request_deserializer=_lenient(pb.GenerateRequest),
+                request_deserializer=_received(_lenient(pb.GenerateRequest)),
                 response_serializer=pb.GenerateResponse.SerializeToString,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(
