@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -75,6 +75,27 @@ def decoded(request: _M | Undecodable, name: str) -> _M:
     raise invalid_request("request", f"is not a valid tokenwire.v1.{name} message")
 
 
+class Received(Generic[_M]):
+    """A request as a handler receives it: the decoded message and its size on the wire.
+
+    grpc keeps whatever the deserializer returned alive until the call ends. The handler takes
+    the message out of this holder, so that once it is validated the parsed message, a whole copy
+    of the request, can be freed while the stream goes on. The size is the one on the wire:
+    protobuf's ByteSize() would serialize the message again to find it (two more copies).
+    """
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: _M, size: int) -> None:
+        self.message: _M | None = message
+        self.size = size
+
+    def take(self) -> _M:
+        message, self.message = self.message, None
+        assert message is not None, "a request is taken once"
+        return message
+
+
 def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     # grpc's own accounting: name and value lengths plus 32 bytes per entry (as in HPACK).
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
@@ -95,9 +116,12 @@ class GenerationService:
     def idle(self) -> asyncio.Event:
         return self.supervisor.idle
 
-    async def Generate(self, request: pb.GenerateRequest | Undecodable, context: Context) -> None:
+    async def Generate(self, received: Received[pb.GenerateRequest | Undecodable], context: Context) -> None:
         received_at = time.monotonic()
         create_time = datetime.now(UTC)
+        request: pb.GenerateRequest | Undecodable = received.take()
+        # What the closing log line needs; the message itself is let go of once it is validated.
+        model, labels = _log_fields(request)
         # A malformed request_id is rejected below, but must not name the stream in the meantime.
         given = request.request_id if not isinstance(request, Undecodable) else ""
         stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -111,14 +135,18 @@ class GenerationService:
             try:
                 window = self.durable.window(request) if not isinstance(request, Undecodable) else None
                 # A durable generation is not bound by this call's deadline: it outlives the call.
-                route, generation = self._admissible(request, context, stream_id, None if window else deadline)
+                route, generation = self._admissible(
+                    request, received.size, context, stream_id, None if window else deadline
+                )
                 if window is not None:
                     assert not isinstance(request, Undecodable)
                     follower = await self.durable.start(
                         request, route, generation, window=window, received_at=received_at, create_time=create_time
                     )
+                    request = _TAKEN
                     outcome = await self._follow(follower, context)
                     return
+                request = _TAKEN
                 flight = self.supervisor.admit(task, received_at)
                 try:
                     opened = await self.router.open(route, generation)
@@ -160,7 +188,7 @@ class GenerationService:
             outcome = self._internal(context, exc, stream_id)
         finally:
             relay = flight.relay if flight is not None else None
-            self._log_outcome(request, stream_id, outcome, relay.sequencer if relay else None, received_at)
+            self._log_outcome(model, labels, stream_id, outcome, relay.sequencer if relay else None, received_at)
 
     async def Resume(self, request: pb.ResumeRequest | Undecodable, context: Context) -> None:
         """Writes a durable stream's messages after the cursor, then its live tail."""
@@ -248,7 +276,12 @@ class GenerationService:
         return outcome
 
     def _admissible(
-        self, request: pb.GenerateRequest | Undecodable, context: Context, stream_id: str, deadline: float | None
+        self,
+        request: pb.GenerateRequest | Undecodable,
+        size: int,
+        context: Context,
+        stream_id: str,
+        deadline: float | None,
     ) -> tuple[Route, GenerationRequest]:
         """Checks everything a provider must never see; raises GatewayError for the caller."""
         if self.supervisor.draining:
@@ -270,6 +303,7 @@ class GenerationService:
             stream_id=stream_id,
             deadline=deadline,
             max_request_bytes=self.config.max_request_bytes,
+            size=size,
         )
         return route, generation
 
@@ -290,20 +324,18 @@ class GenerationService:
 
     def _log_outcome(
         self,
-        request: pb.GenerateRequest | Undecodable,
+        model: str,
+        labels: str,
         stream_id: str,
         outcome: str,
         sequencer: Sequencer | None,
         received_at: float,
     ) -> None:
         finish = sequencer.finish if sequencer is not None else None
-        labels = ""
-        if not isinstance(request, Undecodable) and request.metadata:
-            labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
         log.info(
             "stream %s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
             stream_id,
-            request.model[:128] if not isinstance(request, Undecodable) else "",
+            model,
             outcome,
             pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
             sequencer.sequence if sequencer is not None else 0,
@@ -349,6 +381,20 @@ async def _write(context: grpc.aio.ServicerContext[Any, Any], message: pb.Genera
         await context.write(message)
     except Exception as exc:  # CancelledError is no Exception: it goes on as it is
         raise _CallGone from exc
+
+
+# What `Generate` holds once it has let go of the request it validated.
+_TAKEN = Undecodable()
+
+
+def _log_fields(request: pb.GenerateRequest | Undecodable) -> tuple[str, str]:
+    """The route name and the caller's metadata labels, as the stream's log line shows them."""
+    if isinstance(request, Undecodable):
+        return "", ""
+    labels = ""
+    if request.metadata:
+        labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
+    return request.model[:128], labels
 
 
 def _field_bytes(number: int, payload: bytes) -> bytes:

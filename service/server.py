@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.config import Config, ConfigError
-from service.generation import GenerationService, Undecodable
+from service.generation import GenerationService, Received, Undecodable
 from service.journal import open_journal
 from service.reflection import enable_reflection
 from service.routing import Router
@@ -25,6 +25,53 @@ _TOO_DEEP = Undecodable(too_deep=True)
 _UNDECODABLE = Undecodable()
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _M = TypeVar("_M", bound=Message)
+
+# grpc's Cython layer logs to this logger; the record below is the one it writes for metadata it
+# cannot decode as UTF-8 (grpc_string.pyx.pxi's `_decode`, which then decodes it as Latin-1).
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+_INVALID_ENCODING = "Invalid encoding on %s"
+
+
+class CallerHeaderNoise(logging.Filter):
+    """Demotes grpc's ERROR for a request header that is not UTF-8 to a one-line DEBUG record.
+
+    Any caller can send such a header (gRPC clients refuse to; a raw HTTP/2 client need not), and
+    grpc answers the call normally after logging an ERROR with a traceback for it, once when it
+    dispatches the call and once more whenever the handler reads the metadata: an operator who
+    alerts on ERROR could be flooded by anyone who can connect. It is the caller's mistake and
+    nothing the operator can act on. Only that exact record is touched, by its message, its
+    logger and its UnicodeDecodeError; every other grpc error keeps its level.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (
+            record.levelno >= logging.ERROR
+            and record.msg == _INVALID_ENCODING
+            and record.exc_info is not None
+            and isinstance(record.exc_info[1], UnicodeDecodeError)
+        ):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        record.msg = "a caller sent a request header that is not UTF-8 (grpc reads it as Latin-1): %r"
+        # grpc's traceback says nothing about the caller; it would make one line many.
+        record.exc_info, record.exc_text = None, None
+        # The logger's level was checked against ERROR before this filter ran: check DEBUG now.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+CALLER_HEADER_NOISE = CallerHeaderNoise()
+
+
+def quiet_caller_header_noise() -> None:
+    """Installs the filter on grpc's logger (once: a logger keeps one copy of a filter)."""
+    logging.getLogger(GRPC_CORE_LOGGER).addFilter(CALLER_HEADER_NOISE)
+
+
+def _received(decode: Callable[[bytes], _M | Undecodable]) -> Callable[[bytes], Received[_M | Undecodable]]:
+    def receive(data: bytes) -> Received[_M | Undecodable]:
+        return Received(decode(data), len(data))
+
+    return receive
 
 
 def _lenient(message: type[_M]) -> Callable[[bytes], _M | Undecodable]:
@@ -85,11 +132,14 @@ class TokenwireServer:
         self.port = 0
 
     async def start(self) -> int:
+        # Here rather than in the command line's logging set-up, so that an embedded server
+        # (and every test server) gets it too.
+        quiet_caller_header_noise()
         g = self.generation
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 g.Generate,
-                request_deserializer=_lenient(pb.GenerateRequest),
+                request_deserializer=_received(_lenient(pb.GenerateRequest)),
                 response_serializer=_serialize,
             ),
             "ListModels": grpc.unary_unary_rpc_method_handler(

@@ -81,8 +81,11 @@ def validate_request(
     stream_id: str,
     deadline: float | None,
     max_request_bytes: int,
+    size: int | None = None,
 ) -> GenerationRequest:
-    size = request.ByteSize()
+    # `size`: the request's size on the wire, when known; ByteSize() serializes the message to
+    # find it, which for a large prompt costs two more copies of it for a moment.
+    size = request.ByteSize() if size is None else size
     if size > max_request_bytes:
         raise invalid_request("request", f"is {size} bytes; this server accepts at most {max_request_bytes}")
     if not request.messages:
@@ -156,16 +159,18 @@ def validate_request(
 
 def _message(m: pb.Message, i: int) -> ChatMessage:
     field = f"messages[{i}]"
+    # Read once: every read of a string field makes a new copy of it out of the parsed message.
+    text = m.text
     role = _ROLES.get(m.role)
     if role is None:
         raise invalid_request(
             f"{field}.role", f"must be system, user, assistant or tool; got {_enum_name(pb.Role, m.role)}"
         )
-    if role in (Role.SYSTEM, Role.USER) and not m.text:
+    if role in (Role.SYSTEM, Role.USER) and not text:
         raise invalid_request(f"{field}.text", f"must not be empty in a {role.value} message")
     if role is not Role.ASSISTANT and (m.tool_calls or m.reasoning):
         raise invalid_request(field, "only assistant messages carry tool_calls and reasoning")
-    if role is Role.ASSISTANT and not (m.text or m.tool_calls or m.reasoning):
+    if role is Role.ASSISTANT and not (text or m.tool_calls or m.reasoning):
         raise invalid_request(field, "an assistant message needs text, tool_calls or reasoning")
     if (role is Role.TOOL) != bool(m.tool_call_id):
         raise invalid_request(f"{field}.tool_call_id", "is required in tool messages and only there")
@@ -179,7 +184,7 @@ def _message(m: pb.Message, i: int) -> ChatMessage:
         calls.append(ToolCall(call.id, call.name, call.arguments_json))
     return ChatMessage(
         role=role,
-        text=m.text,
+        text=text,
         tool_calls=tuple(calls),
         tool_call_id=m.tool_call_id,
         reasoning=tuple(ReasoningBlock(r.text, r.signature) for r in m.reasoning),

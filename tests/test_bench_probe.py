@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,3 +50,14 @@ def test_slow_reader_probe_runs_and_reports() -> None:
     assert "upstream paused on 4 of 4 streams" in report
     assert "after draining: 4 of 4 streams complete" in report
     assert re.search(r"server RSS: idle [\d.]+ MiB, 4 stalled readers [\d.]+ MiB", report)
+
+
+@pytest.mark.parametrize("route", ["sim", "openai"])
+def test_request_memory_probe_runs_and_reports(route: str) -> None:
+    report = run_probe("request_memory_probe.py", "--route", route, "--concurrent", "2", "--prompt-mib", "0.5")
+    assert f"route: {route}, concurrent: 2, request: 0.50 MiB each" in report
+    assert re.search(
+        r"round 1: server RSS idle [\d.]+ MiB, peak \+[\d.]+ MiB \(.*\) = [\d.]+x the 1\.00 MiB sent; "
+        r"streams finished: all",
+        report,
+    ), report

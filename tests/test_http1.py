@@ -387,3 +387,70 @@ async def test_vendor_streams_reuse_one_connection(fake_openai: FakeOpenAI) -> N
                 assert response.status_code == 200
                 assert (await read_all(response)).endswith(b"data: [DONE]\n\n")
     assert fake_openai.connections_opened == 1
+
+
+async def test_a_large_body_arrives_whole_and_the_connection_is_reused(client: httpx2.AsyncClient) -> None:
+    # Several write slices, read slowly: the writer must wait for room, not copy the rest.
+    body = bytes(range(256)) * (3 * http1.WRITE_SLICE // 256 + 7)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while request := await read_request_slowly(reader):
+            received.append(request)
+            writer.write(ok(b"done"))
+
+    async with Raw(handler) as server:
+        for _ in range(2):
+            response = await client.post(server.url(), content=body)
+            assert response.status_code == 200 and response.content == b"done"
+        assert server.connections == 1
+    assert len(received) == 2 and all(r.endswith(b"\r\n\r\n" + body) for r in received)
+
+
+async def read_request_slowly(reader: asyncio.StreamReader) -> bytes:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    lengths = (line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    length = int(next(lengths))
+    parts = []
+    while length:
+        part = await reader.read(min(length, 64 * 1024))
+        assert part, "the client closed mid-body"
+        parts.append(part)
+        length -= len(part)
+        await asyncio.sleep(0.001)
+    return head + b"".join(parts)
+
+
+async def test_the_write_buffer_stays_small_while_a_large_body_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server reads nothing for a while: once the kernel's socket buffers are full, the
+    # client's transport must hold about one slice of the body, not all the rest of it.
+    body = b"x" * (64 * http1.WRITE_SLICE)
+    transports: list[asyncio.Transport] = []
+    made = http1._Connection.connection_made
+
+    def record(self: http1._Connection, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        assert isinstance(transport, asyncio.Transport)
+        transports.append(transport)
+
+    monkeypatch.setattr(http1._Connection, "connection_made", record)
+    reading = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reading.wait()
+        assert await read_request(reader)
+        writer.write(ok(b"done"))
+
+    async with Raw(handler) as server, httpx2.AsyncClient(transport=http1.Transport(max_connections=1)) as c:
+        post = asyncio.create_task(c.post(server.url(), content=body))
+        buffered = []
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            buffered += [t.get_write_buffer_size() for t in transports]
+        reading.set()
+        response = await post
+    assert response.content == b"done"
+    assert buffered and 0 < max(buffered) <= 2 * http1.WRITE_SLICE, max(buffered)

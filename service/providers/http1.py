@@ -45,6 +45,11 @@ BODY_HIGH_WATER = 64 * 1024
 SOCKET_RECEIVE_BUFFER = 256 * 1024
 # Key of a response's `Body` in `httpx2.Response.extensions`.
 BODY = "tokenwire.body"
+# A request body larger than this is written a slice at a time, at the pace the socket takes it.
+# asyncio's transport copies whatever the socket does not take at once into a buffer of its own:
+# written whole, a prompt of a few MiB was copied once more there (and once more before that, to
+# join it to the request's head).
+WRITE_SLICE = 256 * 1024
 
 _Origin = tuple[bytes, bytes, int]
 
@@ -89,7 +94,7 @@ class Transport(httpx2.AsyncBaseTransport):
                 if connection is None:
                     connection = await self._connect(origin, timeouts.get("connect"), request)
                 try:
-                    return await connection.send(self, head + content, timeouts.get("read"), request)
+                    return await connection.send(self, head, content, timeouts, request)
                 except _NotAnswered:
                     if fresh:
                         raise httpx2.RemoteProtocolError(
@@ -189,6 +194,8 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        # Set while the transport's write buffer is over its high-water mark.
+        self._writable: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         # The read timeout: silence allowed while a waiter waits; one timer, moved lazily.
         self._read_timeout: float | None = None
@@ -209,20 +216,29 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def send(
-        self, pool: Transport, data: bytes, read_timeout: float | None, request: httpx2.Request
+        self,
+        pool: Transport,
+        head: bytes,
+        content: bytes,
+        timeouts: dict[str, float | None],
+        request: httpx2.Request,
     ) -> httpx2.Response:
         assert self.transport is not None
         self._pool, self._request = pool, request
-        self._read_timeout = read_timeout
+        self._read_timeout = timeouts.get("read")
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._reason = [], b""
         self._any_response = self._complete = self._informational = self._keep_alive = False
         self._chunks, self._buffered = [], 0
-        head = self._head = self._loop.create_future()
-        self.transport.write(data)
-        self._last_data = self._loop.time()
+        answered = self._head = self._loop.create_future()
         try:
-            await self._wait(head)
+            if len(content) <= WRITE_SLICE:
+                self.transport.write(head + content)
+            else:
+                self.transport.write(head)
+                await self._write_body(memoryview(content), timeouts.get("write"))
+            self._last_data = self._loop.time()
+            await self._wait(answered)
         except BaseException:
             self._head = None
             self.close()
@@ -236,6 +252,33 @@ class _Connection(asyncio.Protocol):
             stream=body,
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": self._reason, BODY: body},
         )
+
+    async def _write_body(self, body: memoryview, write_timeout: float | None) -> None:
+        """Writes `body` in slices, waiting whenever the transport's buffer is full.
+
+        Writing stops early only when the connection fails; the failure is raised after it. A
+        server that answers before it has read the whole body still gets all of it, so that
+        the connection stays in step for the next request.
+        """
+        transport = self.transport
+        assert transport is not None
+        for start in range(0, len(body), WRITE_SLICE):
+            if transport.is_closing() or self._failure is not None:
+                break
+            transport.write(body[start : start + WRITE_SLICE])
+            writable = self._writable
+            if writable is not None:
+                try:
+                    async with asyncio.timeout(write_timeout):
+                        await writable
+                except TimeoutError:
+                    raise httpx2.WriteTimeout(
+                        "the server took no part of the request body within the write timeout", request=self._request
+                    ) from None
+        # Nobody waited for the answer while the body was written: a failure meanwhile is only
+        # recorded (the connection closed before answering, say).
+        if self._failure is not None:
+            raise self._failure
 
     async def _wait(self, waiter: asyncio.Future[None]) -> None:
         """Waits for `waiter`; fails with ReadTimeout after `read_timeout` seconds of silence."""
@@ -348,6 +391,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._stop_timer()
+        # A body writer waiting for room stops (the transport is closing); the answer, or the
+        # failure below, says what happened.
+        self.resume_writing()
         if self._pool is None or self._complete:
             return
         if not self._any_response:
@@ -368,10 +414,13 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(self._failure)
 
     def pause_writing(self) -> None:
-        pass  # requests are small and written at once
+        if self._writable is None:
+            self._writable = self._loop.create_future()
 
     def resume_writing(self) -> None:
-        pass
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def _close_delimited(self) -> bool:
         names = {name.lower() for name, _ in self._headers}

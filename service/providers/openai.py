@@ -8,6 +8,7 @@ before `data: [DONE]`.
 
 from __future__ import annotations
 
+import urllib.parse
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
@@ -255,7 +256,10 @@ class OpenAIProvider(HTTPProvider):
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(request, self.max_tokens_field)
-        return post_streaming(self.client, "/chat/completions", body, self.settings.timeout(request))
+        return post_streaming(self.client, self._path(request), body, self.settings.timeout(request))
+
+    def _path(self, request: GenerationRequest) -> str:
+        return "/chat/completions"
 
     def _parser(self, request: GenerationRequest) -> ChunkParser:
         return ChunkParser(self.kind)
@@ -288,6 +292,13 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     def _configure(self, options: Options, route: RouteConfig) -> None:
         self.api_version = options.string("api_version", "2024-10-21")
+
+    def _path(self, request: GenerationRequest) -> str:
+        # The SDK puts the deployment into the path itself only when it is handed the body as a
+        # dict to read the model from; it gets JSON bytes (see post_streaming), so it is done here.
+        if "/deployments" in self.client.base_url.path:
+            return "/chat/completions"
+        return f"/deployments/{urllib.parse.quote(request.upstream_model, safe='')}/chat/completions"
 
     def _client(self) -> openai.AsyncOpenAI:
         s = self.settings
