@@ -546,3 +546,33 @@ async def test_redis_stalled_mid_stream_ends_durable_streams_clearly_and_spares_
         assert resumed[-1].error.code == pb.ERROR_CODE_JOURNAL_UNAVAILABLE and resumed[-1].error.retryable
         assert code == grpc.StatusCode.UNAVAILABLE
         await running.server.stop(grace=0.5)
+
+
+async def test_broken_by_a_blackholed_path_resumes(server: Running) -> None:
+    expected = await reference_text(server.stub)
+    port = int(server.address.rsplit(":", 1)[1])
+    async with FaultProxy(port) as proxy:
+        channel = grpc.aio.insecure_channel(proxy.address)
+        try:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            call = stub.Generate(durable(request_id="blackholed"), timeout=1.5)
+            got = await read_some(call, 5)
+            proxy.blackhole()  # the path goes dead: nothing passes, nothing closes
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    assert isinstance(message, pb.GenerateResponse)
+                    got.append(message)
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert got[-1].WhichOneof("event") not in ("finish", "error")
+        finally:
+            await channel.close()
+    rest, code, _ = await collect(
+        server.stub.Resume(
+            pb.ResumeRequest(
+                stream_id="blackholed", resume_token=got[0].start.resume_token, after_sequence=got[-1].sequence
+            )
+        )
+    )
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(got + rest)
+    assert text_of(got + rest) == expected
