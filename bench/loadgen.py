@@ -59,73 +59,78 @@ class Tally:
         self.gaps.extend(b - a for a, b in itertools.pairwise(arrivals))
 
 
+@dataclass
+class _Reading:
+    """One stream as it is read, over its first call and, when it was broken, its Resume."""
+
+    width: int
+    arrivals: list[float] = field(default_factory=list)
+    expected: int = 1
+    finishes: int = 0
+    problem: str = ""
+    resume_token: str = ""
+
+    def take(self, message: pb.GenerateResponse, now: float) -> str | None:
+        """Checks and counts one message; returns its event case."""
+        if message.sequence != self.expected:
+            self.problem = f"sequence {message.sequence}, expected {self.expected}"
+        self.expected += 1
+        kind = message.WhichOneof("event")
+        if kind == "text_delta":
+            self.arrivals.extend([now] * (len(message.text_delta.text) // self.width))
+        elif kind == "start":
+            self.resume_token = message.start.resume_token
+        elif kind == "finish":
+            self.finishes += 1
+        elif kind == "error":
+            self.problem = f"error {message.error.code}"
+        return kind
+
+
 async def grpc_worker(
     stub: Any, model: str, tokens: int, token: str, tally: Tally, until: float, durable: float, break_after: int
 ) -> None:
     """Streams back to back. With `durable`, each stream asks for that resume window; with
     `break_after` too, its call is cancelled after that many messages and the stream resumed."""
-    width = len(token)
     while time.perf_counter() < until:
         request = pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
         if durable:
             request.resume_window.FromNanoseconds(int(durable * 1e9))
             request.request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        arrivals: list[float] = []
-        expected = 1
-        finishes = 0
-        problem = ""
-        token_of_stream = ""
+        reading = _Reading(len(token))
         call = stub.Generate(request, timeout=60)
         try:
             async for message in call:
-                now = time.perf_counter()
-                if message.sequence != expected:
-                    problem = f"sequence {message.sequence}, expected {expected}"
-                expected += 1
-                kind = message.WhichOneof("event")
-                if kind == "text_delta":
-                    arrivals.extend([now] * (len(message.text_delta.text) // width))
-                elif kind == "start":
-                    token_of_stream = message.start.resume_token
-                elif kind == "finish":
-                    finishes += 1
-                elif kind == "error":
-                    problem = f"error {message.error.code}"
-                if break_after and expected - 1 == break_after and kind not in ("finish", "error"):
+                kind = reading.take(message, time.perf_counter())
+                if break_after and reading.expected - 1 == break_after and kind not in ("finish", "error"):
                     call.cancel()
                     break
         except grpc.aio.AioRpcError as err:
-            problem = f"status {err.code().name}"
-        if break_after and not finishes and not problem:
+            reading.problem = f"status {err.code().name}"
+        if break_after and not reading.finishes and not reading.problem:
             # Let the journal get ahead of the cursor: the latency measured is then the resume's own,
             # not the wait for the upstream's next token.
             await asyncio.sleep(0.1)
-            resumed = pb.ResumeRequest(stream_id=request.request_id, resume_token=token_of_stream)
-            resumed.after_sequence = expected - 1
+            resumed = pb.ResumeRequest(
+                stream_id=request.request_id, resume_token=reading.resume_token, after_sequence=reading.expected - 1
+            )
             asked = time.perf_counter()
-            first = True
             try:
                 async for message in stub.Resume(resumed, timeout=60):
                     now = time.perf_counter()
-                    if first:
-                        first = False
-                        if tally.recording:
-                            tally.resumes.append(now - asked)
-                    if message.sequence != expected:
-                        problem = f"sequence {message.sequence}, expected {expected} after resume"
-                    expected += 1
-                    kind = message.WhichOneof("event")
-                    if kind == "text_delta":
-                        arrivals.extend([now] * (len(message.text_delta.text) // width))
-                    elif kind == "finish":
-                        finishes += 1
-                    elif kind == "error":
-                        problem = f"error {message.error.code}"
+                    if message.sequence == resumed.after_sequence + 1 and tally.recording:
+                        tally.resumes.append(now - asked)
+                    reading.take(message, now)
             except grpc.aio.AioRpcError as err:
-                problem = f"resume status {err.code().name}"
-        complete = not problem and finishes == 1 and len(arrivals) == tokens
-        tally.stream(started, arrivals, complete, problem or f"{len(arrivals)} chunks, {finishes} finishes")
+                reading.problem = f"resume status {err.code().name}"
+        complete = not reading.problem and reading.finishes == 1 and len(reading.arrivals) == tokens
+        tally.stream(
+            started,
+            reading.arrivals,
+            complete,
+            reading.problem or f"{len(reading.arrivals)} chunks, {reading.finishes} finishes",
+        )
 
 
 async def sse_worker(
