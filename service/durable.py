@@ -206,8 +206,11 @@ class Follower:
                         yield batch.payloads
                         return
                     yield batch.payloads
-                    continue
-                if record.ended:
+                    if self.after < record.last_sequence:
+                        continue
+                    # Everything journaled when the batch was read has been sent: wait for more
+                    # (a wait returns at once if more came meanwhile) rather than read for nothing.
+                elif record.ended:
                     # The cursor is at the terminal message: nothing more to send, but the
                     # status still mirrors it.
                     last = await streams.read(self.stream_id, record.last_sequence - 1, 1)
