@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from fakes import FakeAnthropic, FakeOpenAI, StreamReply
 from fakes.proxy import FaultProxy
 from google.protobuf import duration_pb2
 from redis.asyncio import Redis
@@ -33,6 +34,7 @@ from conftest import (
     read_to_end,
     request,
     rich_status,
+    vendor_route,
 )
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
@@ -576,3 +578,33 @@ async def test_broken_by_a_blackholed_path_resumes(server: Running) -> None:
     assert code == grpc.StatusCode.OK
     assert_well_formed(got + rest)
     assert text_of(got + rest) == expected
+
+
+@pytest.mark.parametrize("vendor", ["openai", "anthropic"])
+async def test_a_vendor_stream_broken_mid_way_resumes_to_the_identical_answer(
+    start_server: Callable[..., Any],
+    journal_url: str,
+    fake_openai: FakeOpenAI,
+    fake_anthropic: FakeAnthropic,
+    vendor: str,
+) -> None:
+    fake = fake_openai if vendor == "openai" else fake_anthropic
+    pieces = [f"piece {i} " for i in range(60)]
+    fake.enqueue(StreamReply(text=pieces, interval=0.01), StreamReply(text=pieces, interval=0.01))
+    running: Running = await start_server({"v": vendor_route(fake)}, journal=journal_url)
+    unbroken, code, _ = await collect(running.stub.Generate(request("v")))
+    assert code == grpc.StatusCode.OK
+    call = running.stub.Generate(durable("v", request_id=f"vendor-{vendor}"))
+    first = await read_some(call, 10)
+    call.cancel()
+    rest, code, _ = await collect(
+        running.stub.Resume(
+            pb.ResumeRequest(stream_id=f"vendor-{vendor}", resume_token=first[0].start.resume_token, after_sequence=10)
+        )
+    )
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(first + rest)
+    assert text_of(first + rest) == text_of(unbroken) == "".join(pieces)
+    assert len(fake.requests) == 2  # the unbroken run and the durable one: called once each
+    finish = (first + rest)[-1].finish
+    assert finish.usage.source == pb.USAGE_SOURCE_PROVIDER
