@@ -646,7 +646,8 @@ class DurableStreams:
         except Fenced:
             # Someone else ended the stream (a Cancel whose producer was not found, a lost lease).
             return "ENDED_ELSEWHERE"
-        except JournalUnavailable:
+        except JournalUnavailable as e:
+            log.warning("stream %s: the journal could not be reached, ending the stream: %s", stream_id, e)
             await relay.aclose()
             await self._end_unreachable(stream_id)
             return ErrorCode.JOURNAL_UNAVAILABLE.value

@@ -56,7 +56,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -227,7 +227,9 @@ class RedisJournal(Journal):
         # Commands: a bounded pool (a burst of streams queues for a connection instead of opening
         # hundreds), explicit timeouts, and no retries: a script whose reply was lost may have
         # run, and running it again would fence its own writer. A connection the server closed
-        # (a restart) is replaced by the pool before use, so no retry is needed for that.
+        # (a restart) is not always noticed before use: once any command sees Redis fail, the
+        # idle connections are dropped (`_outage`), so a restart costs at most the commands that
+        # were sent before that, never a stream of failures.
         # RESP3 is pinned: it is what the tests run, and reply shapes differ between protocols.
         pool = BlockingConnectionPool.from_url(
             url,
@@ -281,6 +283,9 @@ class RedisJournal(Journal):
         # The lease and the cancel subscription (see `start`).
         self.replica = ""
         self._leased = False
+        # Set when Redis failed a command: the next create checks the lease first.
+        self._unverified = False
+        self._flushing: asyncio.Task[None] | None = None
         self._lease_ok_at = 0.0
         self._lease_lost_told = False
         self._lease_task: asyncio.Task[None] | None = None
@@ -316,10 +321,12 @@ class RedisJournal(Journal):
 
     async def create(self, record: StreamRecord) -> StreamRecord | None:
         sid = record.stream_id
-        if record.owner and record.owner == self.replica and not self._leased:
+        if record.owner and record.owner == self.replica and (not self._leased or self._unverified):
             # A record must never name an owner whose lease is not in Redis: others would end it.
-            await self._take_lease()
-        with _mapped_errors():
+            # After Redis failed us, the lease is checked first (a restarted Redis lost it).
+            await self._verify_lease()
+            record = replace(record, owner=self.replica)
+        with self._noting_outage(), _mapped_errors():
             existing = await self._create(
                 keys=[self._rec(sid), self._log(sid)],
                 args=[
@@ -346,7 +353,7 @@ class RedisJournal(Journal):
         status: StreamStatus = StreamStatus.RUNNING,
     ) -> None:
         script = self._append if status is StreamStatus.RUNNING else self._append_terminal
-        with _mapped_errors():
+        with self._noting_outage(), _mapped_errors():
             await script(
                 keys=[self._rec(stream_id), self._log(stream_id)],
                 args=[first_sequence, status.value, repr(float(expires_at)), _ms(expires_at), *payloads],
@@ -406,7 +413,11 @@ class RedisJournal(Journal):
 
     async def aclose(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._reader, self._lease_task, self._cancel_task, self._touch_task) if t is not None]
+        tasks = [
+            t
+            for t in (self._reader, self._lease_task, self._cancel_task, self._touch_task, self._flushing)
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -443,6 +454,51 @@ class RedisJournal(Journal):
             async with asyncio.timeout(self._connect_timeout + 1.0):
                 await self._subscribed.wait()
 
+    @contextlib.contextmanager
+    def _noting_outage(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self._outage()
+            raise
+
+    def _outage(self) -> None:
+        """Redis failed us: the lease is checked before the next create, and the pool's idle
+        connections are dropped. Those may be connections to a Redis that restarted since: redis-py
+        does not notice a peer's close on an idle connection before it sends on it, and commands
+        are never retried here (a script whose reply was lost may have run)."""
+        self._unverified = True
+        if self._flushing is None or self._flushing.done():
+            pool = self._redis.connection_pool
+            self._flushing = asyncio.get_running_loop().create_task(pool.disconnect(inuse_connections=False))
+
+    async def _verify_lease(self) -> None:
+        """Renews the lease now, or takes a new one (and id) when it is gone."""
+        if not self._leased:
+            await self._take_lease()
+            return
+        with _mapped_errors():
+            renewed = await self._lease_redis.set(
+                self._lease_key(self.replica), b"1", px=int(self.lease_seconds * 1000), xx=True
+            )
+        if renewed:
+            self._unverified = False
+        else:
+            self._lapsed_now()
+
+    def _lapsed_now(self) -> None:
+        """The lease is gone: our streams are told, and a new id is taken (its lease by the caller
+        or the next renewal)."""
+        log.warning(
+            "replica %s found its lease gone (a stall past %g s, or Redis lost it)", self.replica, self.lease_seconds
+        )
+        if not self._lease_lost_told:
+            self._lease_lapsed()
+        self._outage()  # a Redis that lost our lease may have restarted: fresh connections
+        # A lapsed id is never taken again: a new id, a new lease, a new channel.
+        self.replica, self._leased, self._unverified = uuid.uuid4().hex, False, False
+        log.info("replica id is now %s", self.replica)
+
     def _lease_key(self, replica: str) -> str:
         return f"{self.prefix}replica:{replica}"
 
@@ -458,7 +514,7 @@ class RedisJournal(Journal):
             )
         if not taken:
             raise JournalError(f"replica id {self.replica} is already leased")
-        self._leased, self._lease_ok_at, self._lease_lost_told = True, sent, False
+        self._leased, self._lease_ok_at, self._lease_lost_told, self._unverified = True, sent, False, False
 
     async def _lease_loop(self) -> None:
         while not self._closed:
@@ -473,6 +529,7 @@ class RedisJournal(Journal):
                         self._lease_key(self.replica), b"1", px=int(self.lease_seconds * 1000), xx=True
                     )
             except JournalError as e:
+                self._outage()
                 if sent - self._lease_ok_at >= self.lease_seconds and not self._lease_lost_told:
                     # Whatever Redis holds now, the lease has run out: others may end our streams.
                     log.warning(
@@ -481,18 +538,9 @@ class RedisJournal(Journal):
                     self._lease_lapsed()
                 continue
             if renewed:
-                self._lease_ok_at = sent
+                self._lease_ok_at, self._unverified = sent, False
                 continue
-            log.warning(
-                "replica %s found its lease gone (a stall past %g s, or Redis lost it)",
-                self.replica,
-                self.lease_seconds,
-            )
-            if not self._lease_lost_told:
-                self._lease_lapsed()
-            # A lapsed id is never taken again: a new id, a new lease, a new channel.
-            self.replica, self._leased = uuid.uuid4().hex, False
-            log.info("replica id is now %s", self.replica)
+            self._lapsed_now()
             with contextlib.suppress(JournalError):
                 await self._take_lease()
 
@@ -633,6 +681,7 @@ class RedisJournal(Journal):
             except (RedisError, OSError):
                 # Redis is down or silent (or refused the XREAD): every waiter returns, and its
                 # next read says why, rather than hang; the reader tries again shortly.
+                self._outage()
                 for sid in list(self._waiters):
                     self._wake(sid)
                 await asyncio.sleep(backoff)
