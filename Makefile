@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test soak bench bench-quick lint proto proto-check breaking demo clean
+.PHONY: help setup run test soak bench bench-quick lint proto proto-check breaking demo clean cluster cluster-down
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench        the benchmark rig: direct vs bare forwarder vs tokenwire vs LiteLLM (about 10 minutes)"
 	@echo "make bench-quick  the rig in brief, without LiteLLM (under 2 minutes)"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
+	@echo "make cluster      Redis + nginx + 3 replicas on loopback (needs redis-server and nginx); make cluster-down stops it"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
 	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
 
@@ -61,6 +62,14 @@ bench-quick: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tokenwire_client $(ARGS)
 
+# Redis, three replicas sharing it as their journal, nginx in front (deploy/cluster.py); it
+# prints the addresses and keeps running until `make cluster-down`. Logs are in .cluster/.
+cluster: $(STAMP)
+	$(PY) deploy/cluster.py up $(ARGS)
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) deploy/cluster.py down $(ARGS); else python3 deploy/cluster.py down $(ARGS); fi
+
 lint: $(STAMP) $(NODE_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -93,4 +102,4 @@ proto-check: $(STAMP)
 	done; echo "generated stubs match protos/"
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .cluster

@@ -8,6 +8,20 @@ same message, byte for byte. Nothing here knows gRPC: a door turns `GatewayError
 statuses and writes the payloads it is given.
 
 Ephemeral streams never come here and pay nothing for it.
+
+Replicas sharing a journal (Redis): the stream's record names its producer's replica (`owner`).
+- A reader on any replica that finds a running stream whose owner lost its lease ends it with one
+  terminal PRODUCER_LOST Error (UNAVAILABLE, retryable), written with the fenced append at the
+  next sequence, so of two such readers, or a producer that was only slow, exactly one writes it.
+- Cancel on a replica that does not produce the stream asks the owner through the journal (one
+  subscription per replica): the owner ends the stream through its supervisor, which closes the
+  upstream and journals STREAM_CANCELLED. If the owner does not end it within CANCEL_HANDOFF_SECONDS
+  (or is not listening, or is gone), the canceller writes the fenced terminal itself; a producer
+  still running loses at its next append and closes its upstream then.
+- A reader on another replica keeps a stream alive: the journal marks it read (`last_read`), and the
+  owner's abandonment check asks how long ago that was before it abandons the stream.
+- A replica that could not keep its lease ends the streams it produces with PRODUCER_LOST: it can no
+  longer vouch for them, and others may already have ended them.
 """
 
 from __future__ import annotations
@@ -72,6 +86,12 @@ _TOKEN_BYTES = 24
 _UNREACHABLE_RETRY_SECONDS = 30.0
 # A failed start is kept this long, so that a caller attached to it learns why.
 _FAILED_START_TTL_SECONDS = 30.0
+# How long a Cancel sent to another replica's stream waits for that owner to end it before it
+# writes the terminal itself (the owner's own end is ~1-2 round trips to Redis).
+CANCEL_HANDOFF_SECONDS = 1.0
+# A reader on another replica marks the stream read once a second (the Redis journal's
+# TOUCH_SECONDS): abandonment gives such readers this much more than the window.
+_REMOTE_READ_SLACK_SECONDS = 2.0
 
 _STATUSES = {
     StreamStatus.RUNNING: pb.STREAM_STATUS_RUNNING,
@@ -89,6 +109,18 @@ def digest(value: bytes | str) -> bytes:
 def not_found() -> GatewayError:
     # Unknown, expired and a wrong token look the same: a token cannot be probed for.
     return GatewayError(ErrorCode.STREAM_NOT_FOUND, "no durable stream with this id and resume token")
+
+
+def producer_lost() -> GatewayError:
+    return GatewayError(
+        ErrorCode.PRODUCER_LOST,
+        "the replica producing this stream stopped (its lease in the journal lapsed) before the answer was "
+        "complete; retry",
+    )
+
+
+def stream_cancelled() -> GatewayError:
+    return GatewayError(ErrorCode.STREAM_CANCELLED, "the stream was cancelled by a Cancel call")
 
 
 def journal_unavailable() -> GatewayError:
@@ -165,6 +197,8 @@ class _Producer:
     readers: int = 0
     # Wakes when no reader has been attached (nor polled) for a whole window.
     abandon_timer: asyncio.TimerHandle | None = None
+    # The check of readers on other replicas, once the timer ran out.
+    abandon_check: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -216,12 +250,14 @@ class Follower:
                     last = await streams.read(self.stream_id, record.last_sequence - 1, 1)
                     self.terminal = last.payloads[-1] if last.payloads else None
                     return
+                if await streams.reap(record):
+                    continue  # its producer is gone: the terminal Error is journaled, read it
                 try:
                     await journal.wait(self.stream_id, self.after, _WAIT_SLICE_SECONDS)
                 except JournalError:
                     raise journal_unavailable() from None
         finally:
-            streams.detach(producer)
+            streams.detach(self.stream_id, producer)
 
 
 class DurableStreams:
@@ -231,6 +267,42 @@ class DurableStreams:
         self.journal = journal
         self.config = config
         self.producers: dict[str, _Producer] = {}
+
+    async def open(self) -> None:
+        """Starts the journal's per-process part (a shared journal's lease and cancel subscription)."""
+        await self.journal.start(self._cancel_requested, self._lease_lost)
+        if self.journal.replica:
+            log.info("replica %s: durable streams in the %s journal", self.journal.replica, self.journal.name)
+
+    def _cancel_requested(self, stream_id: str) -> None:
+        """A Cancel that reached another replica, for a stream this one produces."""
+        producer = self.producers.get(stream_id)
+        if producer is not None and producer.flight is not None:
+            self.supervisor.end(producer.flight, stream_cancelled())
+
+    def _lease_lost(self) -> None:
+        """This replica could not keep its lease: it ends the durable streams it produces."""
+        if self.producers:
+            log.warning("lease lost: ending %d durable stream(s) with PRODUCER_LOST", len(self.producers))
+        for producer in list(self.producers.values()):
+            if producer.flight is not None:
+                self.supervisor.end(producer.flight, producer_lost())
+
+    async def reap(self, record: StreamRecord) -> bool:
+        """Ends a running stream whose producer lost its lease with a terminal PRODUCER_LOST Error;
+        True when the stream is ended now (by this call or by a writer that beat it)."""
+        if record.ended or not record.owner or record.stream_id in self.producers:
+            return False
+        if await self.journal.owner_alive(record.owner):
+            return False
+        log.warning("stream %s: its producer (replica %s) lost its lease; ending it", record.stream_id, record.owner)
+        try:
+            await self._append_terminal(record, producer_lost())
+        except Fenced:
+            pass  # someone else ended it first, or the producer wrote on: the next read says which
+        except JournalError:
+            raise journal_unavailable() from None
+        return True
 
     def window(self, request: pb.GenerateRequest) -> float | None:
         """The resume window a request gets; None for an ephemeral request."""
@@ -258,13 +330,15 @@ class DurableStreams:
         stream_id = generation.stream_id
         fingerprint = digest(request.SerializeToString(deterministic=True))
         self.supervisor.check_open()
-        token = secrets.token_urlsafe(_TOKEN_BYTES)
+        # Hex: safe in a shell, a URL and a command line (a token may not start with "-").
+        token = secrets.token_hex(_TOKEN_BYTES)
         record = StreamRecord(
             stream_id=stream_id,
             token_digest=digest(token),
             fingerprint=fingerprint,
             window=window,
             expires_at=self._running_expiry(window),
+            owner=self.journal.replica,
         )
         try:
             existing = await self.journal.create(record)
@@ -320,21 +394,25 @@ class DurableStreams:
         producer = self.attach(stream_id)
         try:
             batch = await self.read(stream_id, after, limit)
+            if not batch.payloads and await self.reap(batch.record):
+                batch = await self.read(stream_id, after, limit)
             if not batch.payloads and not batch.record.ended and wait > 0:
                 try:
                     await self.journal.wait(stream_id, after, min(wait, MAX_POLL_WAIT_SECONDS))
                 except JournalError:
                     raise journal_unavailable() from None
                 batch = await self.read(stream_id, after, limit)
+                if not batch.payloads and await self.reap(batch.record):
+                    batch = await self.read(stream_id, after, limit)
         finally:
-            self.detach(producer)
+            self.detach(stream_id, producer)
         return PollResult(batch.payloads, batch.last, batch.terminal, stream_state(batch.record))
 
     async def cancel(self, stream_id: str, token: str) -> pb.StreamState:
         record = await self._authorized(stream_id, token)
         if record.ended:
             return stream_state(record)
-        cancelled = GatewayError(ErrorCode.STREAM_CANCELLED, "the stream was cancelled by a Cancel call")
+        cancelled = stream_cancelled()
         producer = self.producers.get(stream_id)
         if producer is not None and producer.flight is not None:
             self.supervisor.end(producer.flight, cancelled)
@@ -342,13 +420,39 @@ class DurableStreams:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await producer.done.wait()
-        else:
-            # Its producer is not in this process (or is gone): the fenced terminal write decides
-            # the race with any producer still writing, which stops at its next write.
-            with contextlib.suppress(Fenced):
-                await self._append_terminal(record, cancelled)
+        elif not await self.reap(record):
+            # Another replica produces it: asked through the journal, its supervisor closes the
+            # upstream and journals STREAM_CANCELLED. One that does not answer in time (or is not
+            # listening) is fenced out: the terminal written here wins the race with it.
+            record = await self._handed_off(record) if record.owner else record
+            if not record.ended:
+                with contextlib.suppress(Fenced):
+                    await self._append_terminal(record, cancelled)
         after = await self.journal.get(stream_id)
         return stream_state(after if after is not None else record)
+
+    async def _handed_off(self, record: StreamRecord) -> StreamRecord:
+        """Asks the stream's owner to cancel it; the record once it ended, or as it is after
+        CANCEL_HANDOFF_SECONDS."""
+        stream_id = record.stream_id
+        try:
+            heard = await self.journal.request_cancel(record.owner, stream_id)
+        except JournalError:
+            raise journal_unavailable() from None
+        if not heard:
+            return record
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CANCEL_HANDOFF_SECONDS
+        while (left := give_up - loop.time()) > 0:
+            try:
+                await self.journal.wait(stream_id, record.last_sequence, left)
+                latest = await self.journal.get(stream_id)
+            except JournalError:
+                raise journal_unavailable() from None
+            if latest is None or latest.ended:
+                return latest or record
+            record = latest
+        return record
 
     async def read(self, stream_id: str, after: int, limit: int) -> Batch:
         try:
@@ -366,25 +470,45 @@ class DurableStreams:
             if producer.abandon_timer is not None:
                 producer.abandon_timer.cancel()
                 producer.abandon_timer = None
+        else:
+            # Produced elsewhere (or ended): the journal tells its owner it is read.
+            self.journal.reading(stream_id, +1)
         return producer
 
-    def detach(self, producer: _Producer | None) -> None:
+    def detach(self, stream_id: str, producer: _Producer | None) -> None:
         if producer is None:
+            self.journal.reading(stream_id, -1)
             return
         producer.readers -= 1
         if producer.readers == 0 and not producer.done.is_set():
-            producer.abandon_timer = asyncio.get_running_loop().call_later(producer.window, self._abandon, producer)
+            self._arm_abandon(producer, producer.window)
+
+    def _arm_abandon(self, producer: _Producer, delay: float) -> None:
+        producer.abandon_timer = asyncio.get_running_loop().call_later(delay, self._abandon, producer)
 
     def _abandon(self, producer: _Producer) -> None:
         producer.abandon_timer = None
-        if producer.readers == 0 and producer.flight is not None:
-            self.supervisor.end(
-                producer.flight,
-                GatewayError(
-                    ErrorCode.STREAM_ABANDONED,
-                    f"no reader came back to the stream within its resume window of {producer.window:g} s",
-                ),
-            )
+        if producer.readers == 0 and producer.flight is not None and not producer.done.is_set():
+            producer.abandon_check = asyncio.get_running_loop().create_task(self._abandon_unless_read(producer))
+
+    async def _abandon_unless_read(self, producer: _Producer) -> None:
+        """Abandons the stream unless a reader on another replica marked it read within the window."""
+        try:
+            age = await self.journal.read_age(producer.stream_id)
+        except JournalError:
+            age = None  # cannot be told: the window without a reader here has run out
+        if producer.readers or producer.flight is None or producer.done.is_set():
+            return
+        if age is not None and age < producer.window + _REMOTE_READ_SLACK_SECONDS:
+            self._arm_abandon(producer, max(producer.window - age, 0.2))
+            return
+        self.supervisor.end(
+            producer.flight,
+            GatewayError(
+                ErrorCode.STREAM_ABANDONED,
+                f"no reader came back to the stream within its resume window of {producer.window:g} s",
+            ),
+        )
 
     async def _authorized(self, stream_id: str, token: str) -> StreamRecord:
         if not stream_id or not token:
@@ -421,7 +545,7 @@ class DurableStreams:
         started = time.monotonic()
         # The reader that started the stream attaches right after this task is created: until
         # then, and whenever no reader is attached, the abandonment clock runs.
-        self.detach(self.attach(stream_id))
+        self.detach(stream_id, self.attach(stream_id))
         try:
             # `start` admitted this task before it first ran.
             flight = producer.flight
@@ -526,7 +650,8 @@ class DurableStreams:
         except Fenced:
             # Someone else ended the stream (a Cancel whose producer was not found, a lost lease).
             return "ENDED_ELSEWHERE"
-        except JournalUnavailable:
+        except JournalUnavailable as e:
+            log.warning("stream %s: the journal could not be reached, ending the stream: %s", stream_id, e)
             await relay.aclose()
             await self._end_unreachable(stream_id)
             return ErrorCode.JOURNAL_UNAVAILABLE.value

@@ -177,6 +177,8 @@ class TokenwireServer:
         if not self.port:
             raise ConfigError(f"cannot listen on {listen}: the address is in use or not valid here")
         await self.server.start()
+        # A shared journal's lease and cancel subscription, before the first stream can start.
+        await self.generation.durable.open()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port

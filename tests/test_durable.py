@@ -608,3 +608,43 @@ async def test_a_vendor_stream_broken_mid_way_resumes_to_the_identical_answer(
     assert len(fake.requests) == 2  # the unbroken run and the durable one: called once each
     finish = (first + rest)[-1].finish
     assert finish.usage.source == pb.USAGE_SOURCE_PROVIDER
+
+
+async def test_a_reader_on_another_replica_keeps_the_stream_alive(
+    start_server: Callable[..., Any], redis_server: RedisServer, recorder: Recorder
+) -> None:
+    """Abandonment counts readers on every replica: one attached elsewhere keeps the stream going."""
+    producer: Running = await start_server(ROUTES, journal=redis_server.url)
+    other: Running = await start_server(ROUTES, journal=redis_server.url)
+    call = producer.stub.Generate(durable("slow", window=1.0, request_id=f"kept-{time.time_ns()}"))
+    first = await read_some(call, 2)
+    start = first[0].start
+    call.cancel()  # no reader on the producing replica from now on
+    elsewhere = other.stub.Resume(pb.ResumeRequest(stream_id=start.stream_id, resume_token=start.resume_token))
+    await read_some(elsewhere, 3)
+    await asyncio.sleep(3.5)  # well past the window (1 s) and its slack for readers elsewhere (2 s)
+    assert recorder.finished == [] and len(recorder.closed) == 0
+    elsewhere.cancel()  # the last reader leaves: the stream is abandoned within the window and its slack
+    await eventually(lambda: len(recorder.closed) == 1, within=6.0)
+    rest, _, _ = await collect(
+        other.stub.Resume(pb.ResumeRequest(stream_id=start.stream_id, resume_token=start.resume_token))
+    )
+    assert rest[-1].error.code == pb.ERROR_CODE_STREAM_ABANDONED
+
+
+async def test_cancel_on_another_in_process_replica_stops_the_provider_at_once(
+    start_server: Callable[..., Any], redis_server: RedisServer, recorder: Recorder
+) -> None:
+    producer: Running = await start_server(ROUTES, journal=redis_server.url)
+    other: Running = await start_server(ROUTES, journal=redis_server.url)
+    call = producer.stub.Generate(durable("slow", request_id=f"cancel-other-{time.time_ns()}"))
+    first = await read_some(call, 3)
+    start = first[0].start
+    sent = asyncio.get_running_loop().time()
+    answer = await other.stub.Cancel(pb.CancelRequest(stream_id=start.stream_id, resume_token=start.resume_token))
+    assert answer.state.status == pb.STREAM_STATUS_CANCELLED
+    await eventually(lambda: len(recorder.closed) == 1, within=1.0)
+    assert recorder.closed[0] - sent < 0.25
+    rest, code, _ = await read_to_end(call)
+    assert_well_formed(first + rest)
+    assert rest[-1].error.code == pb.ERROR_CODE_STREAM_CANCELLED and code == grpc.StatusCode.CANCELLED

@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
@@ -421,3 +422,131 @@ async def test_redis_over_maxmemory_is_full_but_can_still_end_a_stream() -> None
         finally:
             await raw.aclose()
             await journal.aclose()
+
+
+# Replicas: the owner, the lease, cancels across replicas, readers elsewhere (Redis only).
+
+
+async def test_the_owner_is_kept_by_both_journals(journal: Journal) -> None:
+    await journal.create(replace(_record("owned"), owner="replica-a"))
+    record = await journal.get("owned")
+    assert record is not None and record.owner == "replica-a"
+
+
+async def _started(url: str, prefix: str, **kwargs: float) -> tuple[RedisJournal, list[str], list[int]]:
+    j = RedisJournal(url, prefix=prefix, **kwargs)  # type: ignore[arg-type]
+    cancels: list[str] = []
+    lost: list[int] = []
+    await j.start(cancels.append, lambda: lost.append(1))
+    return j, cancels, lost
+
+
+async def test_a_lease_lapses_when_its_replica_stops_renewing(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    a, _, _ = await _started(redis_server.url, prefix, lease_seconds=0.6, renew_seconds=0.2)
+    b, _, _ = await _started(redis_server.url, prefix)
+    try:
+        assert a.replica and b.replica and a.replica != b.replica
+        ttl = await raw.pttl(f"{prefix}replica:{a.replica}")
+        assert 0 < ttl <= 600
+        await asyncio.sleep(1.0)  # renewed meanwhile
+        assert await b.owner_alive(a.replica)
+        assert a._lease_task is not None
+        a._lease_task.cancel()  # a replica that stops renewing (SIGKILL, a partition)
+        await asyncio.sleep(0.8)
+        b._alive_until.clear()
+        assert not await b.owner_alive(a.replica)
+        assert await b.owner_alive("")  # a record with no owner: a journal of one process
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_waiter_is_woken_when_its_owner_lapses(redis_server: RedisServer) -> None:
+    prefix = _prefix()
+    a, _, _ = await _started(redis_server.url, prefix, lease_seconds=0.6, renew_seconds=0.2)
+    b, _, _ = await _started(redis_server.url, prefix)
+    try:
+        await a.create(replace(_record("orphan"), owner=a.replica))
+        assert a._lease_task is not None
+        a._lease_task.cancel()
+        started = time.monotonic()
+        await b.wait("orphan", 0, 10.0)
+        # The lease (0.6 s) plus at most two checks (1 s each).
+        assert time.monotonic() - started < 0.6 + 2 * BLOCK_SECONDS + 0.5
+        assert not await b.owner_alive(a.replica)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_clean_close_drops_the_lease_at_once(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    a, _, _ = await _started(redis_server.url, prefix)
+    key = f"{prefix}replica:{a.replica}"
+    assert await raw.exists(key)
+    await a.aclose()
+    assert not await raw.exists(key)
+
+
+async def test_a_lease_found_gone_is_told_and_replaced(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    a, _, lost = await _started(redis_server.url, prefix, lease_seconds=3.0, renew_seconds=0.1)
+    try:
+        old = a.replica
+        await raw.delete(f"{prefix}replica:{old}")  # as if this process stalled past its lease
+        for _ in range(50):
+            if lost:
+                break
+            await asyncio.sleep(0.05)
+        assert lost == [1]
+        assert a.replica != old
+        await asyncio.sleep(0.3)
+        assert await raw.exists(f"{prefix}replica:{a.replica}")
+    finally:
+        await a.aclose()
+
+
+async def test_cancel_reaches_the_owner_through_one_subscription(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    a, cancels, _ = await _started(redis_server.url, prefix)
+    b, _, _ = await _started(redis_server.url, prefix)
+    try:
+        assert await b.request_cancel(a.replica, "s-1")
+        assert await b.request_cancel(a.replica, "s-2")
+        for _ in range(100):
+            if len(cancels) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert cancels == ["s-1", "s-2"]
+        assert not await b.request_cancel("nobody-listens", "s-3")
+        # One subscription connection per replica, whatever the number of streams.
+        clients = await raw.client_list()
+        assert sum(1 for c in clients if c.get("name") == "tokenwire-journal-cancels") == 2
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_readers_elsewhere_mark_the_stream_read(redis_server: RedisServer, raw: Redis) -> None:
+    prefix = _prefix()
+    a, _, _ = await _started(redis_server.url, prefix)
+    b, _, _ = await _started(redis_server.url, prefix)
+    try:
+        await a.create(replace(_record("read"), owner=a.replica))
+        assert await a.read_age("read") is None
+        b.reading("read", +1)
+        await asyncio.sleep(1.5)
+        age = await a.read_age("read")
+        assert age is not None and 0 <= age < 1.2  # marked again while held
+        b.reading("read", -1)
+        await asyncio.sleep(1.3)
+        later = await a.read_age("read")
+        assert later is not None and later > 0.2  # not marked after it left
+        # A mark never creates a record.
+        b.reading("gone", 0)
+        await asyncio.sleep(0.2)
+        assert not await raw.exists(f"{prefix}{{gone}}:rec")
+    finally:
+        await a.aclose()
+        await b.aclose()

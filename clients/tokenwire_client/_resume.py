@@ -41,6 +41,10 @@ FINAL_REASONS = frozenset(
         "JOURNAL_FULL",
     }
 )
+# The server's answers before Start that mean "not here, try again": a replica that is draining
+# refused to start the stream (it created nothing), and behind a balancer the next try lands on
+# another replica.
+ELSEWHERE_REASONS = frozenset({"SERVER_SHUTTING_DOWN"})
 # What a connection that broke looks like before any message: the transport's own codes.
 _BREAK_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
@@ -55,7 +59,8 @@ def is_break(error: TokenwireError, *, begun: bool) -> bool:
     an OK status cut short), unless it is an answer that asking again cannot change.
     Before Start, only a status with none of tokenwire's details is: the server's own
     answers (route not found, overloaded after its own retries...) are final, because the
-    server is the one that retries before the first token.
+    server is the one that retries before the first token; except a draining replica's refusal
+    (SERVER_SHUTTING_DOWN), which asks for a try elsewhere.
     """
     if isinstance(error, TruncatedStreamError):
         return begun
@@ -64,7 +69,7 @@ def is_break(error: TokenwireError, *, begun: bool) -> bool:
     if begun:
         # `truncated` is False when the call carried the terminal Error: that is the answer.
         return error.truncated and error.code not in _ANSWER_CODES
-    return error.code in _BREAK_CODES and not error.reason
+    return error.code in _BREAK_CODES and (not error.reason or error.reason in ELSEWHERE_REASONS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,15 +12,22 @@ Guarantees every journal gives, and the shared test suite (tests/test_journal.py
   writer, or a write after the terminal event, is refused with `Fenced`; the terminal entry is
   written once.
 - A stream whose terminal entry is written is kept until its `expires_at`, then forgotten.
-- `wait` returns when the stream has an entry after the cursor, has ended, is gone, or the
-  timeout ran out; it never raises for those.
+- `wait` returns when the stream has an entry after the cursor, has ended, is gone, the
+  timeout ran out, or (a shared journal) the stream's owner lost its lease; it never raises for those.
+
+Ownership (a journal shared by replicas, see service.journal.redis): every server process that
+produces durable streams holds a lease in the journal under its `replica` id, and each stream's
+record names the replica producing it (`owner`). A reader anywhere that finds a running stream
+whose owner holds no lease (`owner_alive` is False) may end it with the fenced terminal append;
+fencing makes a producer that was only slow lose. A journal of one process (memory) has no
+leases: its owner is always alive, and every producer is local.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -50,6 +57,9 @@ class StreamRecord:
     # Set when the generation failed before Start: the error, encoded by the producer. Such a
     # record holds no messages, and a new create with its id replaces it.
     start_failure: bytes = b""
+    # The replica id of the process producing the stream ("" for a journal of one process: the
+    # producer is always the local one).
+    owner: str = ""
 
     @property
     def ended(self) -> bool:
@@ -139,6 +149,34 @@ class Journal(abc.ABC):
     async def wait(self, stream_id: str, after: int, within: float) -> None:
         """Returns once the stream has a payload after `after`, has ended or is gone, or after
         `within` seconds."""
+
+    # This process's replica id in a shared journal, set by `start`; "" for a journal of one process.
+    replica: str = ""
+
+    async def start(  # noqa: B027 (a journal of one process has nothing to start)
+        self, on_cancel: Callable[[str], None], on_lease_lost: Callable[[], None]
+    ) -> None:
+        """Starts what a shared journal runs per process: the lease of this replica, and the
+        subscription to cancels sent to it from other replicas (`on_cancel(stream_id)`).
+        `on_lease_lost()` is called when this replica could not keep its lease: the streams it
+        produces can no longer be vouched for, and other replicas may already have ended them."""
+
+    async def owner_alive(self, owner: str) -> bool:
+        """Whether the replica `owner` still holds its lease (True when it cannot be told)."""
+        return True
+
+    async def request_cancel(self, owner: str, stream_id: str) -> bool:
+        """Asks the replica `owner` to cancel a stream it produces; False when no replica
+        listening under that id heard it."""
+        return False
+
+    def reading(self, stream_id: str, delta: int) -> None:  # noqa: B027 (nothing to tell in one process)
+        """A reader of a stream produced by another replica attached (+1), left (-1) or polled
+        (0): the journal marks the stream read, so its owner does not abandon it."""
+
+    async def read_age(self, stream_id: str) -> float | None:
+        """Seconds since a reader on another replica last marked the stream read (None: never)."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 (a journal without resources needs no close)
         """Releases the journal's connections and timers."""

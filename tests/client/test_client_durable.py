@@ -153,6 +153,11 @@ def test_before_start_only_a_transport_break_retries() -> None:
     )
     assert not is_break(served, begun=False)
     assert not is_break(bare(grpc.StatusCode.RESOURCE_EXHAUSTED), begun=False)
+    # A draining replica's refusal asks for a try elsewhere (behind a balancer, another replica).
+    draining = error_from_status(
+        grpc.StatusCode.UNAVAILABLE, "", rich(grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+    )
+    assert is_break(draining, begun=False)
     assert not is_break(TruncatedStreamError("nothing at all"), begun=False)
 
 
