@@ -343,9 +343,22 @@ def _response_format(fmt: pb.ResponseFormat) -> ResponseFormat | None:
         raise invalid_request("response_format.name", "must be 1 to 64 letters, digits, '_' or '-'")
     if not fmt.HasField("schema"):
         raise invalid_request("response_format.schema", "is required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA")
-    schema = caller_json(fmt.schema, "response_format.schema")
+    # A Struct's numbers are doubles: `"maxLength": 12` comes back as 12.0, which a strict
+    # provider may refuse where the meta-schema asks for an integer. In JSON they are one number.
+    schema = _integral(caller_json(fmt.schema, "response_format.schema"))
     check_json_schema(schema, "response_format.schema")
     return ResponseFormat(kind, fmt.name, fmt.description, schema, fmt.strict)
+
+
+def _integral(value: Any) -> Any:
+    """`value` with every whole float as an int (the depth is bounded by caller_json)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def check_json_schema(schema: Any, field: str) -> None:

@@ -152,7 +152,7 @@ def describe(parts: list[Part]) -> str:
     """What the simulated model says it received, one clause per media part, in order."""
     clauses = []
     for part in parts:
-        what = "an image" if part.kind is PartKind.IMAGE else f"a {part.kind.value}"
+        what = {PartKind.IMAGE: "an image", PartKind.DOCUMENT: "a document"}.get(part.kind, "a recording")
         if part.title:
             what += f" titled {part.title!r}"
         source = part.source
