@@ -103,8 +103,6 @@ async def test_a_json_schema_is_answered_with_a_valid_instance(
     assert_well_formed(messages)
     assert messages[-1].finish.reason == pb.FINISH_REASON_STOP
     check(schema, orjson.loads(text_of(messages)))
-    # Streamed in pieces, as a real model's JSON arrives.
-    assert sum(m.HasField("text_delta") for m in messages) > 1 or len(text_of(messages)) <= 16
 
 
 @pytest.mark.parametrize("schema", SCHEMAS)
