@@ -43,6 +43,72 @@ class FinishReason(enum.StrEnum):
     OTHER = "other"
 
 
+class PartKind(enum.StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    DOCUMENT = "document"
+    AUDIO = "audio"
+
+
+class Source(enum.StrEnum):
+    """Where a media part's content is."""
+
+    DATA = "data"
+    URL = "url"
+    FILE_ID = "file_id"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMarker:
+    """A prompt-cache breakpoint after the part that carries it."""
+
+    # The shortest lifetime asked for, in seconds; None: the provider's default.
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One piece of a message's content. Media parts have exactly one of data, url, file_id."""
+
+    kind: PartKind
+    text: str = ""
+    media_type: str = ""  # "" only with a url or file_id that named none
+    data: bytes | None = None
+    url: str = ""
+    file_id: str = ""
+    # Documents only.
+    title: str = ""
+    context: str = ""
+    citations: bool = False
+    cache: CacheMarker | None = None
+
+    @property
+    def source(self) -> Source | None:
+        if self.data is not None:
+            return Source.DATA
+        if self.url:
+            return Source.URL
+        if self.file_id:
+            return Source.FILE_ID
+        return None
+
+
+class ResponseFormatType(enum.StrEnum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    type: ResponseFormatType
+    name: str = ""
+    description: str = ""
+    # A JSON Schema object (JSON_SCHEMA only).
+    schema: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class ToolCall:
     id: str
@@ -54,6 +120,8 @@ class ToolCall:
 class ReasoningBlock:
     text: str
     signature: str
+    # Reasoning the provider redacted: opaque, sent back as it came; text and signature are "".
+    redacted_data: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +131,9 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
     reasoning: tuple[ReasoningBlock, ...] = ()
+    # The content as parts, when the caller sent parts (then `text` is ""), or when a cache
+    # marker on the message needed its text as a part to carry it.
+    parts: tuple[Part, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +170,8 @@ class GenerationRequest:
     tool_choice: ToolChoice = ToolChoice()
     reasoning_effort: ReasoningEffort | None = None
     reasoning_budget_tokens: int | None = None
+    # None: free text, the provider's default.
+    response_format: ResponseFormat | None = None
     # The caller's deadline as a time.monotonic() value, or None when the caller set none.
     deadline: float | None = None
 
@@ -123,6 +196,31 @@ class TextDelta:
 class ReasoningDelta:
     text: str
     signature: str = ""
+    # A whole redacted reasoning block (text and signature are "" then).
+    redacted_data: str = ""
+
+
+class CitationLocation(enum.StrEnum):
+    UNSPECIFIED = "unspecified"
+    CHARACTERS = "characters"
+    PAGES = "pages"
+    CONTENT_BLOCKS = "content_blocks"
+    URL = "url"
+
+
+@dataclass(slots=True)
+class CitationDelta:
+    """A source for the answer text from `text_start` to `text_end` (code points, end exclusive)."""
+
+    text_start: int
+    text_end: int
+    cited_text: str
+    document_index: int = 0
+    document_title: str = ""
+    location: CitationLocation = CitationLocation.UNSPECIFIED
+    start_index: int = 0
+    end_index: int = 0
+    url: str = ""
 
 
 @dataclass(slots=True)
@@ -141,8 +239,11 @@ class Finished:
     raw_reason: str
     stop_sequence: str = ""
     usage: Usage | None = None
+    # The provider's own request id and the exact model snapshot that answered, when it said.
+    provider_request_id: str = ""
+    provider_model: str = ""
 
 
-ProviderEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finished
+ProviderEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finished | CitationDelta
 # What a provider returns for one response; the consumer closes it with aclose().
 EventStream = AsyncGenerator[ProviderEvent, None]

@@ -39,7 +39,7 @@ from service.routing import OpenedStream, Route, Router
 from service.streams import Relay, Sequencer, StreamInfo
 from service.supervisor import InFlight, StreamSupervisor
 from service.validation import REQUEST_ID, prompt_chars, validate_request
-from service.wire import set_status
+from service.wire import capabilities, set_status
 from tokenwire.v1 import generation_pb2 as pb
 
 log = logging.getLogger("tokenwire.generation")
@@ -358,6 +358,7 @@ class GenerationService:
                     supports_tools=route.provider.supports_tools,
                     supports_reasoning=route.provider.supports_reasoning,
                     fallbacks=route.config.fallbacks,
+                    **capabilities(route.provider.capabilities),
                 )
                 for route in self.router.routes.values()
             ]

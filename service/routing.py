@@ -49,9 +49,13 @@ class OpenedStream:
 def _can_serve(route: Route, request: GenerationRequest) -> bool:
     """Whether a fallback route supports what the request asks for."""
     wants_reasoning = request.reasoning_effort is not None or request.reasoning_budget_tokens is not None
-    return (route.provider.supports_tools or not request.tools) and (
-        route.provider.supports_reasoning or not wants_reasoning
-    )
+    if request.tools and not route.provider.supports_tools:
+        return False
+    if wants_reasoning and not route.provider.supports_reasoning:
+        return False
+    if request.response_format is None and not any(m.parts for m in request.messages):
+        return True
+    return route.provider.capabilities.refusal(request, route.name) is None
 
 
 def _expired(request: GenerationRequest) -> bool:

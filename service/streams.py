@@ -16,11 +16,14 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import assert_never
 
 from google.protobuf import timestamp_pb2
 
 from service.errors import ErrorCode, GatewayError, describe_exception, internal_error, new_correlation_id
 from service.events import (
+    CitationDelta,
+    CitationLocation,
     EventStream,
     Finished,
     ProviderEvent,
@@ -35,6 +38,9 @@ from tokenwire.v1 import generation_pb2 as pb
 log = logging.getLogger("tokenwire.streams")
 
 _FINISH_REASONS = {name.removeprefix("FINISH_REASON_").lower(): v for name, v in pb.FinishReason.items()}
+_LOCATIONS = {
+    location: pb.CitationLocationType.Value("CITATION_LOCATION_TYPE_" + location.name) for location in CitationLocation
+}
 # Rough characters per token, used only when a provider reports no usage at all.
 _CHARS_PER_TOKEN = 4
 
@@ -112,12 +118,17 @@ class Sequencer:
             self._delta(len(event.text))
             return pb.GenerateResponse(
                 sequence=self._next(),
-                reasoning_delta=pb.ReasoningDelta(text=event.text, signature=event.signature),
+                reasoning_delta=pb.ReasoningDelta(
+                    text=event.text, signature=event.signature, redacted_data=event.redacted_data
+                ),
             )
         if isinstance(event, Finished):
             self.finish = self._finish(event)
             return pb.GenerateResponse(sequence=self._next(), finish=self.finish)
-        return None
+        if isinstance(event, CitationDelta):
+            # Last: a citation is rare, and costs nothing on the way to the common events.
+            return pb.GenerateResponse(sequence=self._next(), citation_delta=_citation(event))
+        assert_never(event)
 
     def heartbeat_message(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(sequence=self._next(), heartbeat=pb.Heartbeat())
@@ -148,6 +159,8 @@ class Sequencer:
             stop_sequence=event.stop_sequence,
             usage=usage,
             timing=timing,
+            provider_request_id=event.provider_request_id,
+            provider_model=event.provider_model,
         )
 
     def _usage(self, reported: Usage | None) -> pb.Usage:
@@ -331,9 +344,11 @@ class Relay:
         elif isinstance(item, ReasoningDelta):
             while (
                 not item.signature
+                and not item.redacted_data
                 and pending
                 and isinstance(nxt := pending[0], ReasoningDelta)
                 and not nxt.signature
+                and not nxt.redacted_data
                 and room(nxt)
             ):
                 parts.append(nxt.text)
@@ -400,6 +415,20 @@ class Relay:
                 _wake(self._writer_waiting)
             due = now + interval
         self._timer = loop.call_at(due, self._heartbeat_due, loop)
+
+
+def _citation(event: CitationDelta) -> pb.CitationDelta:
+    return pb.CitationDelta(
+        text_start=event.text_start,
+        text_end=event.text_end,
+        cited_text=event.cited_text,
+        document_index=event.document_index,
+        document_title=event.document_title,
+        location_type=_LOCATIONS[event.location],
+        start_index=event.start_index,
+        end_index=event.end_index,
+        url=event.url,
+    )
 
 
 # Readers finishing the body after their stream's Finish went out; held so they are not collected.

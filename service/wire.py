@@ -10,6 +10,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from service.errors import ErrorCode, GatewayError, sanitize
+from service.events import ResponseFormatType, Source
+from service.providers.base import Capabilities, MediaSupport
 from tokenwire.v1 import generation_pb2 as pb
 
 ERROR_DOMAIN = "tokenwire"
@@ -110,3 +112,40 @@ def set_status(context: grpc.aio.ServicerContext[Any, Any], err: GatewayError, s
     context.set_code(STATUS_CODES[err.code])
     context.set_details(sanitize(err.message))
     context.set_trailing_metadata(status_metadata(err, stream_id))
+
+
+_PROMPT_CACHING = {name.removeprefix("PROMPT_CACHING_").lower(): v for name, v in pb.PromptCaching.items()}
+_RESPONSE_FORMATS = {
+    ResponseFormatType.TEXT: pb.RESPONSE_FORMAT_TYPE_TEXT,
+    ResponseFormatType.JSON_OBJECT: pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    ResponseFormatType.JSON_SCHEMA: pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+
+
+def _media_support(support: MediaSupport) -> pb.MediaSupport:
+    return pb.MediaSupport(
+        media_types=[
+            pb.MediaTypeSupport(
+                media_type=media_type,
+                data=Source.DATA in sources,
+                url=Source.URL in sources,
+                file_id=Source.FILE_ID in sources,
+            )
+            for media_type, sources in sorted(support.types.items())
+        ],
+        max_part_bytes=support.max_part_bytes if support.types else 0,
+        url_schemes=support.url_schemes if support.types else (),
+    )
+
+
+def capabilities(caps: Capabilities) -> dict[str, Any]:
+    """A route's capabilities as the fields of its ListModels entry."""
+    return {
+        "images": _media_support(caps.images),
+        "documents": _media_support(caps.documents),
+        "audio": _media_support(caps.audio),
+        "prompt_caching": _PROMPT_CACHING[caps.prompt_caching.value],
+        "cache_ttls": [duration(ttl) for ttl in caps.cache_ttls],
+        "response_formats": sorted(_RESPONSE_FORMATS[f] for f in caps.response_formats),
+        "supports_citations": caps.citations,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -64,6 +65,22 @@ def test_grpcurl_recipe(default_address: str, command: str) -> None:
     else:
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()
+    if '"parts"' in command:
+        answer = streamed_text(out.stdout)
+        if "JSON_SCHEMA" in command:
+            assert set(json.loads(answer)) == {"claim_id", "cause", "amount_eur"}
+        else:
+            assert answer.startswith("I received an image (image/png, 70 bytes inline).")
+
+
+def streamed_text(stdout: str) -> str:
+    """The answer in grpcurl's output: its chunks' text deltas, joined."""
+    decoder, chunks, at = json.JSONDecoder(), [], 0
+    while at < len(stdout.rstrip()):
+        chunk, end = decoder.raw_decode(stdout, at)
+        chunks.append(chunk)
+        at = end + len(stdout[end:]) - len(stdout[end:].lstrip())
+    return "".join(c["textDelta"]["text"] for c in chunks if "textDelta" in c)
 
 
 @pytest.mark.parametrize("command", commands("make demo"))
@@ -75,6 +92,10 @@ def test_demo_recipe(default_address: str, command: str) -> None:
     else:
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()
+    if "--json-schema" in command:
+        assert "parsed JSON: {" in out.stdout
+    elif "--image" in command:
+        assert "I received an image" in out.stdout
 
 
 def test_python_example(default_address: str) -> None:
@@ -88,6 +109,23 @@ def test_python_example(default_address: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "length after 20 tokens" in out.stdout
+
+
+@pytest.mark.parametrize("example", blocks("py"))
+def test_beyond_text_python_example(default_address: str, example: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", example.replace("localhost:50051", default_address)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    described, claim, cited = out.stdout.strip().splitlines()
+    assert described.startswith("I received an image (image/png, 70 bytes inline).")
+    assert claim.startswith("{'claim_id': ") and claim.endswith(" tokenwire-sim-1")
+    assert cited == "['Water damage is covered.']"
 
 
 # Stand-ins for the keys the README's provider recipe exports: the server checks they are set.

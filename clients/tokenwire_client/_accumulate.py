@@ -20,6 +20,8 @@ from ._errors import (
     error_from_status,
 )
 from ._events import (
+    Citation,
+    CitationDelta,
     Event,
     Finished,
     Heartbeat,
@@ -41,6 +43,7 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 class _ReasoningBuffer:
     parts: list[str] = field(default_factory=list)
     signature: str = ""
+    redacted_data: str = ""
 
 
 @dataclass(slots=True)
@@ -75,6 +78,7 @@ class StreamAccumulator:
         self._text: list[str] = []
         self._reasoning: list[_ReasoningBuffer] = []
         self._tool_calls: dict[int, _ToolCallBuffer] = {}
+        self._citations: list[Citation] = []
 
     @property
     def started(self) -> Started | None:
@@ -138,8 +142,16 @@ class StreamAccumulator:
                 return TextDelta(sequence, message.text_delta.text)
             case "reasoning_delta":
                 delta = message.reasoning_delta
-                self._add_reasoning(delta.text, delta.signature)
-                return ReasoningDelta(sequence, delta.text, delta.signature)
+                if delta.redacted_data:
+                    # A redacted block is whole: it goes back as a block of its own.
+                    self._reasoning.append(_ReasoningBuffer(redacted_data=delta.redacted_data))
+                else:
+                    self._add_reasoning(delta.text, delta.signature)
+                return ReasoningDelta(sequence, delta.text, delta.signature, delta.redacted_data)
+            case "citation_delta":
+                citation = Citation.from_proto(message.citation_delta)
+                self._citations.append(citation)
+                return CitationDelta(sequence, citation)
             case "tool_call_delta":
                 call = message.tool_call_delta
                 buffer = self._tool_calls.setdefault(call.index, _ToolCallBuffer(call.id, call.name))
@@ -159,7 +171,8 @@ class StreamAccumulator:
     def _add_reasoning(self, text: str, signature: str) -> None:
         if not text and not signature:
             return
-        if not self._reasoning or (text and self._reasoning[-1].signature):
+        last = self._reasoning[-1] if self._reasoning else None
+        if last is None or last.redacted_data or (text and last.signature):
             self._reasoning.append(_ReasoningBuffer())
         block = self._reasoning[-1]
         block.parts.append(text)
@@ -213,7 +226,7 @@ class StreamAccumulator:
         )
 
     def _reasoning_blocks(self) -> list[ReasoningBlock]:
-        return [ReasoningBlock("".join(block.parts), block.signature) for block in self._reasoning]
+        return [ReasoningBlock("".join(block.parts), block.signature, block.redacted_data) for block in self._reasoning]
 
     def _assembled_tool_calls(self) -> list[ToolCall]:
         return [
@@ -245,6 +258,9 @@ class StreamAccumulator:
             last_sequence=finished.sequence,
             resume_token=started.resume_token if started else "",
             resume_window=started.resume_window if started else None,
+            citations=list(self._citations),
+            provider_request_id=finished.provider_request_id,
+            provider_model=finished.provider_model,
         )
 
 

@@ -70,6 +70,20 @@ class ClientClosedError(TokenwireError):
     """The client was used after it was closed."""
 
 
+class ResponseParseError(TokenwireError):
+    """The answer of a stream that asked for JSON is not the JSON asked for.
+
+    ``text`` is the whole answer, ``finish_reason`` why it ended (``length`` means it was cut
+    short: ask for more output tokens), ``position`` the character where parsing failed.
+    """
+
+    def __init__(self, message: str, *, text: str, finish_reason: str, position: int | None) -> None:
+        super().__init__(message)
+        self.text = text
+        self.finish_reason = finish_reason
+        self.position = position
+
+
 class StreamProtocolError(TokenwireError):
     """The stream broke a guarantee of the contract: the response is not trustworthy."""
 

@@ -17,6 +17,8 @@ from google.protobuf import duration_pb2
 
 from tokenwire.v1 import generation_pb2 as pb
 
+from ._errors import ResponseParseError
+
 
 def _seconds(duration: duration_pb2.Duration) -> float:
     return duration.ToNanoseconds() / 1e9
@@ -165,9 +167,72 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ReasoningDelta:
+    """A piece of reasoning; ``redacted_data`` is a whole redacted block (text and signature "")."""
+
     sequence: int
     text: str
     signature: str
+    redacted_data: str = ""
+
+
+class CitationLocation(StrEnum):
+    """How a citation's ``start_index`` and ``end_index`` locate the cited text."""
+
+    UNSPECIFIED = "unspecified"
+    CHARACTERS = "characters"
+    PAGES = "pages"
+    CONTENT_BLOCKS = "content_blocks"
+    URL = "url"
+
+    @classmethod
+    def from_proto(cls, value: int) -> CitationLocation:
+        # A location type added after this client was built is still a citation: UNSPECIFIED.
+        return _LOCATIONS.get(value, cls.UNSPECIFIED)
+
+
+_LOCATIONS: dict[int, CitationLocation] = {
+    value: CitationLocation[name.removeprefix("CITATION_LOCATION_TYPE_")]
+    for name, value in pb.CitationLocationType.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A source for the answer text from ``text_start`` to ``text_end`` (code points, end exclusive).
+
+    ``document_index`` counts the request's document parts from 0; ``start_index`` and
+    ``end_index`` locate ``cited_text`` in it as ``location`` says (pages from 1, end exclusive).
+    """
+
+    text_start: int
+    text_end: int
+    cited_text: str
+    document_index: int
+    document_title: str
+    location: CitationLocation
+    start_index: int
+    end_index: int
+    url: str
+
+    @classmethod
+    def from_proto(cls, c: pb.CitationDelta) -> Citation:
+        return cls(
+            text_start=c.text_start,
+            text_end=c.text_end,
+            cited_text=c.cited_text,
+            document_index=c.document_index,
+            document_title=c.document_title,
+            location=CitationLocation.from_proto(c.location_type),
+            start_index=c.start_index,
+            end_index=c.end_index,
+            url=c.url,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CitationDelta:
+    sequence: int
+    citation: Citation
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +259,9 @@ class Finished:
     stop_sequence: str
     usage: Usage
     timing: Timing
+    # The provider's id of the request and the exact model snapshot that answered ("": unknown).
+    provider_request_id: str = ""
+    provider_model: str = ""
 
     @classmethod
     def from_proto(cls, sequence: int, finish: pb.Finish) -> Finished:
@@ -204,17 +272,22 @@ class Finished:
             stop_sequence=finish.stop_sequence,
             usage=Usage.from_proto(finish.usage),
             timing=Timing.from_proto(finish.timing),
+            provider_request_id=finish.provider_request_id,
+            provider_model=finish.provider_model,
         )
 
 
-Event = Started | TextDelta | ReasoningDelta | ToolCallDelta | Heartbeat | Finished
+Event = Started | TextDelta | ReasoningDelta | ToolCallDelta | CitationDelta | Heartbeat | Finished
 """A typed stream event. A terminal Error is not an event: it is raised instead."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReasoningBlock:
+    """Reasoning to send back with the next turn (``assistant(reasoning=...)``), as it came."""
+
     text: str
     signature: str
+    redacted_data: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +333,29 @@ class Response:
     # Durable streams only (see Started); the token stays out of the repr.
     resume_token: str = field(default="", repr=False)
     resume_window: float | None = None
+    citations: list[Citation] = field(default_factory=list)
+    provider_request_id: str = ""
+    provider_model: str = ""
+
+    def parsed(self) -> Any:
+        """The answer decoded as JSON, for a request with a JSON response format.
+
+        Raises ResponseParseError when the text is not one JSON value (for example when the
+        answer was cut short by max_output_tokens), with the text and where parsing failed.
+        """
+        try:
+            return json.loads(self.text)
+        except json.JSONDecodeError as exc:
+            excerpt = self.text[max(exc.pos - 30, 0) : exc.pos + 30]
+            cut = (
+                " (the answer was cut short by max_output_tokens)" if self.finish_reason is FinishReason.LENGTH else ""
+            )
+            raise ResponseParseError(
+                f"the model's answer is not valid JSON{cut}: {exc.msg} at character {exc.pos} (near {excerpt!r})",
+                text=self.text,
+                finish_reason=self.finish_reason.value,
+                position=exc.pos,
+            ) from None
 
 
 class StreamStatus(StrEnum):
@@ -334,8 +430,40 @@ class PollBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class MediaSupport:
+    """The parts of one kind a route accepts: media type -> the sources it may come from."""
+
+    media_types: dict[str, frozenset[str]]
+    max_part_bytes: int
+    url_schemes: list[str]
+
+    @classmethod
+    def from_proto(cls, support: pb.MediaSupport) -> MediaSupport:
+        return cls(
+            media_types={
+                t.media_type: frozenset(s for s, on in (("data", t.data), ("url", t.url), ("file_id", t.file_id)) if on)
+                for t in support.media_types
+            },
+            max_part_bytes=support.max_part_bytes,
+            url_schemes=list(support.url_schemes),
+        )
+
+
+_FORMAT_NAMES = {
+    pb.RESPONSE_FORMAT_TYPE_TEXT: "text",
+    pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT: "json_object",
+    pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: "json_schema",
+}
+
+
+_PROMPT_CACHING: dict[int, str] = {
+    value: name.removeprefix("PROMPT_CACHING_").lower() for name, value in pb.PromptCaching.items()
+}
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A route the server serves, to be named in ``model``."""
+    """A route the server serves, to be named in ``model``, and what it accepts."""
 
     name: str
     provider: str
@@ -344,6 +472,15 @@ class ModelInfo:
     supports_tools: bool
     supports_reasoning: bool
     fallbacks: list[str]
+    images: MediaSupport | None = None
+    documents: MediaSupport | None = None
+    audio: MediaSupport | None = None
+    # "none", "automatic" or "explicit" ("unspecified" from an older server).
+    prompt_caching: str = "unspecified"
+    cache_ttls: list[float] = field(default_factory=list)
+    # "text", "json_object", "json_schema".
+    response_formats: list[str] = field(default_factory=list)
+    supports_citations: bool = False
 
     @classmethod
     def from_proto(cls, model: pb.Model) -> ModelInfo:
@@ -355,4 +492,11 @@ class ModelInfo:
             supports_tools=model.supports_tools,
             supports_reasoning=model.supports_reasoning,
             fallbacks=list(model.fallbacks),
+            images=MediaSupport.from_proto(model.images),
+            documents=MediaSupport.from_proto(model.documents),
+            audio=MediaSupport.from_proto(model.audio),
+            prompt_caching=_PROMPT_CACHING.get(model.prompt_caching, "unspecified"),
+            cache_ttls=[_seconds(ttl) for ttl in model.cache_ttls],
+            response_formats=[_FORMAT_NAMES[f] for f in model.response_formats if f in _FORMAT_NAMES],
+            supports_citations=model.supports_citations,
         )

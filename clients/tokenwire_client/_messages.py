@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import mimetypes
+import os
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from tokenwire.v1 import generation_pb2 as pb
@@ -42,6 +45,146 @@ _EFFORTS: dict[str, pb.ReasoningEffort.ValueType] = {
 }
 
 
+ResponseFormatLike = pb.ResponseFormat | Literal["text", "json_object"]
+"""A pb.ResponseFormat (see :func:`json_schema`), or "text" / "json_object"."""
+
+MediaSource = str | os.PathLike[str] | bytes
+"""Where a part's content is: bytes, a URL ("https://..."), or any other str or path: a file to read."""
+
+CacheLike = bool | float
+"""A cache marker: True for the provider's default lifetime, or the shortest lifetime in seconds."""
+
+# Media types told by a file's first bytes, for bytes given without one.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"%PDF-", "application/pdf"),
+    (b"ID3", "audio/mpeg"),
+    (b"\xff\xfb", "audio/mpeg"),
+    (b"OggS", "audio/ogg"),
+    (b"fLaC", "audio/flac"),
+)
+# mimetypes' names that the vendors spell otherwise.
+_MEDIA_ALIASES = {"audio/x-wav": "audio/wav", "audio/wave": "audio/wav", "audio/mp3": "audio/mpeg"}
+
+
+def _sniff(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "audio/wav"
+    return next((media_type for magic, media_type in _MAGIC if data.startswith(magic)), "")
+
+
+def _cache(cache: CacheLike) -> pb.CacheControl | None:
+    if cache is False:
+        return None
+    control = pb.CacheControl()
+    if cache is not True:
+        if not math.isfinite(cache) or cache < 1:
+            raise ValueError(f"a cache lifetime is a finite number of seconds >= 1, got {cache!r}")
+        control.ttl.FromNanoseconds(round(cache * 1e9))
+    return control
+
+
+def _part(part: pb.ContentPart, cache: CacheLike) -> pb.ContentPart:
+    control = _cache(cache)
+    if control is not None:
+        part.cache_control.CopyFrom(control)
+    return part
+
+
+def text(content: str, *, cache: CacheLike = False) -> pb.ContentPart:
+    """A text part; ``cache`` marks the prompt up to and including it for the provider's cache."""
+    return _part(pb.ContentPart(text=content), cache)
+
+
+def _media(
+    message: type[pb.ImagePart] | type[pb.DocumentPart] | type[pb.AudioPart],
+    source: MediaSource | None,
+    file_id: str,
+    media_type: str,
+    **extra: Any,
+) -> Any:
+    if (source is None) == (not file_id):
+        raise ValueError("give a part's content as bytes, a URL or a path, or give a file_id: one of them")
+    if file_id:
+        return message(file_id=file_id, media_type=media_type, **extra)
+    if isinstance(source, bytes):
+        media_type = media_type or _sniff(source)
+        if not media_type:
+            raise ValueError("cannot tell the media type of these bytes: pass media_type=")
+        return message(data=source, media_type=media_type, **extra)
+    if isinstance(source, str) and "://" in source:
+        return message(url=source, media_type=media_type, **extra)
+    assert source is not None
+    path = Path(source)
+    data = path.read_bytes()
+    if not media_type:
+        guessed = mimetypes.guess_type(path.name)[0] or _sniff(data)
+        media_type = _MEDIA_ALIASES.get(guessed, guessed)
+        if not media_type:
+            raise ValueError(f"cannot tell the media type of {path}: pass media_type=")
+    return message(data=data, media_type=media_type, **extra)
+
+
+def image(
+    source: MediaSource | None = None, *, file_id: str = "", media_type: str = "", cache: CacheLike = False
+) -> pb.ContentPart:
+    """An image part from a file path, bytes, a URL (the provider fetches it) or a provider file id.
+
+    The media type is taken from the file's name or its first bytes unless given.
+    """
+    return _part(pb.ContentPart(image=_media(pb.ImagePart, source, file_id, media_type)), cache)
+
+
+def document(
+    source: MediaSource | None = None,
+    *,
+    file_id: str = "",
+    media_type: str = "",
+    title: str = "",
+    context: str = "",
+    citations: bool = False,
+    cache: CacheLike = False,
+) -> pb.ContentPart:
+    """A document part (a PDF, or plain text), like :func:`image`; ``citations`` asks to cite it."""
+    part = _media(pb.DocumentPart, source, file_id, media_type, title=title, context=context, citations=citations)
+    return _part(pb.ContentPart(document=part), cache)
+
+
+def audio(
+    source: MediaSource | None = None, *, file_id: str = "", media_type: str = "", cache: CacheLike = False
+) -> pb.ContentPart:
+    """An audio part (WAV, MP3, ...), like :func:`image`."""
+    return _part(pb.ContentPart(audio=_media(pb.AudioPart, source, file_id, media_type)), cache)
+
+
+def json_schema(
+    name: str, schema: Mapping[str, Any], *, strict: bool = True, description: str = ""
+) -> pb.ResponseFormat:
+    """A response format: JSON that matches ``schema`` (a JSON Schema object). See Response.parsed()."""
+    fmt = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name=name, description=description, strict=strict)
+    fmt.schema.update(schema)
+    return fmt
+
+
+_FORMATS: dict[str, pb.ResponseFormatType.ValueType] = {
+    "text": pb.RESPONSE_FORMAT_TYPE_TEXT,
+    "json_object": pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+}
+
+
+def _response_format(fmt: ResponseFormatLike) -> pb.ResponseFormat:
+    if isinstance(fmt, pb.ResponseFormat):
+        return fmt
+    if fmt not in _FORMATS:
+        raise ValueError(f"response_format is 'text', 'json_object' or json_schema(...), got {fmt!r}")
+    return pb.ResponseFormat(type=_FORMATS[fmt])
+
+
 class RequestOptions(TypedDict, total=False):
     """The keyword options of :func:`build_request`, as the clients' ``generate`` takes."""
 
@@ -58,14 +201,30 @@ class RequestOptions(TypedDict, total=False):
     metadata: Mapping[str, str] | None
     durable: bool
     resume_window: float | None
+    response_format: ResponseFormatLike | None
 
 
-def system(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_SYSTEM, text=text)
+def _content_message(
+    role: pb.Role.ValueType, content: tuple[str | pb.ContentPart, ...], cache: CacheLike
+) -> pb.Message:
+    if len(content) == 1 and isinstance(content[0], str):
+        message = pb.Message(role=role, text=content[0])
+    else:
+        message = pb.Message(role=role, parts=[pb.ContentPart(text=c) if isinstance(c, str) else c for c in content])
+    control = _cache(cache)
+    if control is not None:
+        message.cache_control.CopyFrom(control)
+    return message
 
 
-def user(text: str) -> pb.Message:
-    return pb.Message(role=pb.ROLE_USER, text=text)
+def system(*content: str | pb.ContentPart, cache: CacheLike = False) -> pb.Message:
+    """A system message: one text, or text parts. ``cache=True`` marks it for the prompt cache."""
+    return _content_message(pb.ROLE_SYSTEM, content, cache)
+
+
+def user(*content: str | pb.ContentPart, cache: CacheLike = False) -> pb.Message:
+    """A user message: one text, or parts in order, e.g. ``user("What is this?", image("a.png"))``."""
+    return _content_message(pb.ROLE_USER, content, cache)
 
 
 def assistant(
@@ -78,7 +237,10 @@ def assistant(
         role=pb.ROLE_ASSISTANT,
         text=text,
         tool_calls=[pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json) for call in tool_calls],
-        reasoning=[pb.ReasoningBlock(text=block.text, signature=block.signature) for block in reasoning],
+        reasoning=[
+            pb.ReasoningBlock(text=block.text, signature=block.signature, redacted_data=block.redacted_data)
+            for block in reasoning
+        ],
     )
 
 
@@ -145,10 +307,14 @@ def build_request(
     metadata: Mapping[str, str] | None = None,
     durable: bool = False,
     resume_window: float | None = None,
+    response_format: ResponseFormatLike | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; options left as None stay unset, meaning the server's default.
 
     ``tool_choice`` is "auto", "none", "required" or the name of a tool to force.
+
+    ``response_format`` is "json_object" or :func:`json_schema`: the answer is JSON then, and
+    ``Response.parsed()`` decodes it.
 
     ``durable=True`` or a ``resume_window`` (seconds, at least 1) makes the stream durable:
     it can be resumed after a break, polled and cancelled by id. A durable request always
@@ -189,4 +355,6 @@ def build_request(
         request.reasoning.budget_tokens = reasoning_budget_tokens
     if resume_window is not None:
         request.resume_window.FromNanoseconds(round(resume_window * 1e9))
+    if response_format is not None:
+        request.response_format.CopyFrom(_response_format(response_format))
     return request

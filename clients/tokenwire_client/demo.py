@@ -14,15 +14,22 @@ Start (the token is the user's own capability: anyone holding it can read or sto
 stream); ``--resume ID TOKEN [--after N]`` reads it again from a cursor, and with ``--poll``
 reads it by long polling, a line per batch on stderr. Ctrl-C on a durable stream sends
 Cancel, which stops the generation on the server too.
+
+Beyond text: ``--image PATH`` and ``--document PATH`` (repeatable) send files with the prompt;
+``--json-schema FILE`` asks for JSON matching the schema in FILE, and after the answer prints
+"parsed JSON: ..." (or fails with exit status 1 when the answer does not parse); citations are
+listed after the answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToJson
@@ -42,7 +49,7 @@ from ._events import (
     ToolCallDelta,
     UsageSource,
 )
-from ._messages import build_request, system, user
+from ._messages import build_request, document, image, json_schema, system, user
 
 DEFAULT_PROMPT = "Explain in a few sentences why streaming LLM responses matters."
 
@@ -64,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     parser.add_argument("--stop", action="append", default=[], help="a stop sequence (repeatable)")
     parser.add_argument("--timeout", type=float, help="deadline of the call, seconds")
+    parser.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="send an image file with the prompt (repeatable)"
+    )
+    parser.add_argument(
+        "--document", action="append", default=[], metavar="PATH", help="send a PDF or text file (repeatable)"
+    )
+    parser.add_argument("--cite", action="store_true", help="with --document: ask the model to cite the documents")
+    parser.add_argument(
+        "--json-schema", metavar="FILE", help="ask for JSON matching the JSON Schema in FILE; prints it parsed"
+    )
     parser.add_argument(
         "--durable",
         action="store_true",
@@ -155,6 +172,13 @@ async def _list_models(client: AsyncClient, screen: _Screen) -> int:
     for model in await client.list_models():
         flags = (("tools", model.supports_tools), ("reasoning", model.supports_reasoning))
         features = [name for name, on in flags if on]
+        for kind, support in (("images", model.images), ("documents", model.documents), ("audio", model.audio)):
+            if support is not None and support.media_types:
+                features.append(kind)
+        if "json_schema" in model.response_formats:
+            features.append("json-schema")
+        if model.supports_citations:
+            features.append("citations")
         fallbacks = f" (falls back to {', '.join(model.fallbacks)})" if model.fallbacks else ""
         rows.append(
             (
@@ -195,7 +219,7 @@ async def _print_json(stream: GenerationStream, screen: _Screen, target: str) ->
     return 0
 
 
-async def _stream_text(stream: GenerationStream, screen: _Screen) -> int:
+async def _stream_text(stream: GenerationStream, screen: _Screen, *, parse_json: bool = False) -> int:
     started_at = time.perf_counter()
     first_delta_at: float | None = None
     previous: Event | None = None
@@ -214,6 +238,8 @@ async def _stream_text(stream: GenerationStream, screen: _Screen) -> int:
             match event:
                 case TextDelta():
                     screen.write(event.text)
+                case ReasoningDelta(redacted_data=data) if data:
+                    screen.write("[redacted reasoning]", style="dim")
                 case ReasoningDelta():
                     screen.write(event.text, style="dim")
                 case ToolCallDelta():
@@ -224,6 +250,13 @@ async def _stream_text(stream: GenerationStream, screen: _Screen) -> int:
         response = await stream.get_final_response()
         ended_at = time.perf_counter()
     screen.end_line()
+    for n, citation in enumerate(response.citations, 1):
+        where = f"{citation.location} {citation.start_index}-{citation.end_index}"
+        quoted = f": {citation.cited_text[:60]!r}" if citation.cited_text else ""
+        screen.out.print(f"[{n}] document {citation.document_index} ({where}){quoted}", style="dim")
+    if parse_json:
+        # ResponseParseError, a TokenwireError, ends the run with status 1.
+        screen.out.print("parsed JSON: " + json.dumps(response.parsed(), ensure_ascii=False), style="dim")
     rate = response.timing.output_tokens_per_second
     output_tokens = response.usage.output_tokens
     if rate is None and output_tokens and first_delta_at is not None:
@@ -252,21 +285,41 @@ async def _run(args: argparse.Namespace, screen: _Screen) -> int:
             return await _stream_text(resumed, screen)
         messages = [system(args.system)] if args.system else []
         try:
+            parts = [image(path) for path in args.image]
+            parts += [document(path, title=Path(path).name, citations=args.cite) for path in args.document]
+            schema = None
+            if args.json_schema:
+                schema = json_schema(
+                    Path(args.json_schema).stem.replace(".", "_")[:64] or "answer", _schema(args.json_schema)
+                )
             request = build_request(
                 args.model,
-                [*messages, user(args.prompt)],
+                [*messages, user(args.prompt, *parts) if parts else user(args.prompt)],
                 max_output_tokens=args.max_tokens,
                 temperature=args.temperature,
                 stop_sequences=args.stop,
                 durable=args.durable,
+                response_format=schema,
             )
+        except OSError as exc:
+            raise _UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
         except (ValueError, UnicodeError) as exc:
             # Out-of-range numbers, or text that is not valid Unicode, cannot even be encoded.
             raise _UsageError(f"cannot build the request: {exc}") from None
         stream = client.stream_request(request)
         if args.json:
             return await _print_json(stream, screen, args.target)
-        return await _stream_text(stream, screen)
+        return await _stream_text(stream, screen, parse_json=schema is not None)
+
+
+def _schema(path: str) -> dict[str, object]:
+    try:
+        schema = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise _UsageError(f"{path} holds no JSON Schema object")
+    return schema
 
 
 async def _poll(client: AsyncClient, stream_id: str, token: str, after: int, screen: _Screen) -> int:

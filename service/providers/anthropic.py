@@ -9,6 +9,7 @@ contract. `message_delta` usage is cumulative — the last one wins, nothing is 
 
 from __future__ import annotations
 
+import base64
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
 
@@ -19,20 +20,28 @@ import orjson
 from service.config import RouteConfig
 from service.errors import invalid_request
 from service.events import (
+    CacheMarker,
     ChatMessage,
+    CitationDelta,
+    CitationLocation,
     Finished,
     FinishReason,
     GenerationRequest,
+    Part,
+    PartKind,
     ProviderEvent,
     ReasoningDelta,
     ReasoningEffort,
+    ResponseFormat,
+    ResponseFormatType,
     Role,
+    Source,
     TextDelta,
     ToolCallDelta,
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import Options
+from service.providers.base import ALL_SOURCES, MIB, Capabilities, Options, PromptCaching, media
 from service.providers.upstream import (
     HTTPProvider,
     HTTPSettings,
@@ -55,19 +64,76 @@ _STOP_REASONS = {
 _EFFORT_BUDGETS = {ReasoningEffort.LOW: 2048, ReasoningEffort.MEDIUM: 8192, ReasoningEffort.HIGH: 24576}
 # The smallest thinking budget Anthropic accepts; smaller ones are raised to it.
 _MIN_BUDGET = 1024
+# Images: 5 MiB each, inline, by URL or as an uploaded file. PDFs: 32 MiB, the same three ways;
+# plain text inline (a `text` source) or as an uploaded file. No audio.
+_IMAGES = media(dict.fromkeys(("image/jpeg", "image/png", "image/gif", "image/webp"), ALL_SOURCES), 5 * MIB)
+_DOCUMENTS = media({"application/pdf": ALL_SOURCES, "text/plain": frozenset({Source.DATA, Source.FILE_ID})}, 32 * MIB)
+# cache_control's lifetimes: 5 minutes (the default) and 1 hour.
+_CACHE_TTLS = {300.0: "5m", 3600.0: "1h"}
+# Uploaded files (`file` sources) are a beta of the Messages API.
+_FILES_BETA = "files-api-2025-04-14"
+_STRUCTURED_OUTPUT_MODES = ("native", "tool")
+_JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+
+
+def _cache_control(marker: CacheMarker) -> dict[str, str]:
+    control = {"type": "ephemeral"}
+    if marker.ttl is not None:
+        # Validation refused a ttl longer than an hour.
+        control["ttl"] = _CACHE_TTLS[next(t for t in _CACHE_TTLS if t >= marker.ttl)]
+    return control
+
+
+def _source(part: Part) -> dict[str, Any]:
+    source = part.source
+    if source is Source.URL:
+        return {"type": "url", "url": part.url}
+    if source is Source.FILE_ID:
+        return {"type": "file", "file_id": part.file_id}
+    assert part.data is not None
+    if part.media_type == "text/plain":
+        return {"type": "text", "media_type": "text/plain", "data": part.data.decode()}
+    return {"type": "base64", "media_type": part.media_type, "data": base64.b64encode(part.data).decode("ascii")}
+
+
+def _block(part: Part) -> dict[str, Any]:
+    """One content block. Validation let through only what this route takes (see _IMAGES, ...)."""
+    block: dict[str, Any]
+    if part.kind is PartKind.TEXT:
+        block = {"type": "text", "text": part.text}
+    elif part.kind is PartKind.IMAGE:
+        block = {"type": "image", "source": _source(part)}
+    else:
+        block = {"type": "document", "source": _source(part)}
+        if part.title:
+            block["title"] = part.title
+        if part.context:
+            block["context"] = part.context
+        if part.citations:
+            block["citations"] = {"enabled": True}
+    if part.cache is not None:
+        block["cache_control"] = _cache_control(part.cache)
+    return block
 
 
 def _content(message: ChatMessage) -> list[dict[str, Any]]:
     if message.role is Role.TOOL:
         block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.tool_call_id}
-        if message.text:
+        if message.parts:
+            block["content"] = [_block(part) for part in message.parts]
+        elif message.text:
             block["content"] = message.text
         return [block]
-    # Reasoning without a signature (from another provider) cannot be verified: it is not sent.
-    blocks: list[dict[str, Any]] = [
-        {"type": "thinking", "thinking": r.text, "signature": r.signature} for r in message.reasoning if r.signature
-    ]
-    if message.text:
+    blocks: list[dict[str, Any]] = []
+    for r in message.reasoning:
+        if r.redacted_data:
+            blocks.append({"type": "redacted_thinking", "data": r.redacted_data})
+        elif r.signature:
+            # Reasoning without a signature (from another provider) cannot be verified: it is not sent.
+            blocks.append({"type": "thinking", "thinking": r.text, "signature": r.signature})
+    if message.parts:
+        blocks.extend(_block(part) for part in message.parts)
+    elif message.text:
         blocks.append({"type": "text", "text": message.text})
     blocks.extend(
         {"type": "tool_use", "id": call.id, "name": call.name, "input": orjson.loads(call.arguments_json)}
@@ -76,13 +142,17 @@ def _content(message: ChatMessage) -> list[dict[str, Any]]:
     return blocks
 
 
-def _turns(messages: tuple[ChatMessage, ...]) -> tuple[str, list[dict[str, Any]]]:
-    """The system text, and the conversation as alternating user/assistant turns."""
-    system: list[str] = []
+def _turns(messages: tuple[ChatMessage, ...]) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
+    """The system prompt, and the conversation as alternating user/assistant turns.
+
+    The system prompt is one text, unless a system message has parts (a cache marker on a
+    system prompt is one): then it is a list of text blocks, which can carry `cache_control`.
+    """
+    system: list[ChatMessage] = []
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role is Role.SYSTEM:
-            system.append(message.text)
+            system.append(message)
             continue
         role = "assistant" if message.role is Role.ASSISTANT else "user"
         blocks = _content(message)
@@ -90,11 +160,19 @@ def _turns(messages: tuple[ChatMessage, ...]) -> tuple[str, list[dict[str, Any]]
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
-    return "\n\n".join(system), turns
+    if any(m.parts for m in system):
+        return [b for m in system for b in _content(m)], turns
+    return "\n\n".join(m.text for m in system), turns
 
 
-def request_body(request: GenerationRequest, *, default_max_tokens: int, reasoning_mode: str) -> dict[str, Any]:
-    """The Messages parameters: generation options only when the caller set them."""
+def request_body(
+    request: GenerationRequest, *, default_max_tokens: int, reasoning_mode: str, structured_output: str = "native"
+) -> dict[str, Any]:
+    """The Messages parameters: generation options only when the caller set them.
+
+    A JSON response format becomes `output_config.format` ("native", structured outputs), or with
+    `structured_output="tool"` a tool the model is forced to call, whose input is the answer.
+    """
     system, turns = _turns(request.messages)
     body: dict[str, Any] = {"model": request.upstream_model, "messages": turns, "stream": True}
     if system:
@@ -144,7 +222,42 @@ def request_body(request: GenerationRequest, *, default_max_tokens: int, reasoni
             body["tool_choice"] = {"type": "any"}
         elif choice.mode is ToolChoiceMode.NONE:
             body["tool_choice"] = {"type": "none"}
+    fmt = request.response_format
+    if fmt is not None and fmt.type is not ResponseFormatType.TEXT:
+        if structured_output == "tool":
+            _forced_tool(body, request, fmt)
+        else:
+            # Objects in Anthropic's structured outputs must list their properties: "any JSON
+            # object" cannot be said natively (the route's capabilities refuse it).
+            body.setdefault("output_config", {})["format"] = {"type": "json_schema", "schema": fmt.schema}
     return body
+
+
+def json_tool_name(fmt: ResponseFormat) -> str:
+    return fmt.name or "json_answer"
+
+
+def _forced_tool(body: dict[str, Any], request: GenerationRequest, fmt: ResponseFormat) -> None:
+    where = "response_format"
+    if request.tools:
+        raise invalid_request(where, "this route answers in JSON through a forced tool call: it takes no tools with it")
+    if "thinking" in body:
+        raise invalid_request(
+            where, "this route answers in JSON through a forced tool call, which thinking cannot go with"
+        )
+    tool: dict[str, Any] = {
+        "name": json_tool_name(fmt),
+        "description": fmt.description or "Answer by calling this tool: its input is the answer.",
+        "input_schema": fmt.schema if fmt.type is ResponseFormatType.JSON_SCHEMA else _JSON_OBJECT_SCHEMA,
+    }
+    if fmt.strict:
+        tool["strict"] = True
+    body["tools"] = [tool]
+    body["tool_choice"] = {"type": "tool", "name": tool["name"]}
+
+
+def uses_files(request: GenerationRequest) -> bool:
+    return any(part.file_id for message in request.messages for part in message.parts)
 
 
 class EventParser:
@@ -152,8 +265,11 @@ class EventParser:
 
     __slots__ = (
         "done",
+        "json_tool",
         "kind",
+        "model",
         "out",
+        "request_id",
         "start_usage",
         "stop_reason",
         "stop_sequence",
@@ -162,8 +278,12 @@ class EventParser:
         "usage",
     )
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, json_tool: str = "") -> None:
         self.kind = kind
+        # The forced tool whose input is the answer (structured output by tool), or "".
+        self.json_tool = json_tool
+        self.request_id = ""
+        self.model = ""
         self.out: list[ProviderEvent] = []
         self.done = False
         # Content block index -> the tool call's position among this response's tool calls.
@@ -183,12 +303,7 @@ class EventParser:
         elif kind == "content_block_start":
             self._block_start(event["index"], event["content_block"])
         elif kind == "content_block_stop":
-            index = event["index"]
-            if index in self.tools_without_arguments:
-                # A call of a tool without parameters streams no input at all; the contract's
-                # arguments are always a JSON object.
-                self.tools_without_arguments.discard(index)
-                self.out.append(ToolCallDelta(index=self.tool_indexes[index], arguments="{}"))
+            self._block_stop(event["index"])
         elif kind == "message_delta":
             delta = event.get("delta") or {}
             self.stop_reason = delta.get("stop_reason") or self.stop_reason
@@ -198,7 +313,11 @@ class EventParser:
                 # Cumulative totals: the latest replaces the earlier ones.
                 self.usage = usage
         elif kind == "message_start":
-            self.start_usage = event["message"].get("usage") or {}
+            message = event["message"]
+            self.start_usage = message.get("usage") or {}
+            model = message.get("model")
+            if isinstance(model, str):
+                self.model = model
         elif kind == "message_stop":
             self.done = True
         elif kind == "error" or name == b"error":
@@ -215,7 +334,11 @@ class EventParser:
             piece = delta["partial_json"]
             if piece:
                 self.tools_without_arguments.discard(index)
-                self.out.append(ToolCallDelta(index=self.tool_indexes[index], arguments=_text(piece)))
+                position = self.tool_indexes[index]
+                if position < 0:
+                    self.out.append(TextDelta(_text(piece)))  # the forced JSON tool's input is the answer
+                else:
+                    self.out.append(ToolCallDelta(index=position, arguments=_text(piece)))
         elif kind == "thinking_delta":
             thinking = delta["thinking"]
             if thinking:
@@ -226,13 +349,27 @@ class EventParser:
     def _block_start(self, index: int, block: dict[str, Any]) -> None:
         kind = block["type"]
         if kind == "tool_use":
-            position = self.tool_indexes[index] = len(self.tool_indexes)
             self.tools_without_arguments.add(index)
+            if self.json_tool and block["name"] == self.json_tool:
+                self.tool_indexes[index] = -1
+                return
+            # A forced JSON tool (index -1) comes with no other tools: positions stay from 0.
+            position = self.tool_indexes[index] = len(self.tool_indexes)
             self.out.append(ToolCallDelta(index=position, id=_text(block["id"]), name=_text(block["name"])))
         elif kind == "text" and block.get("text"):
             self.out.append(TextDelta(_text(block["text"])))
         elif kind == "thinking" and block.get("thinking"):
             self.out.append(ReasoningDelta(_text(block["thinking"])))
+        elif kind == "redacted_thinking":
+            self.out.append(ReasoningDelta("", redacted_data=_text(block["data"])))
+
+    def _block_stop(self, index: int) -> None:
+        if index in self.tools_without_arguments:
+            # A call of a tool without parameters streams no input at all; the contract's
+            # arguments are always a JSON object.
+            self.tools_without_arguments.discard(index)
+            position = self.tool_indexes[index]
+            self.out.append(TextDelta("{}") if position < 0 else ToolCallDelta(index=position, arguments="{}"))
 
     def finish(self) -> Finished:
         # message_stop ends the body, but message_delta's stop_reason is what says the answer is
@@ -241,11 +378,16 @@ class EventParser:
         if not self.done or self.stop_reason is None:
             raise truncated(self.kind)
         raw = self.stop_reason
+        reason = _STOP_REASONS.get(raw, FinishReason.OTHER)
+        if reason is FinishReason.TOOL_CALLS and self.json_tool and all(p < 0 for p in self.tool_indexes.values()):
+            reason = FinishReason.STOP  # the only call was the answer
         return Finished(
-            reason=_STOP_REASONS.get(raw, FinishReason.OTHER),
+            reason=reason,
             raw_reason=raw,
             stop_sequence=self.stop_sequence,
             usage=self._usage(),
+            provider_request_id=self.request_id,
+            provider_model=self.model,
         )
 
     def _usage(self) -> Usage | None:
@@ -273,12 +415,82 @@ def _text(value: object) -> str:
     return value
 
 
+def _index(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError("expected an index")
+    return value
+
+
+# A citation's location type -> the contract's, and its start and end keys.
+_CITATION_LOCATIONS = {
+    "char_location": (CitationLocation.CHARACTERS, "start_char_index", "end_char_index"),
+    "page_location": (CitationLocation.PAGES, "start_page_number", "end_page_number"),
+    "content_block_location": (CitationLocation.CONTENT_BLOCKS, "start_block_index", "end_block_index"),
+}
+
+
+class CitingEventParser(EventParser):
+    """An EventParser that also relays `citations_delta`s, for requests that asked for citations.
+
+    A citation belongs to the text block it arrives in, so it is sent when that block ends, with
+    the block's range of the answer text. Counting the answer's characters for that is done here
+    only, so that requests without citations pay nothing for it.
+    """
+
+    __slots__ = ("answer_chars", "block_starts", "citations")
+
+    def __init__(self, kind: str, json_tool: str = "") -> None:
+        super().__init__(kind, json_tool)
+        self.answer_chars = 0
+        self.block_starts: dict[int, int] = {}
+        self.citations: dict[int, list[CitationDelta]] = {}
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> None:
+        kind = delta["type"]
+        if kind == "citations_delta":
+            self.citations.setdefault(index, []).append(self._citation(delta["citation"]))
+            return
+        if kind == "text_delta":
+            self.answer_chars += len(_text(delta["text"]))
+        super()._delta(index, delta)
+
+    def _block_start(self, index: int, block: dict[str, Any]) -> None:
+        if block["type"] == "text":
+            self.block_starts[index] = self.answer_chars
+            self.answer_chars += len(_text(block.get("text") or ""))
+        super()._block_start(index, block)
+
+    def _block_stop(self, index: int) -> None:
+        super()._block_stop(index)
+        citations = self.citations.pop(index, None)
+        if citations:
+            start = self.block_starts.get(index, self.answer_chars)
+            for citation in citations:
+                citation.text_start, citation.text_end = start, self.answer_chars
+                self.out.append(citation)
+
+    def _citation(self, raw: dict[str, Any]) -> CitationDelta:
+        citation = CitationDelta(0, 0, _text(raw.get("cited_text") or ""))
+        kind = raw["type"]
+        if kind in _CITATION_LOCATIONS:
+            citation.location, start, end = _CITATION_LOCATIONS[kind]
+            citation.start_index, citation.end_index = _index(raw[start]), _index(raw[end])
+            citation.document_index = _index(raw.get("document_index", 0))
+            citation.document_title = _text(raw.get("document_title") or "")
+        elif kind == "web_search_result_location":
+            citation.location = CitationLocation.URL
+            citation.url = _text(raw["url"])
+            citation.document_title = _text(raw.get("title") or "")
+        return citation
+
+
 class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
     supports_tools = True
     supports_reasoning = True
     status_error_class: ClassVar[type[Exception]] = anthropic.APIStatusError
     connection_error_class: ClassVar[type[Exception]] = anthropic.APIConnectionError
+    request_id_header = "request-id"
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
@@ -288,6 +500,21 @@ class AnthropicProvider(HTTPProvider):
         )
         self.default_max_tokens = options.number("max_tokens", 4096, minimum=1, maximum=1_000_000)
         self.reasoning_mode = options.choice("reasoning_mode", "budget", ("budget", "adaptive"))
+        # How a JSON response format is asked for: "native" structured outputs (output_config.format),
+        # or "tool", a forced tool call, for models without them.
+        self.structured_output = options.choice("structured_output", "native", _STRUCTURED_OUTPUT_MODES)
+        formats = {ResponseFormatType.TEXT, ResponseFormatType.JSON_SCHEMA}
+        if self.structured_output == "tool":
+            formats.add(ResponseFormatType.JSON_OBJECT)
+        self.capabilities = Capabilities(
+            images=_IMAGES,
+            documents=_DOCUMENTS,
+            prompt_caching=PromptCaching.EXPLICIT,
+            cache_ttls=tuple(_CACHE_TTLS),
+            response_formats=frozenset(formats),
+            citations=True,
+            document_context=True,
+        )
         options.done()
         self.client = anthropic.AsyncAnthropic(
             api_key=self.settings.api_key,
@@ -299,11 +526,23 @@ class AnthropicProvider(HTTPProvider):
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
-        body = request_body(request, default_max_tokens=self.default_max_tokens, reasoning_mode=self.reasoning_mode)
-        return post_streaming(self.client, "/v1/messages", body, self.settings.timeout(request))
+        body = request_body(
+            request,
+            default_max_tokens=self.default_max_tokens,
+            reasoning_mode=self.reasoning_mode,
+            structured_output=self.structured_output,
+        )
+        headers = {"anthropic-beta": _FILES_BETA} if uses_files(request) else None
+        return post_streaming(self.client, "/v1/messages", body, self.settings.timeout(request), headers)
 
     def _parser(self, request: GenerationRequest) -> EventParser:
-        return EventParser(self.kind)
+        fmt = request.response_format
+        json_tool = ""
+        if self.structured_output == "tool" and fmt is not None and fmt.type is not ResponseFormatType.TEXT:
+            json_tool = json_tool_name(fmt)
+        if any(part.citations for message in request.messages for part in message.parts):
+            return CitingEventParser(self.kind, json_tool)
+        return EventParser(self.kind, json_tool)
 
     async def aclose(self) -> None:
         await self.client.close()

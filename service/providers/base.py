@@ -8,13 +8,168 @@ sequencer (`service.streams`) does them for every provider alike.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from service.config import ConfigError, RouteConfig
-from service.events import EventStream, GenerationRequest
+from service.errors import GatewayError, invalid_request
+from service.events import (
+    CacheMarker,
+    EventStream,
+    GenerationRequest,
+    Part,
+    PartKind,
+    ResponseFormatType,
+    Source,
+)
+
+# Breakpoints one request may carry: both vendors' limit.
+MAX_CACHE_MARKERS = 4
 
 _N = TypeVar("_N", int, float)
+
+
+class PromptCaching(enum.StrEnum):
+    NONE = "none"
+    AUTOMATIC = "automatic"
+    EXPLICIT = "explicit"
+
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSupport:
+    """The parts of one kind (images, documents, audio) a route accepts."""
+
+    # Media type -> the sources it may come from; empty: the route takes no such parts.
+    types: Mapping[str, frozenset[Source]] = field(default_factory=dict)
+    max_part_bytes: int = 0
+    url_schemes: tuple[str, ...] = ()
+
+    def sources(self, media_type: str) -> frozenset[Source]:
+        """The sources accepted for `media_type`; for "" (a URL or file id that named none), any type's."""
+        if media_type:
+            return self.types.get(media_type, frozenset())
+        return frozenset().union(*self.types.values())
+
+
+def media(
+    types: Mapping[str, frozenset[Source]], max_part_bytes: int, url_schemes: tuple[str, ...] = ("https",)
+) -> MediaSupport:
+    return MediaSupport(dict(types), max_part_bytes, url_schemes)
+
+
+ALL_SOURCES = frozenset(Source)
+TEXT_ONLY = frozenset({ResponseFormatType.TEXT})
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a route accepts beyond text, as ListModels tells it and validation enforces it."""
+
+    images: MediaSupport = MediaSupport()
+    documents: MediaSupport = MediaSupport()
+    audio: MediaSupport = MediaSupport()
+    prompt_caching: PromptCaching = PromptCaching.NONE
+    # The cache lifetimes offered, in seconds, shortest first; empty: a marker's ttl is refused.
+    cache_ttls: tuple[float, ...] = ()
+    response_formats: frozenset[ResponseFormatType] = TEXT_ONLY
+    citations: bool = False
+    # Whether documents take DocumentPart.context.
+    document_context: bool = False
+
+    def cache_ttl(self, ttl: float | None) -> float | None:
+        """The provider's lifetime for a marker's ttl: the shortest offered that is at least as long."""
+        if ttl is None:
+            return None
+        return next((offered for offered in self.cache_ttls if offered >= ttl), None)
+
+    def refusal(self, request: GenerationRequest, route: str) -> GatewayError | None:
+        return refusal(self, request, route)
+
+
+def refusal(caps: Capabilities, request: GenerationRequest, name: str) -> GatewayError | None:
+    """Why route `name` with `caps` cannot serve the request's parts and response format; None when it can.
+
+    The error names the part by its index, as the caller sent it.
+    """
+    fmt = request.response_format
+    if fmt is not None and fmt.type not in caps.response_formats:
+        return invalid_request(
+            "response_format.type", f"route {name!r} cannot produce {fmt.type.value}; see ListModels"
+        )
+    markers = 0
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.parts):
+            where = f"messages[{i}].parts[{j}]"
+            if part.cache is not None:
+                markers += 1
+                refusal = _cache_refusal(part.cache, caps, name, where, markers)
+                if refusal is not None:
+                    return refusal
+            if part.kind is PartKind.TEXT:
+                continue
+            refusal = _media_refusal(part, caps, name, f"{where}.{part.kind.value}")
+            if refusal is not None:
+                return refusal
+    return None
+
+
+def _cache_refusal(
+    marker: CacheMarker, caps: Capabilities, route: str, where: str, markers: int
+) -> GatewayError | None:
+    if caps.prompt_caching is PromptCaching.NONE:
+        return invalid_request(f"{where}.cache_control", f"route {route!r} has no prompt cache")
+    if markers > MAX_CACHE_MARKERS:
+        return invalid_request(f"{where}.cache_control", f"a request takes at most {MAX_CACHE_MARKERS} cache markers")
+    if marker.ttl is not None and caps.cache_ttl(marker.ttl) is None:
+        offered = ", ".join(f"{t:g} s" for t in caps.cache_ttls) or "none (its cache is automatic)"
+        return invalid_request(
+            f"{where}.cache_control.ttl",
+            f"route {route!r} cannot keep a cache for {marker.ttl:g} s; lifetimes it offers: {offered}",
+        )
+    return None
+
+
+def _media_refusal(part: Part, caps: Capabilities, route: str, where: str) -> GatewayError | None:
+    kind = part.kind.value
+    support: MediaSupport = getattr(caps, {"image": "images", "document": "documents"}.get(kind, kind))
+    if not support.types:
+        return invalid_request(where, f"route {route!r} does not accept {kind} parts")
+    sources = support.sources(part.media_type)
+    if not sources:
+        accepted = ", ".join(sorted(support.types))
+        return invalid_request(
+            f"{where}.media_type", f"route {route!r} does not accept {part.media_type} {kind}s; it accepts {accepted}"
+        )
+    source = part.source
+    assert source is not None
+    if source not in sources:
+        which = f"{part.media_type} {kind}s" if part.media_type else f"{kind}s"
+        accepted = ", ".join(sorted(s.value for s in sources))
+        return invalid_request(f"{where}.{source.value}", f"route {route!r} takes {which} only as {accepted}")
+    if source is Source.DATA:
+        assert part.data is not None
+        if len(part.data) > support.max_part_bytes:
+            return invalid_request(
+                f"{where}.data",
+                f"is {len(part.data)} bytes; route {route!r} takes at most {support.max_part_bytes} per {kind} "
+                "(a URL or a file id is the way for larger media)",
+            )
+    elif source is Source.URL:
+        scheme = part.url.partition(":")[0].lower()
+        if scheme not in support.url_schemes:
+            return invalid_request(
+                f"{where}.url", f"route {route!r} fetches only {', '.join(support.url_schemes)} URLs, not {scheme}:"
+            )
+    if part.citations and not caps.citations:
+        return invalid_request(f"{where}.citations", f"route {route!r} cannot cite documents")
+    if part.context and not caps.document_context:
+        return invalid_request(f"{where}.context", f"route {route!r} takes no document context")
+    return None
 
 
 class Provider(abc.ABC):
@@ -26,6 +181,8 @@ class Provider(abc.ABC):
 
     def __init__(self, route: RouteConfig) -> None:
         self.route = route
+        # Text only, unless the adapter says more (it may depend on the route's options).
+        self.capabilities = Capabilities()
 
     @abc.abstractmethod
     def stream(self, request: GenerationRequest) -> EventStream:

@@ -8,6 +8,7 @@ before `data: [DONE]`.
 
 from __future__ import annotations
 
+import base64
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ClassVar
@@ -21,16 +22,20 @@ from service.events import (
     Finished,
     FinishReason,
     GenerationRequest,
+    Part,
+    PartKind,
     ProviderEvent,
     ReasoningDelta,
     ReasoningEffort,
+    ResponseFormatType,
     Role,
+    Source,
     TextDelta,
     ToolCallDelta,
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import Options
+from service.providers.base import MIB, Capabilities, Options, PromptCaching, media
 from service.providers.upstream import (
     HTTPProvider,
     HTTPSettings,
@@ -48,6 +53,16 @@ _FINISH_REASONS = {
     "content_filter": FinishReason.CONTENT_FILTER,
 }
 _MAX_TOKENS_FIELDS = ("max_completion_tokens", "max_tokens")
+_INLINE_OR_URL = frozenset({Source.DATA, Source.URL})
+# What Chat Completions takes: images inline (as data: URLs) or by URL; PDFs inline or as an
+# uploaded file; WAV and MP3 audio inline only. 20 MiB per image or recording, 32 MiB per PDF.
+_IMAGES = media(dict.fromkeys(("image/png", "image/jpeg", "image/gif", "image/webp"), _INLINE_OR_URL), 20 * MIB)
+_DOCUMENTS = media({"application/pdf": frozenset({Source.DATA, Source.FILE_ID})}, 32 * MIB)
+_AUDIO_FORMATS = {"audio/wav": "wav", "audio/mpeg": "mp3"}
+_AUDIO = media(dict.fromkeys(_AUDIO_FORMATS, frozenset({Source.DATA})), 20 * MIB)
+# OpenAI's explicit breakpoints keep a prefix 30 minutes, the one lifetime they offer.
+_BREAKPOINT_TTLS = (1800.0,)
+_PROMPT_CACHE_MODES = ("automatic", "breakpoints")
 
 
 def effort_for_budget(budget: int) -> ReasoningEffort:
@@ -59,27 +74,70 @@ def effort_for_budget(budget: int) -> ReasoningEffort:
     return ReasoningEffort.HIGH
 
 
-def _message(message: ChatMessage) -> dict[str, Any]:
+def _b64(data: bytes | None) -> str:
+    assert data is not None
+    return base64.b64encode(data).decode("ascii")
+
+
+def _part(part: Part, breakpoints: bool) -> dict[str, Any]:
+    """One content part. Validation let through only what this route takes (see _IMAGES, ...)."""
+    kind, source = part.kind, part.source
+    block: dict[str, Any]
+    if kind is PartKind.TEXT:
+        block = {"type": "text", "text": part.text}
+    elif kind is PartKind.IMAGE:
+        url = part.url if source is Source.URL else f"data:{part.media_type};base64,{_b64(part.data)}"
+        block = {"type": "image_url", "image_url": {"url": url}}
+    elif kind is PartKind.DOCUMENT:
+        file: dict[str, str] = {}
+        if source is Source.FILE_ID:
+            file["file_id"] = part.file_id
+        else:
+            file["filename"] = part.title or "document.pdf"
+            file["file_data"] = f"data:application/pdf;base64,{_b64(part.data)}"
+        block = {"type": "file", "file": file}
+    else:
+        block = {
+            "type": "input_audio",
+            "input_audio": {"data": _b64(part.data), "format": _AUDIO_FORMATS[part.media_type]},
+        }
+    if part.cache is not None and breakpoints:
+        # The ttl was checked against the one lifetime offered, which is the default.
+        block["prompt_cache_breakpoint"] = {"mode": "explicit"}
+    return block
+
+
+def _content(message: ChatMessage, breakpoints: bool) -> str | list[dict[str, Any]]:
+    if message.parts:
+        return [_part(part, breakpoints) for part in message.parts]
+    return message.text
+
+
+def _message(message: ChatMessage, breakpoints: bool = False) -> dict[str, Any]:
     if message.role is Role.TOOL:
-        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.text}
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": _content(message, breakpoints)}
     if message.role is Role.ASSISTANT and message.tool_calls:
         # Earlier reasoning is not sent back: Chat Completions has no field for it.
         return {
             "role": "assistant",
-            "content": message.text or None,
+            "content": _content(message, breakpoints) or None,
             "tool_calls": [
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
                 for call in message.tool_calls
             ],
         }
-    return {"role": message.role.value, "content": message.text}
+    return {"role": message.role.value, "content": _content(message, breakpoints)}
 
 
-def request_body(request: GenerationRequest, max_tokens_field: str) -> dict[str, Any]:
-    """The Chat Completions parameters: generation options only when the caller set them."""
+def request_body(request: GenerationRequest, max_tokens_field: str, *, breakpoints: bool = False) -> dict[str, Any]:
+    """The Chat Completions parameters: generation options only when the caller set them.
+
+    `breakpoints`: cache markers become `prompt_cache_breakpoint`s; otherwise the provider's
+    automatic caching is all there is, and they have nothing to map to.
+    """
     body: dict[str, Any] = {
         "model": request.upstream_model,
-        "messages": [_message(m) for m in request.messages],
+        "messages": [_message(m, breakpoints) for m in request.messages],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -115,6 +173,15 @@ def request_body(request: GenerationRequest, max_tokens_field: str) -> dict[str,
         effort = effort_for_budget(request.reasoning_budget_tokens)
     if effort is not None:
         body["reasoning_effort"] = effort.value
+    fmt = request.response_format
+    if fmt is not None:
+        if fmt.type is ResponseFormatType.JSON_SCHEMA:
+            schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict}
+            if fmt.description:
+                schema["description"] = fmt.description
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        else:
+            body["response_format"] = {"type": fmt.type.value}
     return body
 
 
@@ -142,7 +209,7 @@ def _well_typed(piece: ToolCallDelta) -> bool:
 class ChunkParser:
     """`chat.completion.chunk` events -> neutral events. Only choice 0 is read (tokenwire asks for one)."""
 
-    __slots__ = ("done", "finish_reason", "kind", "out", "refused", "usage")
+    __slots__ = ("done", "finish_reason", "kind", "model", "out", "refused", "request_id", "usage")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -151,6 +218,9 @@ class ChunkParser:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.refused = False
+        self.request_id = ""
+        # The snapshot that answered, read from the usage chunk: once per stream, not per chunk.
+        self.model = ""
 
     def handle(self, name: bytes, data: bytes) -> None:
         if data == b"[DONE]":
@@ -162,6 +232,9 @@ class ChunkParser:
         usage = chunk.get("usage")
         if usage:
             self.usage = usage_from(usage)
+            model = chunk.get("model")
+            if isinstance(model, str):
+                self.model = model
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) == 0:
                 self._choice(choice)
@@ -211,7 +284,13 @@ class ChunkParser:
         reason = _FINISH_REASONS.get(raw, FinishReason.OTHER)
         if self.refused and reason is FinishReason.STOP:
             reason = FinishReason.REFUSAL
-        return Finished(reason=reason, raw_reason=raw, usage=self.usage)
+        return Finished(
+            reason=reason,
+            raw_reason=raw,
+            usage=self.usage,
+            provider_request_id=self.request_id,
+            provider_model=self.model,
+        )
 
 
 class OpenAIProvider(HTTPProvider):
@@ -225,12 +304,23 @@ class OpenAIProvider(HTTPProvider):
     default_key_env: ClassVar[str] = "OPENAI_API_KEY"
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     default_max_tokens_field: ClassVar[str] = "max_completion_tokens"
+    request_id_header = "x-request-id"
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
         options = Options(route)
         self.settings = self._settings(options, route)
         self.max_tokens_field = options.choice("max_tokens_field", self.default_max_tokens_field, _MAX_TOKENS_FIELDS)
+        # "breakpoints": models that take explicit `prompt_cache_breakpoint`s (gpt-5.6 and later).
+        self.breakpoints = options.choice("prompt_cache", "automatic", _PROMPT_CACHE_MODES) == "breakpoints"
+        self.capabilities = Capabilities(
+            images=_IMAGES,
+            documents=_DOCUMENTS,
+            audio=_AUDIO,
+            prompt_caching=PromptCaching.EXPLICIT if self.breakpoints else PromptCaching.AUTOMATIC,
+            cache_ttls=_BREAKPOINT_TTLS if self.breakpoints else (),
+            response_formats=frozenset(ResponseFormatType),
+        )
         self._configure(options, route)
         options.done()
         self.client = self._client()
@@ -255,7 +345,7 @@ class OpenAIProvider(HTTPProvider):
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
-        body = request_body(request, self.max_tokens_field)
+        body = request_body(request, self.max_tokens_field, breakpoints=self.breakpoints)
         return post_streaming(self.client, self._path(request), body, self.settings.timeout(request))
 
     def _path(self, request: GenerationRequest) -> str:

@@ -3,7 +3,10 @@
 It behaves like a real provider where callers can see it: it honours max output tokens (finish
 LENGTH), stop sequences (STOP_SEQUENCE, never streaming any part of the matched sequence), tools
 (streamed tool-call deltas, finish TOOL_CALLS) and reasoning options (reasoning deltas with a
-signature), and reports usage. Route options also script faults — an error after N chunks, a
+signature), and reports usage. It accepts every kind of content part and begins its answer by
+describing what it received; asked for JSON it answers with a JSON object, for a schema with an
+instance of it (see `service.providers.schema_instance`), and documents that ask for citations
+are cited. Route options also script faults — an error after N chunks, a
 stall, a slow first token — so client developers can test their error handling for real.
 """
 
@@ -19,21 +22,47 @@ from service.config import RouteConfig
 from service.errors import ErrorCode, GatewayError
 from service.events import (
     ChatMessage,
+    CitationDelta,
+    CitationLocation,
     EventStream,
     Finished,
     FinishReason,
     GenerationRequest,
+    Part,
+    PartKind,
     ReasoningDelta,
     ReasoningEffort,
+    ResponseFormatType,
     Role,
+    Source,
     TextDelta,
     ToolCallDelta,
     ToolChoiceMode,
     ToolSpec,
     Usage,
 )
-from service.providers.base import Options, Provider
+from service.providers.base import ALL_SOURCES, MIB, Capabilities, Options, PromptCaching, Provider, media
+from service.providers.schema_instance import instance_of
 
+_ANY = ("http", "https")
+# Every kind of part, from every source: the simulated model reads none of it, it describes it.
+CAPABILITIES = Capabilities(
+    images=media(dict.fromkeys(("image/png", "image/jpeg", "image/gif", "image/webp"), ALL_SOURCES), 32 * MIB, _ANY),
+    documents=media(dict.fromkeys(("application/pdf", "text/plain"), ALL_SOURCES), 32 * MIB, _ANY),
+    audio=media(
+        dict.fromkeys(("audio/wav", "audio/mpeg", "audio/ogg", "audio/flac", "audio/webm"), ALL_SOURCES), 32 * MIB, _ANY
+    ),
+    prompt_caching=PromptCaching.EXPLICIT,
+    # Both vendors' lifetimes, so that a request tested here passes on either.
+    cache_ttls=(300.0, 1800.0, 3600.0),
+    response_formats=frozenset(ResponseFormatType),
+    citations=True,
+    document_context=True,
+)
+# Prompt tokens a media part counts for, as a vendor would bill a small one.
+_MEDIA_TOKENS = {PartKind.IMAGE: 258, PartKind.DOCUMENT: 1000, PartKind.AUDIO: 150}
+# JSON answers stream this many characters per delta.
+_JSON_PIECE = 16
 _SENTENCES = (
     "Streaming lets a reader start on the first words while the model is still writing the rest.",
     "Each chunk carries a sequence number, so a gap in the numbers means data was lost.",
@@ -111,8 +140,51 @@ def _text_crc(text: str, slice_chars: int = _SLICE_CHARS) -> int:
 def _last_text(messages: tuple[ChatMessage, ...], role: Role) -> str:
     for message in reversed(messages):
         if message.role is role:
-            return message.text
+            return message.text or " ".join(p.text for p in message.parts if p.kind is PartKind.TEXT)
     return ""
+
+
+def _media_parts(request: GenerationRequest) -> list[Part]:
+    return [p for m in request.messages for p in m.parts if p.kind is not PartKind.TEXT]
+
+
+def describe(parts: list[Part]) -> str:
+    """What the simulated model says it received, one clause per media part, in order."""
+    clauses = []
+    for part in parts:
+        what = {PartKind.IMAGE: "an image", PartKind.DOCUMENT: "a document"}.get(part.kind, "a recording")
+        if part.title:
+            what += f" titled {part.title!r}"
+        source = part.source
+        if source is Source.DATA:
+            assert part.data is not None
+            where = f"{len(part.data):,} bytes inline"
+        elif source is Source.URL:
+            where = f"at {part.url[:80]}"
+        else:
+            where = f"file {part.file_id[:80]}"
+        clauses.append(f"{what} ({part.media_type or 'type not given'}, {where})")
+    if len(clauses) > 1:
+        clauses[-1] = "and " + clauses[-1]
+    return "I received " + (", " if len(clauses) > 2 else " ").join(clauses) + ". "
+
+
+def _citations(request: GenerationRequest, answer_chars: int) -> list[CitationDelta]:
+    """One citation of each document that asked for them, supporting the whole answer."""
+    documents = [p for p in _media_parts(request) if p.kind is PartKind.DOCUMENT]
+    out = []
+    for index, doc in enumerate(documents):
+        if not doc.citations:
+            continue
+        citation = CitationDelta(0, answer_chars, "", document_index=index, document_title=doc.title)
+        if doc.media_type == "text/plain" and doc.data is not None:
+            quoted = doc.data[:400].decode(errors="ignore").split("\n", 1)[0][:80]
+            citation.cited_text = quoted
+            citation.location, citation.start_index, citation.end_index = CitationLocation.CHARACTERS, 0, len(quoted)
+        else:
+            citation.location, citation.start_index, citation.end_index = CitationLocation.PAGES, 1, 2
+        out.append(citation)
+    return out
 
 
 class SimulatedProvider(Provider):
@@ -122,6 +194,7 @@ class SimulatedProvider(Provider):
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
+        self.capabilities = CAPABILITIES
         o = Options(route)
         self.first_token_ms = o.number("first_token_ms", 200.0, minimum=0.0, maximum=600_000.0)
         # 0 streams as fast as the reader takes it.
@@ -187,7 +260,14 @@ class _SimulatedStream:
         return limit is not None and self.output_tokens >= limit
 
     def _finished(self, reason: FinishReason, raw: str, stop_sequence: str = "") -> Finished:
-        return Finished(reason, raw, stop_sequence=stop_sequence, usage=self._usage())
+        return Finished(
+            reason,
+            raw,
+            stop_sequence=stop_sequence,
+            usage=self._usage(),
+            provider_request_id="sim-" + self.request.stream_id,
+            provider_model=self.request.upstream_model,
+        )
 
     async def run(self) -> EventStream:
         request = self.request
@@ -223,9 +303,26 @@ class _SimulatedStream:
             yield self._finished(FinishReason.TOOL_CALLS, "tool_calls")
             return
 
+        fmt = request.response_format
+        media_parts = _media_parts(request)
+        if fmt is not None and fmt.type is not ResponseFormatType.TEXT:
+            sentence = "".join(_words(_SENTENCES, start, 1)).strip()
+            if fmt.type is ResponseFormatType.JSON_SCHEMA:
+                value = instance_of(fmt.schema, sentence)
+            else:
+                value = {"answer": sentence, **({"received": describe(media_parts).strip()} if media_parts else {})}
+            answer = json.dumps(value, ensure_ascii=False)
+            tokens = [answer[i : i + _JSON_PIECE] for i in range(0, len(answer), _JSON_PIECE)]
+        else:
+            tokens = _words(_SENTENCES, start, self.p.answer_tokens)
+            if media_parts:
+                # The description first, as words streamed like the rest of the answer.
+                words = describe(media_parts).rstrip().split(" ")
+                tokens = [words[0], *(" " + w for w in words[1:]), " " + tokens[0], *tokens[1:]]
+        answer_chars = 0
         stops = request.stop_sequences
         held = ""  # text that may be the start of a stop sequence, not streamed yet
-        for token in _words(_SENTENCES, start, self.p.answer_tokens):
+        for token in tokens:
             if self._at_limit():
                 if held:
                     yield TextDelta(held)
@@ -247,15 +344,23 @@ class _SimulatedStream:
             else:
                 ready, held = held, ""
             if ready:
+                answer_chars += len(ready)
                 yield TextDelta(ready)
         if held:
+            answer_chars += len(held)
             yield TextDelta(held)
+        if media_parts:
+            for citation in _citations(request, answer_chars):
+                yield citation
         yield self._finished(FinishReason.STOP, "stop")
 
     def _usage(self) -> Usage:
         request = self.request
         prompt = sum(
-            4 + _count_tokens(m.text) + sum(_count_tokens(c.arguments_json) + 2 for c in m.tool_calls)
+            4
+            + _count_tokens(m.text)
+            + sum(_count_tokens(c.arguments_json) + 2 for c in m.tool_calls)
+            + sum(_count_tokens(p.text) if p.kind is PartKind.TEXT else _MEDIA_TOKENS[p.kind] for p in m.parts)
             for m in request.messages
         )
         prompt += sum(8 + len(json.dumps(t.parameters)) // 4 for t in request.tools)

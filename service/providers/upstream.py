@@ -330,6 +330,8 @@ class StreamParser(Protocol):
     out: list[ProviderEvent]
     # Set once the vendor's end marker arrived: nothing after it matters.
     done: bool
+    # The provider's id of the request, from its response headers ("" when it sent none).
+    request_id: str
 
     def handle(self, name: bytes, data: bytes) -> None: ...
 
@@ -340,7 +342,7 @@ class StreamParser(Protocol):
 
 @contextlib.asynccontextmanager
 async def post_streaming(
-    client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout
+    client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout, headers: Mapping[str, str] | None = None
 ) -> AsyncIterator[httpx2.Response]:
     """POSTs `body` through a vendor SDK's client and yields the response with its body unread.
 
@@ -358,7 +360,7 @@ async def post_streaming(
         path,
         cast_to=httpx2.Response,
         content=orjson.dumps(body),
-        options={"timeout": limits},
+        options={"timeout": limits, "headers": headers} if headers else {"timeout": limits},
         stream=True,
         stream_cls=None,
     )
@@ -374,6 +376,8 @@ class HTTPProvider(Provider):
     # The SDK's exception classes for an HTTP error status and for a failed connection.
     status_error_class: ClassVar[type[Exception]]
     connection_error_class: ClassVar[type[Exception]]
+    # The response header that carries the provider's request id.
+    request_id_header: ClassVar[str]
 
     @abc.abstractmethod
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
@@ -392,6 +396,7 @@ class HTTPProvider(Provider):
         started = False
         try:
             async with self._send(request) as response:
+                parser.request_id = response.headers.get(self.request_id_header, "")
                 read = body_reader(response)
                 while True:
                     chunk = await read()

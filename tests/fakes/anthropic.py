@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,6 +118,44 @@ class FakeAnthropic(FakeServer):
         model = ctx.body.get("model")
         return model if isinstance(model, str) and model else FALLBACK_MODEL
 
+    def _rejection(self, body: dict[str, Any], headers: Mapping[str, str]) -> str | None:
+        """The content shapes the Messages API refuses with a 400, as its documentation states them."""
+        markers = 0
+        system = body.get("system")
+        blocks: list[Any] = list(system) if isinstance(system, list) else []
+        for message in body.get("messages") or ():
+            content = message.get("content")
+            if isinstance(content, list):
+                blocks += content
+                blocks += [
+                    b for c in content if isinstance(c, dict) for b in (c.get("content") or ()) if isinstance(b, dict)
+                ]
+        for b in blocks:
+            if not isinstance(b, dict):
+                return "content blocks must be objects"
+            control = b.get("cache_control")
+            if control is not None:
+                markers += 1
+                if (
+                    control.get("type") != "ephemeral"
+                    or control.get("ttl", "5m") not in ("5m", "1h")
+                    or len(control) > 2
+                ):
+                    return f"cache_control: unexpected value {control!r}"
+            kind = b.get("type")
+            if kind in ("image", "document"):
+                problem = _source_problem(kind, b.get("source"), headers)
+                if problem:
+                    return problem
+            elif kind not in ("text", "thinking", "redacted_thinking", "tool_use", "tool_result"):
+                return f"unknown content block type {kind!r}"
+        if markers > 4:
+            return "A maximum of 4 blocks with cache_control may be provided."
+        fmt = (body.get("output_config") or {}).get("format")
+        if fmt is not None and (fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict)):
+            return f"output_config.format: unexpected value {fmt!r}"
+        return None
+
     def _render_stream(self, reply: StreamReply, ctx: RequestContext) -> RenderedStream:
         message: dict[str, Any] = {
             "id": f"msg_{random_id(24)}",
@@ -146,6 +186,8 @@ class FakeAnthropic(FakeServer):
             frames.append(Frame(event(b"content_block_stop", {"type": "content_block_stop", "index": index})))
             index += 1
 
+        for data in reply.redacted:
+            block({"type": "redacted_thinking", "data": data}, [], [])
         if reply.reasoning:
             block(
                 {"type": "thinking", "thinking": "", "signature": ""},
@@ -153,7 +195,12 @@ class FakeAnthropic(FakeServer):
                 [{"type": "signature_delta", "signature": reply.signature}],
             )
         if reply.text:
-            block({"type": "text", "text": ""}, [{"type": "text_delta", "text": piece} for piece in reply.text], [])
+            citations = [{"type": "citations_delta", "citation": dict(c)} for c in reply.citations]
+            block(
+                {"type": "text", "text": "", **({"citations": []} if citations else {})},
+                [{"type": "text_delta", "text": piece} for piece in reply.text],
+                citations,
+            )
         for call in reply.tool_calls:
             block(
                 {"type": "tool_use", "id": call.id, "name": call.name, "input": {}},
@@ -201,3 +248,32 @@ class FakeAnthropic(FakeServer):
                 "usage": usage,
             }
         )
+
+
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def _source_problem(kind: str, source: Any, headers: Mapping[str, str]) -> str | None:
+    if not isinstance(source, dict):
+        return f"{kind}.source: Field required"
+    stype = source.get("type")
+    if stype == "base64":
+        allowed = _IMAGE_TYPES if kind == "image" else ("application/pdf",)
+        if source.get("media_type") not in allowed:
+            return f"{kind}.source.media_type: Input should be one of {allowed}"
+        try:
+            base64.b64decode(source.get("data", ""), validate=True)
+        except (binascii.Error, ValueError):
+            return f"{kind}.source.data: invalid base64 data"
+    elif stype == "url":
+        if not str(source.get("url", "")).startswith("https://"):
+            return f"{kind}.source.url: only https URLs are supported"
+    elif stype == "file":
+        if "files-api-2025-04-14" not in headers.get("anthropic-beta", ""):
+            return f"{kind}.source: file sources need the files-api beta"
+    elif stype == "text" and kind == "document":
+        if source.get("media_type") != "text/plain" or not isinstance(source.get("data"), str):
+            return "document.source: a text source takes media_type text/plain and string data"
+    else:
+        return f"{kind}.source.type: unexpected value {stype!r}"
+    return None

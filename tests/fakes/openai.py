@@ -104,6 +104,28 @@ class FakeOpenAI(FakeServer):
             return model
         return ctx.params.get("deployment") or FALLBACK_MODEL
 
+    def _rejection(self, body: dict[str, Any], headers: Mapping[str, str]) -> str | None:
+        """The content part and response_format shapes Chat Completions refuses with a 400."""
+        for i, message in enumerate(body.get("messages") or ()):
+            content = message.get("content")
+            if not isinstance(content, list):
+                continue
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                problem = _part_problem(part, message.get("role"))
+                if problem:
+                    return f"Invalid '{where}': {problem}"
+        fmt = body.get("response_format")
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_schema":
+                schema = fmt.get("json_schema")
+                if not isinstance(schema, dict) or not schema.get("name") or not isinstance(schema.get("schema"), dict):
+                    return "Invalid 'response_format.json_schema': name and schema are required"
+            elif kind not in ("text", "json_object"):
+                return f"Invalid 'response_format.type': {kind!r}"
+        return None
+
     def _render_stream(self, reply: StreamReply, ctx: RequestContext) -> RenderedStream:
         options = ctx.body.get("stream_options")
         include_usage = reply.usage is not None and isinstance(options, dict) and options.get("include_usage") is True
@@ -164,3 +186,34 @@ class FakeOpenAI(FakeServer):
         if reply.usage is not None:
             obj["usage"] = usage_object(reply.usage)
         return orjson.dumps(obj)
+
+
+def _part_problem(part: Any, role: Any) -> str | None:
+    if not isinstance(part, dict):
+        return "a content part must be an object"
+    kind = part.get("type")
+    breakpoint_ = part.get("prompt_cache_breakpoint")
+    if breakpoint_ is not None and (breakpoint_.get("mode") != "explicit" or breakpoint_.get("ttl", "30m") != "30m"):
+        return f"unexpected prompt_cache_breakpoint {breakpoint_!r}"
+    if role != "user" and kind != "text":
+        return f"a {role} message takes text parts only"
+    if kind == "text":
+        return None if isinstance(part.get("text"), str) else "text is required"
+    if kind == "image_url":
+        url = str((part.get("image_url") or {}).get("url", ""))
+        if re.match(r"^data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+$", url) or url.startswith("https://"):
+            return None
+        return "image_url.url must be an https URL or a base64 data URL of an image"
+    if kind == "input_audio":
+        audio = part.get("input_audio") or {}
+        if audio.get("format") not in ("wav", "mp3") or not audio.get("data"):
+            return "input_audio takes base64 data and a format of wav or mp3"
+        return None
+    if kind == "file":
+        file = part.get("file") or {}
+        if "file_id" in file:
+            return None
+        if not str(file.get("file_data", "")).startswith("data:application/pdf;base64,") or not file.get("filename"):
+            return "file takes a file_id, or file_data (a base64 data URL of a PDF) with a filename"
+        return None
+    return f"unknown content part type {kind!r}"

@@ -54,6 +54,10 @@ class StreamReply:
     text: Sequence[str] = ("Hello", ", world", "!")
     reasoning: Sequence[str] = ()
     signature: str = "sig-1"
+    # Anthropic only: `redacted_thinking` blocks' data, sent before everything else; and
+    # citation objects sent as `citations_delta`s in the text block, after its text.
+    redacted: Sequence[str] = ()
+    citations: Sequence[Mapping[str, object]] = ()
     tool_calls: Sequence[ToolCallScript] = ()
     finish: str | None = None
     stop_sequence: str | None = None

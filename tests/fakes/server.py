@@ -421,6 +421,7 @@ class FakeServer(abc.ABC):
         self.default: Reply = default if default is not None else StreamReply()
         self.requests: list[RecordedRequest] = []
         self.errors: list[BaseException] = []  # exceptions raised while serving (bugs in the fake)
+        self.rejections: list[str] = []  # bodies refused with a 400 for their shape (see _rejection)
         self.connections_opened = 0
         self._queue: deque[Reply] = deque()
         self._server: asyncio.Server | None = None
@@ -553,6 +554,10 @@ class FakeServer(abc.ABC):
     @abc.abstractmethod
     def _not_found_message(self, method: str, path: str) -> str: ...
 
+    def _rejection(self, body: dict[str, Any], headers: Mapping[str, str]) -> str | None:
+        """Why the vendor would refuse this body with a 400 (a shape it does not take), or None."""
+        return None
+
     @abc.abstractmethod
     def _render_stream(self, reply: StreamReply, ctx: RequestContext) -> RenderedStream: ...
 
@@ -601,6 +606,10 @@ class FakeServer(abc.ABC):
             return self._error_plan(401, "", self._unauthorized_message(), keep_alive)
         if not isinstance(body, dict):
             return self._error_plan(400, "", "The request body is not a JSON object.", keep_alive)
+        problem = self._rejection(body, incoming.headers)
+        if problem is not None:
+            self.rejections.append(problem)
+            return self._error_plan(400, "", problem, keep_alive)
         reply = self._queue.popleft() if self._queue else self.default
         if isinstance(reply, ResetReply):
             return reply

@@ -85,6 +85,34 @@ ROLE_TOOL: Role.ValueType  # 4
 """The result of a tool call, answering the call named by `tool_call_id`."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _ResponseFormatType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseFormatTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseFormatType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_FORMAT_TYPE_UNSPECIFIED: _ResponseFormatType.ValueType  # 0
+    """Unset: the same as RESPONSE_FORMAT_TYPE_TEXT."""
+    RESPONSE_FORMAT_TYPE_TEXT: _ResponseFormatType.ValueType  # 1
+    """Free text."""
+    RESPONSE_FORMAT_TYPE_JSON_OBJECT: _ResponseFormatType.ValueType  # 2
+    """Any JSON object."""
+    RESPONSE_FORMAT_TYPE_JSON_SCHEMA: _ResponseFormatType.ValueType  # 3
+    """JSON that matches ResponseFormat.schema."""
+
+class ResponseFormatType(_ResponseFormatType, metaclass=_ResponseFormatTypeEnumTypeWrapper):
+    """ResponseFormatType says what shape the answer text takes."""
+
+RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.ValueType  # 0
+"""Unset: the same as RESPONSE_FORMAT_TYPE_TEXT."""
+RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.ValueType  # 1
+"""Free text."""
+RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.ValueType  # 2
+"""Any JSON object."""
+RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
+"""JSON that matches ResponseFormat.schema."""
+Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
+
 class _ToolChoiceMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -144,6 +172,38 @@ REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 2
 REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 3
 """Think thoroughly."""
 Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
+
+class _CitationLocationType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CitationLocationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CitationLocationType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CITATION_LOCATION_TYPE_UNSPECIFIED: _CitationLocationType.ValueType  # 0
+    """Unknown: only cited_text and the source say what is cited."""
+    CITATION_LOCATION_TYPE_CHARACTERS: _CitationLocationType.ValueType  # 1
+    """Characters of a plain-text document, from 0."""
+    CITATION_LOCATION_TYPE_PAGES: _CitationLocationType.ValueType  # 2
+    """Pages of a PDF, from 1."""
+    CITATION_LOCATION_TYPE_CONTENT_BLOCKS: _CitationLocationType.ValueType  # 3
+    """Content blocks of a document given as blocks, from 0."""
+    CITATION_LOCATION_TYPE_URL: _CitationLocationType.ValueType  # 4
+    """A web page, named by CitationDelta.url."""
+
+class CitationLocationType(_CitationLocationType, metaclass=_CitationLocationTypeEnumTypeWrapper):
+    """CitationLocationType says how CitationDelta.start_index and end_index locate the cited text."""
+
+CITATION_LOCATION_TYPE_UNSPECIFIED: CitationLocationType.ValueType  # 0
+"""Unknown: only cited_text and the source say what is cited."""
+CITATION_LOCATION_TYPE_CHARACTERS: CitationLocationType.ValueType  # 1
+"""Characters of a plain-text document, from 0."""
+CITATION_LOCATION_TYPE_PAGES: CitationLocationType.ValueType  # 2
+"""Pages of a PDF, from 1."""
+CITATION_LOCATION_TYPE_CONTENT_BLOCKS: CitationLocationType.ValueType  # 3
+"""Content blocks of a document given as blocks, from 0."""
+CITATION_LOCATION_TYPE_URL: CitationLocationType.ValueType  # 4
+"""A web page, named by CitationDelta.url."""
+Global___CitationLocationType: _TypeAlias = CitationLocationType  # noqa: Y015
 
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -431,6 +491,44 @@ STREAM_STATUS_CANCELLED: StreamStatus.ValueType  # 4
 """Ended with the Error of a Cancel."""
 Global___StreamStatus: _TypeAlias = StreamStatus  # noqa: Y015
 
+class _PromptCaching:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PromptCachingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PromptCaching.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROMPT_CACHING_UNSPECIFIED: _PromptCaching.ValueType  # 0
+    """Unknown."""
+    PROMPT_CACHING_NONE: _PromptCaching.ValueType  # 1
+    """The route has no prompt cache: a cache marker is INVALID_ARGUMENT."""
+    PROMPT_CACHING_AUTOMATIC: _PromptCaching.ValueType  # 2
+    """The provider caches prompt prefixes by itself (OpenAI's automatic caching): markers are
+    accepted and have nothing to map to, a marker with a ttl is INVALID_ARGUMENT, and cached
+    tokens are reported in usage.
+    """
+    PROMPT_CACHING_EXPLICIT: _PromptCaching.ValueType  # 3
+    """Every marker becomes the provider's own breakpoint (Anthropic `cache_control`, OpenAI
+    `prompt_cache_breakpoint`).
+    """
+
+class PromptCaching(_PromptCaching, metaclass=_PromptCachingEnumTypeWrapper):
+    """PromptCaching says what a route does with the request's cache markers."""
+
+PROMPT_CACHING_UNSPECIFIED: PromptCaching.ValueType  # 0
+"""Unknown."""
+PROMPT_CACHING_NONE: PromptCaching.ValueType  # 1
+"""The route has no prompt cache: a cache marker is INVALID_ARGUMENT."""
+PROMPT_CACHING_AUTOMATIC: PromptCaching.ValueType  # 2
+"""The provider caches prompt prefixes by itself (OpenAI's automatic caching): markers are
+accepted and have nothing to map to, a marker with a ttl is INVALID_ARGUMENT, and cached
+tokens are reported in usage.
+"""
+PROMPT_CACHING_EXPLICIT: PromptCaching.ValueType  # 3
+"""Every marker becomes the provider's own breakpoint (Anthropic `cache_control`, OpenAI
+`prompt_cache_breakpoint`).
+"""
+Global___PromptCaching: _TypeAlias = PromptCaching  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
     """GenerateRequest asks for one model response, streamed."""
@@ -470,6 +568,7 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     RESUME_WINDOW_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. The name of a route configured on the server (see ListModels), not a provider's
     raw model id. An unknown route is NOT_FOUND.
@@ -535,6 +634,13 @@ class GenerateRequest(_message.Message):
         different request is ALREADY_EXISTS (ERROR_CODE_STREAM_ALREADY_EXISTS).
         """
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """Optional. The shape the answer text must take: free text (unset), any JSON object, or JSON
+        that matches a schema. A route that cannot produce the format asked for refuses the request
+        with INVALID_ARGUMENT (see Model.response_formats); it is never ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -551,10 +657,11 @@ class GenerateRequest(_message.Message):
         request_id: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         resume_window: _duration_pb2.Duration | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "reasoning", b"reasoning", "resume_window", b"resume_window", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "reasoning", b"reasoning", "response_format", b"response_format", "resume_window", b"resume_window", "seed", b"seed", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "reasoning", b"reasoning", "request_id", b"request_id", "resume_window", b"resume_window", "seed", b"seed", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "metadata", b"metadata", "model", b"model", "reasoning", b"reasoning", "request_id", b"request_id", "response_format", b"response_format", "resume_window", b"resume_window", "seed", b"seed", "stop_sequences", b"stop_sequences", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_output_tokens: _TypeAlias = _typing.Literal["max_output_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_output_tokens: _TypeAlias = _typing.Literal["_max_output_tokens", b"_max_output_tokens"]  # noqa: Y015
@@ -586,12 +693,15 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     REASONING_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    CACHE_CONTROL_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
     """Required. Who wrote the message."""
     text: _builtins.str
     """The message text, UTF-8, relayed byte-exact. Required and non-empty for system and user
-    messages; optional for assistant messages that carry tool calls; the result text for tool
-    messages (may be empty).
+    messages unless `parts` is set; optional for assistant messages that carry tool calls; the
+    result text for tool messages (may be empty). Empty when `parts` is set: a message carries
+    its content either here or in `parts`, never in both.
     """
     tool_call_id: _builtins.str
     """Required for tool messages, empty otherwise. The id of the tool call this message answers."""
@@ -605,6 +715,21 @@ class Message(_message.Message):
         with its signature so that providers that require it can verify and continue it.
         """
 
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
+        """Optional. The message's content as ordered parts, instead of `text`: text, images, documents
+        and audio. User messages take every kind of part the route accepts (see Model.images,
+        Model.documents, Model.audio); system, assistant and tool messages take text parts only. A
+        part a route cannot take is INVALID_ARGUMENT naming it (`messages[1].parts[0]`), never
+        dropped.
+        """
+
+    @_builtins.property
+    def cache_control(self) -> Global___CacheControl:
+        """Optional. Marks the end of this message as a prompt-cache breakpoint: the same as a cache
+        marker on its last part (or on its text). The message must have text or parts.
+        """
+
     def __init__(
         self,
         *,
@@ -613,14 +738,293 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
         reasoning: _abc.Iterable[Global___ReasoningBlock] | None = ...,
+        parts: _abc.Iterable[Global___ContentPart] | None = ...,
+        cache_control: Global___CacheControl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reasoning", b"reasoning", "role", b"role", "text", b"text", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "parts", b"parts", "reasoning", b"reasoning", "role", b"role", "text", b"text", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class ContentPart(_message.Message):
+    """ContentPart is one piece of a message's content. Exactly one kind is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    CACHE_CONTROL_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """A piece of text, UTF-8, relayed byte-exact; non-empty."""
+    @_builtins.property
+    def image(self) -> Global___ImagePart:
+        """An image, for example a screenshot."""
+
+    @_builtins.property
+    def document(self) -> Global___DocumentPart:
+        """A document: a PDF, or plain text."""
+
+    @_builtins.property
+    def audio(self) -> Global___AudioPart:
+        """A sound recording."""
+
+    @_builtins.property
+    def cache_control(self) -> Global___CacheControl:
+        """Optional. Marks the end of this part as a prompt-cache breakpoint: the provider may cache the
+        whole prompt up to and including it (tools, system, messages, in that order). At most 4
+        markers in a request, parts' and messages' together. See Model.prompt_caching.
+        """
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        image: Global___ImagePart | None = ...,
+        document: Global___DocumentPart | None = ...,
+        audio: Global___AudioPart | None = ...,
+        cache_control: Global___CacheControl | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_control", b"cache_control", "document", b"document", "image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_control", b"cache_control", "document", b"document", "image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image", "document", "audio"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
+
+@_typing.final
+class ImagePart(_message.Message):
+    """ImagePart is an image, inline or by reference."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    media_type: _builtins.str
+    """The image's media type, for example "image/png" or "image/jpeg". Required with `data`;
+    optional with `url` or `file_id` (checked against the route when given).
+    """
+    data: _builtins.bytes
+    """The image's bytes, at most Model.images.max_part_bytes, and within the request's limit."""
+    url: _builtins.str
+    """A URL the provider fetches itself, with a scheme of Model.images.url_schemes; at most 8192
+    characters. The way for media larger than the request limit.
+    """
+    file_id: _builtins.str
+    """The id of a file uploaded to the route's provider beforehand (for example Anthropic's Files
+    API): 1 to 256 printable ASCII characters.
+    """
+    def __init__(
+        self,
+        *,
+        media_type: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        url: _builtins.str = ...,
+        file_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "file_id"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___ImagePart: _TypeAlias = ImagePart  # noqa: Y015
+
+@_typing.final
+class DocumentPart(_message.Message):
+    """DocumentPart is a document the model reads: a PDF, or plain text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    CITATIONS_FIELD_NUMBER: _builtins.int
+    media_type: _builtins.str
+    """The document's media type: "application/pdf" or "text/plain" (UTF-8). Required with `data`;
+    optional with `url` or `file_id` (checked against the route when given).
+    """
+    data: _builtins.bytes
+    """The document's bytes, at most Model.documents.max_part_bytes, and within the request's
+    limit. Plain text must be valid UTF-8.
+    """
+    url: _builtins.str
+    """A URL the provider fetches itself, with a scheme of Model.documents.url_schemes; at most
+    8192 characters.
+    """
+    file_id: _builtins.str
+    """The id of a file uploaded to the route's provider beforehand: 1 to 256 printable ASCII
+    characters.
+    """
+    title: _builtins.str
+    """Optional. A name for the document, at most 256 characters: Anthropic's document title,
+    OpenAI's file name.
+    """
+    context: _builtins.str
+    """Optional. Context about the document for the model to read (not cited), at most 8192
+    characters. Only on routes whose documents accept it (Anthropic).
+    """
+    citations: _builtins.bool
+    """Optional. Asks the model to cite this document: the stream then carries CitationDelta events
+    that point into it. Only on routes with Model.supports_citations.
+    """
+    def __init__(
+        self,
+        *,
+        media_type: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        url: _builtins.str = ...,
+        file_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        context: _builtins.str = ...,
+        citations: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citations", b"citations", "context", b"context", "data", b"data", "file_id", b"file_id", "media_type", b"media_type", "source", b"source", "title", b"title", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "file_id"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___DocumentPart: _TypeAlias = DocumentPart  # noqa: Y015
+
+@_typing.final
+class AudioPart(_message.Message):
+    """AudioPart is a sound recording, inline or by reference."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    media_type: _builtins.str
+    """The recording's media type, for example "audio/wav" or "audio/mpeg" (MP3). Required with
+    `data`; optional with `url` or `file_id` (checked against the route when given).
+    """
+    data: _builtins.bytes
+    """The recording's bytes, at most Model.audio.max_part_bytes, and within the request's limit."""
+    url: _builtins.str
+    """A URL the provider fetches itself, with a scheme of Model.audio.url_schemes."""
+    file_id: _builtins.str
+    """The id of a file uploaded to the route's provider beforehand."""
+    def __init__(
+        self,
+        *,
+        media_type: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        url: _builtins.str = ...,
+        file_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "media_type", b"media_type", "source", b"source", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url", "file_id"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___AudioPart: _TypeAlias = AudioPart  # noqa: Y015
+
+@_typing.final
+class CacheControl(_message.Message):
+    """CacheControl marks a prompt-cache breakpoint: the prompt up to it may be cached by the provider,
+    so that the next request with the same prefix reads it instead of paying for it again
+    (Usage.cache_read_input_tokens and cache_write_input_tokens say what happened).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Optional. The shortest time the cached prefix should be kept, at least 1 s. The provider
+        keeps it for the shortest lifetime it offers that is at least this long (Anthropic: 5
+        minutes or 1 hour; OpenAI: 30 minutes); longer than every lifetime it offers is
+        INVALID_ARGUMENT. Unset: the provider's default lifetime.
+        """
+
+    def __init__(
+        self,
+        *,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheControl: _TypeAlias = CacheControl  # noqa: Y015
+
+@_typing.final
+class ResponseFormat(_message.Message):
+    """ResponseFormat constrains the answer text to JSON. The JSON arrives as ordinary TextDelta
+    pieces; concatenated, they form the document (unless the stream finished for another reason
+    than FINISH_REASON_STOP, for example LENGTH).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    type: Global___ResponseFormatType.ValueType
+    """Optional. The format. Unset means free text."""
+    name: _builtins.str
+    """Required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA, empty otherwise: the schema's name, 1 to 64
+    letters, digits, '_' and '-'.
+    """
+    description: _builtins.str
+    """Optional, with RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: what the schema describes, for the model
+    to read.
+    """
+    strict: _builtins.bool
+    """Optional, with RESPONSE_FORMAT_TYPE_JSON_SCHEMA only: asks the provider to guarantee that the
+    answer matches the schema (constrained decoding), where it can. Providers that always
+    constrain (Anthropic's structured outputs) do so whatever this says.
+    """
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Struct:
+        """Required with RESPONSE_FORMAT_TYPE_JSON_SCHEMA, unset otherwise: a JSON Schema object (draft
+        2020-12). A value that is not a valid JSON Schema object is INVALID_ARGUMENT. Standard JSON,
+        nested at most 64 levels deep (and see Tool.parameters on protobuf's nesting limit).
+        """
+
+    def __init__(
+        self,
+        *,
+        type: Global___ResponseFormatType.ValueType = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        schema: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schema", b"schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "schema", b"schema", "strict", b"strict", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
 
 @_typing.final
 class ToolCall(_message.Message):
@@ -662,21 +1066,27 @@ class ReasoningBlock(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The reasoning text, as streamed in ReasoningDelta.text."""
     signature: _builtins.str
     """The opaque signature the provider attached to the reasoning, as streamed in
     ReasoningDelta.signature. Send it back unchanged.
     """
+    redacted_data: _builtins.str
+    """Reasoning the provider redacted, as streamed in ReasoningDelta.redacted_data: opaque, sent
+    back unchanged. `text` and `signature` are empty in such a block.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -787,6 +1197,7 @@ class GenerateResponse(_message.Message):
     REASONING_DELTA_FIELD_NUMBER: _builtins.int
     TOOL_CALL_DELTA_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CITATION_DELTA_FIELD_NUMBER: _builtins.int
     FINISH_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
@@ -814,6 +1225,12 @@ class GenerateResponse(_message.Message):
         """
 
     @_builtins.property
+    def citation_delta(self) -> Global___CitationDelta:
+        """A citation: a range of the answer text and the place in a document of the request that
+        supports it.
+        """
+
+    @_builtins.property
     def finish(self) -> Global___Finish:
         """Terminal success. The last message of the stream."""
 
@@ -830,14 +1247,15 @@ class GenerateResponse(_message.Message):
         reasoning_delta: Global___ReasoningDelta | None = ...,
         tool_call_delta: Global___ToolCallDelta | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        citation_delta: Global___CitationDelta | None = ...,
         finish: Global___Finish | None = ...,
         error: Global___Error | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "finish", b"finish", "heartbeat", b"heartbeat", "reasoning_delta", b"reasoning_delta", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["citation_delta", b"citation_delta", "error", b"error", "event", b"event", "finish", b"finish", "heartbeat", b"heartbeat", "reasoning_delta", b"reasoning_delta", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "finish", b"finish", "heartbeat", b"heartbeat", "reasoning_delta", b"reasoning_delta", "sequence", b"sequence", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation_delta", b"citation_delta", "error", b"error", "event", b"event", "finish", b"finish", "heartbeat", b"heartbeat", "reasoning_delta", b"reasoning_delta", "sequence", b"sequence", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "text_delta", "reasoning_delta", "tool_call_delta", "heartbeat", "finish", "error"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "text_delta", "reasoning_delta", "tool_call_delta", "heartbeat", "citation_delta", "finish", "error"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -935,21 +1353,28 @@ class ReasoningDelta(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Output only. Reasoning text; may be empty in a delta that only carries a signature."""
     signature: _builtins.str
     """Output only. The opaque signature of the reasoning so far, when the provider sends one.
     Clients that continue the conversation send it back in ReasoningBlock.signature.
     """
+    redacted_data: _builtins.str
+    """Output only. A whole block of reasoning the provider redacted (Anthropic
+    `redacted_thinking`): opaque data, with empty `text` and `signature`. Clients that continue
+    the conversation send it back in ReasoningBlock.redacted_data, as a block of its own.
+    """
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,6 +1434,66 @@ class Heartbeat(_message.Message):
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
+class CitationDelta(_message.Message):
+    """CitationDelta says which part of a source supports a range of the answer. It is sent after the
+    text it supports (a range of the TextDelta texts so far); several may support one range.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_START_FIELD_NUMBER: _builtins.int
+    TEXT_END_FIELD_NUMBER: _builtins.int
+    CITED_TEXT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_INDEX_FIELD_NUMBER: _builtins.int
+    DOCUMENT_TITLE_FIELD_NUMBER: _builtins.int
+    LOCATION_TYPE_FIELD_NUMBER: _builtins.int
+    START_INDEX_FIELD_NUMBER: _builtins.int
+    END_INDEX_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    text_start: _builtins.int
+    """Output only. Where the supported text begins: an offset into the answer text (the
+    TextDelta texts of this stream concatenated), in Unicode code points.
+    """
+    text_end: _builtins.int
+    """Output only. Where the supported text ends, exclusive, in the same units as text_start."""
+    cited_text: _builtins.str
+    """Output only. The cited text itself, as the provider quotes it from the source."""
+    document_index: _builtins.int
+    """Output only. The cited document's position among the request's document parts, in the order
+    they appear across messages, from 0.
+    """
+    document_title: _builtins.str
+    """Output only. The cited document's title, when it has one."""
+    location_type: Global___CitationLocationType.ValueType
+    """Output only. How start_index and end_index locate the cited text in the document."""
+    start_index: _builtins.int
+    """Output only. Where the cited text begins in the document (see location_type)."""
+    end_index: _builtins.int
+    """Output only. Where the cited text ends in the document, exclusive (see location_type)."""
+    url: _builtins.str
+    """Output only. The cited web page, for CITATION_LOCATION_TYPE_URL."""
+    def __init__(
+        self,
+        *,
+        text_start: _builtins.int = ...,
+        text_end: _builtins.int = ...,
+        cited_text: _builtins.str = ...,
+        document_index: _builtins.int = ...,
+        document_title: _builtins.str = ...,
+        location_type: Global___CitationLocationType.ValueType = ...,
+        start_index: _builtins.int = ...,
+        end_index: _builtins.int = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cited_text", b"cited_text", "document_index", b"document_index", "document_title", b"document_title", "end_index", b"end_index", "location_type", b"location_type", "start_index", b"start_index", "text_end", b"text_end", "text_start", b"text_start", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CitationDelta: _TypeAlias = CitationDelta  # noqa: Y015
+
+@_typing.final
 class Finish(_message.Message):
     """Finish ends a stream successfully. The RPC status after it is OK."""
 
@@ -1019,6 +1504,8 @@ class Finish(_message.Message):
     STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    PROVIDER_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_MODEL_FIELD_NUMBER: _builtins.int
     reason: Global___FinishReason.ValueType
     """Output only. Why the model stopped, normalized across providers."""
     raw_reason: _builtins.str
@@ -1026,6 +1513,14 @@ class Finish(_message.Message):
     stop_sequence: _builtins.str
     """Output only. The stop sequence that ended the answer; set only with
     FINISH_REASON_STOP_SEQUENCE.
+    """
+    provider_request_id: _builtins.str
+    """Output only. The provider's own id of the request (OpenAI's `x-request-id`, Anthropic's
+    `request-id` header), for support tickets with the provider; empty when it sent none.
+    """
+    provider_model: _builtins.str
+    """Output only. The exact model snapshot that answered, as the provider reported it (for example
+    "gpt-4o-2024-08-06" for a route on "gpt-4o"); empty when it did not say.
     """
     @_builtins.property
     def usage(self) -> Global___Usage:
@@ -1043,10 +1538,12 @@ class Finish(_message.Message):
         stop_sequence: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
+        provider_request_id: _builtins.str = ...,
+        provider_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["raw_reason", b"raw_reason", "reason", b"reason", "stop_sequence", b"stop_sequence", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_model", b"provider_model", "provider_request_id", b"provider_request_id", "raw_reason", b"raw_reason", "reason", b"reason", "stop_sequence", b"stop_sequence", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1489,6 +1986,13 @@ class Model(_message.Message):
     SUPPORTS_TOOLS_FIELD_NUMBER: _builtins.int
     SUPPORTS_REASONING_FIELD_NUMBER: _builtins.int
     FALLBACKS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHING_FIELD_NUMBER: _builtins.int
+    CACHE_TTLS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMATS_FIELD_NUMBER: _builtins.int
+    SUPPORTS_CITATIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The route name to put in GenerateRequest.model."""
     provider: _builtins.str
@@ -1501,12 +2005,38 @@ class Model(_message.Message):
     """Output only. Whether the route accepts tools and streams tool calls."""
     supports_reasoning: _builtins.bool
     """Output only. Whether the route accepts reasoning options and streams reasoning."""
+    prompt_caching: Global___PromptCaching.ValueType
+    """Output only. What the route does with cache markers (CacheControl)."""
+    supports_citations: _builtins.bool
+    """Output only. Whether the route accepts DocumentPart.citations and streams CitationDelta."""
     @_builtins.property
     def fallbacks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Output only. Routes tried, in order, when this one fails before its first token with provider
         trouble another provider may not have (unavailable, rate limited, timed out, bad provider
         key). Never after the first token: nothing is replayed.
         """
+
+    @_builtins.property
+    def images(self) -> Global___MediaSupport:
+        """Output only. The image parts the route accepts; no media types when it accepts none."""
+
+    @_builtins.property
+    def documents(self) -> Global___MediaSupport:
+        """Output only. The document parts the route accepts; no media types when it accepts none."""
+
+    @_builtins.property
+    def audio(self) -> Global___MediaSupport:
+        """Output only. The audio parts the route accepts; no media types when it accepts none."""
+
+    @_builtins.property
+    def cache_ttls(self) -> _containers.RepeatedCompositeFieldContainer[_duration_pb2.Duration]:
+        """Output only. The cache lifetimes the route's provider offers, shortest first; a
+        CacheControl.ttl longer than the last is INVALID_ARGUMENT. Empty: a ttl is refused.
+        """
+
+    @_builtins.property
+    def response_formats(self) -> _containers.RepeatedScalarFieldContainer[Global___ResponseFormatType.ValueType]:
+        """Output only. The response formats the route can produce (RESPONSE_FORMAT_TYPE_TEXT always)."""
 
     def __init__(
         self,
@@ -1518,11 +2048,88 @@ class Model(_message.Message):
         supports_tools: _builtins.bool = ...,
         supports_reasoning: _builtins.bool = ...,
         fallbacks: _abc.Iterable[_builtins.str] | None = ...,
+        images: Global___MediaSupport | None = ...,
+        documents: Global___MediaSupport | None = ...,
+        audio: Global___MediaSupport | None = ...,
+        prompt_caching: Global___PromptCaching.ValueType = ...,
+        cache_ttls: _abc.Iterable[_duration_pb2.Duration] | None = ...,
+        response_formats: _abc.Iterable[Global___ResponseFormatType.ValueType] | None = ...,
+        supports_citations: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "documents", b"documents", "images", b"images"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "fallbacks", b"fallbacks", "name", b"name", "provider", b"provider", "supports_reasoning", b"supports_reasoning", "supports_tools", b"supports_tools", "upstream_model", b"upstream_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "cache_ttls", b"cache_ttls", "description", b"description", "documents", b"documents", "fallbacks", b"fallbacks", "images", b"images", "name", b"name", "prompt_caching", b"prompt_caching", "provider", b"provider", "response_formats", b"response_formats", "supports_citations", b"supports_citations", "supports_reasoning", b"supports_reasoning", "supports_tools", b"supports_tools", "upstream_model", b"upstream_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class MediaSupport(_message.Message):
+    """MediaSupport says which parts of one kind (images, documents or audio) a route accepts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_TYPES_FIELD_NUMBER: _builtins.int
+    MAX_PART_BYTES_FIELD_NUMBER: _builtins.int
+    URL_SCHEMES_FIELD_NUMBER: _builtins.int
+    max_part_bytes: _builtins.int
+    """Output only. The most bytes of inline data one part may have. The request as a whole is
+    bounded by the server's request limit too.
+    """
+    @_builtins.property
+    def media_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___MediaTypeSupport]:
+        """Output only. The media types accepted, each with the sources it may come from."""
+
+    @_builtins.property
+    def url_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. The URL schemes the provider fetches, for example "https"."""
+
+    def __init__(
+        self,
+        *,
+        media_types: _abc.Iterable[Global___MediaTypeSupport] | None = ...,
+        max_part_bytes: _builtins.int = ...,
+        url_schemes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_part_bytes", b"max_part_bytes", "media_types", b"media_types", "url_schemes", b"url_schemes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MediaSupport: _TypeAlias = MediaSupport  # noqa: Y015
+
+@_typing.final
+class MediaTypeSupport(_message.Message):
+    """MediaTypeSupport is one accepted media type and the sources it may come from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    media_type: _builtins.str
+    """Output only. The media type, for example "image/png"."""
+    data: _builtins.bool
+    """Output only. Whether inline bytes (`data`) are accepted."""
+    url: _builtins.bool
+    """Output only. Whether a URL the provider fetches (`url`) is accepted."""
+    file_id: _builtins.bool
+    """Output only. Whether a provider file id (`file_id`) is accepted."""
+    def __init__(
+        self,
+        *,
+        media_type: _builtins.str = ...,
+        data: _builtins.bool = ...,
+        url: _builtins.bool = ...,
+        file_id: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file_id", b"file_id", "media_type", b"media_type", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MediaTypeSupport: _TypeAlias = MediaTypeSupport  # noqa: Y015
