@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 import uuid
@@ -550,3 +551,17 @@ async def test_readers_elsewhere_mark_the_stream_read(redis_server: RedisServer,
     finally:
         await a.aclose()
         await b.aclose()
+
+
+async def test_every_field_of_a_record_comes_back(journal: Journal) -> None:
+    # A journal that builds records by hand must not drop a field the interface grows.
+    record = dataclasses.replace(_record(), owner="replica-x", window=12.5)
+    await journal.create(record)
+    await journal.append("s1", 1, [b"a"], expires_at=record.expires_at)
+    got = await journal.get("s1")
+    assert got is not None
+    expected = dataclasses.replace(record, last_sequence=1)
+    for f in dataclasses.fields(StreamRecord):
+        if f.name != "expires_at":
+            assert getattr(got, f.name) == getattr(expected, f.name), f.name
+    assert abs(got.expires_at - expected.expires_at) < 0.01

@@ -49,6 +49,7 @@ class _Stream:
                 last_sequence=self.last_sequence,
                 expires_at=self.expires_at,
                 start_failure=self.start_failure,
+                owner=c.owner,
             )
         return self.cached
 
