@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.config import Config, ConfigError
+from service.gateway import Gateway
 from service.generation import GenerationService, Received, Undecodable
 from service.journal import open_journal
 from service.reflection import enable_reflection
@@ -126,7 +127,8 @@ class TokenwireServer:
         self.router = Router(config.routes)
         s = config.server
         self.journal = open_journal(s.journal, max_total_bytes=s.journal_max_total_bytes)
-        self.generation = GenerationService(self.router, s, self.journal)
+        self.gateway = Gateway(self.router, s, self.journal)
+        self.generation = GenerationService(self.gateway)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(config))
         self.port = 0
@@ -196,12 +198,12 @@ class TokenwireServer:
         """
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.generation.begin_drain()
+        self.gateway.begin_drain()
         margin = min(1.0, grace / 4)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace - margin):
-                await self.generation.idle.wait()
-        ended = self.generation.end_streams()
+                await self.gateway.idle.wait()
+        ended = self.gateway.end_streams()
         if ended:
             log.warning("grace period nearly over: ending %d stream(s) with SERVER_SHUTTING_DOWN", ended)
         await self.server.stop(margin)
@@ -209,6 +211,6 @@ class TokenwireServer:
         # close their provider streams before the providers' clients are closed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
-                await self.generation.idle.wait()
+                await self.gateway.idle.wait()
         await self.router.aclose()
         await self.journal.aclose()
