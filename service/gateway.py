@@ -72,6 +72,10 @@ class EphemeralStream:
         self.flight: InFlight | None = None
 
     @property
+    def stream_id(self) -> str:
+        return self._generation.stream_id
+
+    @property
     def sequencer(self) -> Sequencer | None:
         relay = self.flight.relay if self.flight is not None else None
         return relay.sequencer if relay is not None else None
@@ -146,7 +150,7 @@ class Gateway:
         self,
         request: pb.GenerateRequest,
         *,
-        size: int,
+        size: int | None,
         header_bytes: int,
         stream_id: str,
         deadline: float | None,

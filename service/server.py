@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from service.api.http import HttpDoor
 from service.config import Config, ConfigError
 from service.gateway import Gateway
 from service.generation import GenerationService, Received, Undecodable
@@ -132,6 +133,8 @@ class TokenwireServer:
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(config))
         self.port = 0
+        # The HTTP door: the same gateway, in the same event loop, on a port of its own.
+        self.http = HttpDoor(self.gateway, s) if s.http_listen else None
 
     async def start(self) -> int:
         # Here rather than in the command line's logging set-up, so that an embedded server
@@ -171,7 +174,8 @@ class TokenwireServer:
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
-        listen = self.config.server.listen
+        s = self.config.server
+        listen = s.listen
         try:
             self.port = self.server.add_insecure_port(listen)
         except RuntimeError:
@@ -179,6 +183,14 @@ class TokenwireServer:
         if not self.port:
             raise ConfigError(f"cannot listen on {listen}: the address is in use or not valid here")
         await self.server.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await self.server.stop(None)
+                raise ConfigError(
+                    f"cannot listen on {s.http_listen} (http_listen): the address is in use or not valid here"
+                ) from None
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -207,6 +219,8 @@ class TokenwireServer:
         if ended:
             log.warning("grace period nearly over: ending %d stream(s) with SERVER_SHUTTING_DOWN", ended)
         await self.server.stop(margin)
+        if self.http is not None:
+            await self.http.stop(margin)
         # grpc has cancelled what was left (readers that stopped reading); let those handlers
         # close their provider streams before the providers' clients are closed.
         with contextlib.suppress(TimeoutError):

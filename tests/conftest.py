@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers the tests start as processes (`python -m service`) serve their HTTP door on a free port,
+# never on the shipped default 8080, which another server on this machine may hold.
+os.environ.setdefault("TOKENWIRE_HTTP_LISTEN", "127.0.0.1:0")
 FAST = {"first_token_ms": 1, "tokens_per_second": 0}
 # A pace slow enough that a test can act in the middle of a stream.
 SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
@@ -134,7 +138,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 def make_config(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Config:
-    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0} | server
+    # The HTTP door only where a test asks for it (`http_listen="127.0.0.1:0"`).
+    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0, "http_listen": ""} | server
     return Config(
         server=dataclasses.replace(ServerConfig(), **values),
         routes=build_routes(routes if routes is not None else TEST_ROUTES, "test"),
@@ -217,7 +222,9 @@ def live_address() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def default_address() -> Iterator[str]:
     """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
-    config = load_config(ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0"})
+    config = load_config(
+        ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"}
+    )
     with serve_in_thread(config) as address:
         yield address
 
