@@ -546,7 +546,9 @@ class HttpDoor:
             terminal=result.terminal,
             state=result.state,
         )
-        return web.Response(body=orjson.dumps(json_format.MessageToDict(answer)), content_type="application/json")
+        # Every field, `terminal: false` included: a poller decides on it.
+        body = json_format.MessageToDict(answer, always_print_fields_with_no_presence=True)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def cancel_stream(self, request: web.Request) -> web.Response:
         stream_id, token = self._capability(request)
