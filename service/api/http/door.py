@@ -55,7 +55,7 @@ _HEARTBEAT_COMMENT = b": heartbeat\n\n"
 _CORS_HEADERS = "authorization, content-type, last-event-id, x-request-id, x-resume-token"
 _PAGE_FILES = {"/": ("index.html", "text/html"), "/app.js": ("app.js", "text/javascript")}
 # The page's scripts and styles are its own files: nothing inline, nothing from elsewhere.
-_PAGE_POLICY = "default-src 'self'; frame-ancestors 'none'"
+_PAGE_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
