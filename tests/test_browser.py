@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
-from conftest import Recorder, Running, eventually
 from fakes.proxy import FaultProxy
 from playwright.async_api import Browser, Page, async_playwright
+
+from conftest import Recorder, Running, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
 CHROMIUM = "/usr/bin/chromium"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -43,7 +45,7 @@ PROMPT = "Tell me about streaming."
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    assert Path(CHROMIUM).exists(), "the browser tests need Debian's chromium: apt-get install chromium"
+    assert HAVE_CHROMIUM, "the browser tests need Debian's chromium: apt-get install chromium"
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -125,9 +127,7 @@ async def test_the_page_resumes_after_the_connection_drops_with_nothing_lost_or_
     await page.wait_for_function("document.querySelector('#answer').textContent.length > 30")
     # The network drops: every connection through the proxy is reset.
     proxy.reset_all()
-    await page.wait_for_function(
-        "document.querySelector('#status').textContent.startsWith('finished')", timeout=20_000
-    )
+    await page.wait_for_function("document.querySelector('#status').textContent.startsWith('finished')", timeout=20_000)
     assert int(await page.text_content("#reconnects") or "0") >= 1
     assert (await page.text_content("#answer")) == whole
     # One generation only: the resume read the journal, the provider was not asked again.
