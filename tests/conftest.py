@@ -185,6 +185,10 @@ def stub(running: Running) -> pb_grpc.GenerationServiceAsyncStub:
     return running.stub
 
 
+# The HTTP door of each server `serve_in_thread` started, by its gRPC address.
+HTTP_ADDRESSES: dict[str, str] = {}
+
+
 @contextlib.contextmanager
 def serve_in_thread(config: Config) -> Iterator[str]:
     """A server in a thread of its own, for blocking clients: grpcurl, the demo CLI, sync stubs."""
@@ -194,6 +198,8 @@ def serve_in_thread(config: Config) -> Iterator[str]:
     async def main() -> None:
         srv = TokenwireServer(config)
         holder["port"] = await srv.start()
+        if srv.http is not None:
+            holder["http"] = f"127.0.0.1:{srv.http.port}"
         holder["stop"] = asyncio.Event()
         holder["loop"] = asyncio.get_running_loop()
         ready.set()
@@ -203,8 +209,11 @@ def serve_in_thread(config: Config) -> Iterator[str]:
     thread = threading.Thread(target=asyncio.run, args=(main(),), name="live-server", daemon=True)
     thread.start()
     assert ready.wait(10), "server did not start"
+    address = f"127.0.0.1:{holder['port']}"
+    if "http" in holder:
+        HTTP_ADDRESSES[address] = holder["http"]
     try:
-        yield f"127.0.0.1:{holder['port']}"
+        yield address
     finally:
         holder["loop"].call_soon_threadsafe(holder["stop"].set)
         thread.join(10)
