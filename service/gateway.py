@@ -10,7 +10,6 @@ business; which error it is, and when, is decided here once for both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -46,14 +45,17 @@ _DEADLINE_SLACK_SECONDS = 0.05
 class EphemeralStream:
     """One ephemeral generation: admitted, routed, relayed; it dies with the call that reads it.
 
-    `messages()` yields Start, the deltas and one terminal event; it must be iterated by the task
-    that serves the call (the supervisor ends a stream by cancelling that task), and closed with
-    `contextlib.aclosing`, which closes the provider's stream on every path out. A stream the
-    server ends before its first token (shutdown, the duration limit) raises that GatewayError
-    instead of CancelledError; a cancel from anywhere else propagates as it is.
+    An async context manager: entering admits the stream and opens its provider (retries and
+    fallback before the first token) and gives the relay's own generator of messages — Start, the
+    deltas, one terminal event — with no layer of ours between it and the door's writes, which
+    are the hot path; leaving closes the provider's stream and frees the slot, on every path out.
+    It must be entered by the task that serves the call (the supervisor ends a stream by
+    cancelling that task). A stream the server ends before its first token (shutdown, the
+    duration limit) raises that GatewayError on entry instead of CancelledError; a cancel from
+    anywhere else propagates as it is.
     """
 
-    __slots__ = ("_create_time", "_gateway", "_generation", "_received_at", "_route", "flight")
+    __slots__ = ("_create_time", "_gateway", "_generation", "_messages", "_received_at", "_route", "flight")
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class EphemeralStream:
         self._generation = generation
         self._received_at = received_at
         self._create_time = create_time
+        self._messages: AsyncGenerator[pb.GenerateResponse, None] | None = None
         self.flight: InFlight | None = None
 
     @property
@@ -86,7 +89,7 @@ class EphemeralStream:
         sequencer = self.sequencer
         return sequencer.failure if sequencer is not None else None
 
-    async def messages(self) -> AsyncGenerator[pb.GenerateResponse, None]:
+    async def __aenter__(self) -> AsyncGenerator[pb.GenerateResponse, None]:
         gateway = self._gateway
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
         flight = self.flight = gateway.supervisor.admit(task, self._received_at)
@@ -99,29 +102,38 @@ class EphemeralStream:
                 if flight.ended_by is None or not flight.interrupted or task.uncancel() > 0:
                     raise
                 raise flight.ended_by from None
-            info = StreamInfo(
-                stream_id=self._generation.stream_id,
-                route=self._route.name,
-                provider=opened.route.provider.kind,
-                upstream_model=opened.route.config.model,
-                received_at=self._received_at,
-                create_time=self._create_time,
-                prompt_chars=prompt_chars(self._generation),
-            )
-            relay = flight.relay = Relay(
-                Sequencer(info),
-                opened.first,
-                opened.events,
-                heartbeat_interval=gateway.config.heartbeat_interval_seconds or None,
-            )
-            try:
-                async with contextlib.aclosing(relay.messages()) as messages:
-                    async for message in messages:
-                        yield message
-            finally:
-                await relay.aclose()
-        finally:
+        except BaseException:
             gateway.supervisor.release(flight)
+            raise
+        info = StreamInfo(
+            stream_id=self._generation.stream_id,
+            route=self._route.name,
+            provider=opened.route.provider.kind,
+            upstream_model=opened.route.config.model,
+            received_at=self._received_at,
+            create_time=self._create_time,
+            prompt_chars=prompt_chars(self._generation),
+        )
+        relay = flight.relay = Relay(
+            Sequencer(info),
+            opened.first,
+            opened.events,
+            heartbeat_interval=gateway.config.heartbeat_interval_seconds or None,
+        )
+        self._messages = relay.messages()
+        return self._messages
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        flight = self.flight
+        assert flight is not None and flight.relay is not None
+        try:
+            assert self._messages is not None
+            try:
+                await self._messages.aclose()
+            finally:
+                await flight.relay.aclose()
+        finally:
+            self._gateway.supervisor.release(flight)
 
 
 class Gateway:

@@ -132,7 +132,7 @@ class GenerationService:
                     return
                 request = _TAKEN
                 stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
-                async with contextlib.aclosing(stream.messages()) as messages:
+                async with stream as messages:
                     async for message in messages:
                         await _write(context, message)
             except asyncio.CancelledError:

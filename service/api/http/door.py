@@ -289,7 +289,7 @@ class HttpDoor:
                 del chat.request.messages[:]  # the validated copy is what goes on
                 stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
                 completion_id = "chatcmpl-" + stream_id
-                async with contextlib.aclosing(stream.messages()) as messages:
+                async with stream as messages:
                     # The first message (Start) decides between an HTTP error status and a stream.
                     first = await anext(messages)
                     if not chat.stream:
@@ -419,7 +419,7 @@ class HttpDoor:
                     return response
                 del message
                 stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
-                async with contextlib.aclosing(stream.messages()) as messages:
+                async with stream as messages:
                     first = await anext(messages)
                     writer = await self._sse(request, stream_id)
                     await writer.send(event_bytes(first))
