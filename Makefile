@@ -16,7 +16,7 @@ help:
 	@echo "make test         run the test suite"
 	@echo "make soak         run the long soak tests (about 5 minutes): memory over cancel cycles, stalled readers"
 	@echo "make bench        the benchmark rig: direct vs bare forwarder vs tokenwire vs LiteLLM (about 10 minutes)"
-	@echo "make bench-quick  the rig in brief, without LiteLLM (under 2 minutes)"
+	@echo "make bench-quick  the rig in brief, without LiteLLM (about 2 minutes)"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
 	@echo "make cluster      Redis + nginx + 3 replicas on loopback (needs redis-server and nginx); make cluster-down stops it"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
@@ -57,7 +57,7 @@ bench: $(STAMP) $(LITELLM_VENV)/.installed
 	$(PY) bench/rig.py $(ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) bench/rig.py --quick --paths direct,bare,tokenwire,durable $(ARGS)
+	$(PY) bench/rig.py --quick --paths direct,bare,tokenwire,http,durable $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m tokenwire_client $(ARGS)

@@ -143,7 +143,9 @@ async def sse_worker(
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
         f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode()
-    pattern = re.compile(rb'"content": ?"' + re.escape(token.encode()) + rb'"')
+    # A relay may merge deltas that queued up into one chunk: count the tokens in each content.
+    pattern = re.compile(rb'"content": ?"((?:' + re.escape(token.encode()) + rb')+)"')
+    width = len(token.encode())
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.perf_counter() < until:
@@ -158,7 +160,7 @@ async def sse_worker(
                 if not data:
                     problem = "connection closed"
                     break
-                arrivals.extend([now] * len(pattern.findall(data)))
+                arrivals.extend([now] * (sum(map(len, pattern.findall(data))) // width))
                 # The end of the chunked body (after the [DONE] event).
                 ended = data.endswith(b"0\r\n\r\n")
             complete = ended and len(arrivals) == tokens

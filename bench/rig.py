@@ -4,6 +4,7 @@ Paths, interleaved step by step through one upstream (bench/upstream.py):
   direct     the load generator reads the upstream's SSE itself: the baseline
   bare       bench/bare_forwarder.py, the floor of grpc.aio + Python on this machine
   tokenwire  `python -m service` with one openai-compatible route to the upstream
+  http       the same server's HTTP door: OpenAI-compatible /v1/chat/completions, streamed (SSE)
   durable    the same, every stream durable (a resume window) on the memory journal
   durable-redis  the same on a Redis journal (redis-server pinned to the load core; its CPU reported)
   litellm    LiteLLM proxy (its own virtual environment, bench/.venv-litellm), when installed
@@ -166,7 +167,7 @@ def measure(
     break_after: int = 0,
     beside: Process | None = None,
 ) -> Step:
-    mode = "sse" if path in ("direct", "litellm") else "grpc"
+    mode = "sse" if path in ("direct", "litellm", "http") else "grpc"
     model = "bench" if path != "litellm" else "bench-model"
     command = [PY, "bench/loadgen.py", mode, target, "--streams", str(streams), "--model", model]
     command += ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
@@ -304,7 +305,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             )
             started.append(bare)
             suts["bare"] = bare
-        journals = {"tokenwire": "memory", "durable": "memory"}
+        journals = {"tokenwire": "memory", "durable": "memory", "http": "memory"}
         if "durable-redis" in args.paths:
             port = free_port()
             redis = start(
@@ -323,8 +324,11 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             if path not in args.paths:
                 continue
             config = log_dir / f"{path}.toml"
+            # Only the http path serves the HTTP door (on a free port); the others turn it off.
+            http_listen = "127.0.0.1:0" if path == "http" else ""
             config.write_text(
-                f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n\n'
+                f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n'
+                f'http_listen = "{http_listen}"\n\n'
                 '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
                 f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
             )
@@ -332,7 +336,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
                 path,
                 pinned(SUT_CORE, [PY, "-m", "service", "--config", str(config)]),
                 log_dir,
-                r"listening on (\S+);",
+                r"HTTP door listening on (\S+) " if path == "http" else r"listening on (\S+);",
             )
             started.append(tokenwire)
             suts[path] = tokenwire
@@ -403,7 +407,7 @@ def versions() -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two steps of 5 s: a smoke run (make bench-quick)")
-    parser.add_argument("--paths", default="direct,bare,tokenwire,durable,durable-redis,litellm")
+    parser.add_argument("--paths", default="direct,bare,tokenwire,http,durable,durable-redis,litellm")
     parser.add_argument("--steps", default="25,50,100,150,200", help="concurrent streams per step")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per step and path")
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -508,6 +512,11 @@ def main() -> int:
             f"{path} resume latency: p50 {ms(figures['resume_p50'])} ms, p99 {ms(figures['resume_p99'])} ms "
             f"over {figures['resumes']} resumes"
         )
+    door = report["summary"].get("http", {}).get("cpu_seconds_per_1000_chunks")
+    grpc_door = report["summary"].get("tokenwire", {}).get("cpu_seconds_per_1000_chunks")
+    if door and grpc_door:
+        # QUALITY.md's budget: the HTTP/SSE door costs at most 1.2x the gRPC door per chunk.
+        print(f"http door CPU per chunk: {door / grpc_door:.2f}x the gRPC door's (budget 1.20x)")
     failed = [s for s in [*steps, *resumes.values()] if s.result["bad"]]
     for s in failed:
         print(f"FAILED: {s.path} at {s.streams} streams: {s.result['bad']} broken streams, e.g. {s.result['problems']}")

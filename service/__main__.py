@@ -72,6 +72,8 @@ async def serve(config: Config) -> int:
     await server.start()
     s = config.server
     log.info("tokenwire %s listening on %s; routes: %s", __version__, server.address, ", ".join(config.routes))
+    if server.http is not None:
+        log.info("HTTP door listening on %s (OpenAI-compatible /v1, native SSE, the page at /)", server.http.address)
     log.info(
         "limits: max_concurrent_streams=%d max_request_bytes=%d max_metadata_bytes=%d "
         "shutdown_grace_seconds=%g keepalive_time_seconds=%g",

@@ -67,6 +67,20 @@ class ServerConfig:
     journal_max_stream_bytes: int = 64 * 1024 * 1024
     # Bound of the memory journal, every stream together (Redis is bounded by its maxmemory).
     journal_max_total_bytes: int = 1024 * 1024 * 1024
+    # The HTTP door (OpenAI-compatible and native SSE, the page at /): HOST:PORT, loopback by
+    # default; "" turns it off. Same process and event loop as gRPC.
+    http_listen: str = "localhost:8080"
+    # Origins allowed to call the HTTP door from a browser page of theirs (CORS), comma-separated
+    # and exact ("https://app.example.com"); "" allows none but the door's own page.
+    http_cors_origins: str = ""
+    # A connection idle this long (seconds) is closed, and so is one whose request head has not
+    # arrived whole by then (slow-loris).
+    http_idle_timeout_seconds: float = 15.0
+    # The longest a request body may take to arrive (seconds); slower gets 408.
+    http_body_timeout_seconds: float = 10.0
+    # A reader that takes nothing for this long (seconds) while a write waits on it is cut off,
+    # and its ephemeral stream's provider closed.
+    http_write_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +220,9 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "journal_max_stream_messages": (16, 100_000_000),
     "journal_max_stream_bytes": (64 * 1024, 16 * 1024 * 1024 * 1024),
     "journal_max_total_bytes": (1024 * 1024, 1024 * 1024 * 1024 * 1024),
+    "http_idle_timeout_seconds": (1, 3600),
+    "http_body_timeout_seconds": (1, 3600),
+    "http_write_timeout_seconds": (1, 3600),
 }
 
 
@@ -258,6 +275,13 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
         raise ConfigError(f'{where}: [server] journal must be "memory" or a redis:// URL')
     if not re.fullmatch(r".+:\d+", server.listen):
         raise ConfigError(f"{where}: [server] listen must be HOST:PORT, got {server.listen!r}")
+    if server.http_listen and not re.fullmatch(r".+:\d+", server.http_listen):
+        raise ConfigError(f'{where}: [server] http_listen must be HOST:PORT or "", got {server.http_listen!r}')
+    for origin in filter(None, (o.strip() for o in server.http_cors_origins.split(","))):
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f"{where}: [server] http_cors_origins: {origin!r} is not an origin (scheme://host[:port])"
+            )
     return server
 
 

@@ -2,18 +2,17 @@
 
 Whatever happens inside, a caller gets the contract: a plain rich status before Start, a terminal
 Error event mirrored by the status after it, INTERNAL with a correlation id for bugs — never
-grpc's default UNKNOWN with exception text. Admission, the duration limit and the drain are the
-supervisor's (`service.supervisor`); durable streams are `service.durable`'s, whose readers this
-door writes out as the journal's bytes.
+grpc's default UNKNOWN with exception text. What a stream is and how it runs (admission,
+validation, routing, the relay, durable streams, the log line) is the gateway's
+(`service.gateway`), shared with the HTTP door; this door only reads gRPC requests and writes
+gRPC messages and statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,32 +20,13 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from service.config import ServerConfig
-from service.durable import DEFAULT_POLL_MESSAGES, MAX_POLL_MESSAGES, DurableStreams, Follower, failure_of
-from service.errors import (
-    ErrorCode,
-    GatewayError,
-    describe_exception,
-    internal_error,
-    invalid_request,
-    new_correlation_id,
-    redact,
-    shutting_down,
-)
-from service.events import GenerationRequest
-from service.journal import Journal
-from service.routing import OpenedStream, Route, Router
-from service.streams import Relay, Sequencer, StreamInfo
-from service.supervisor import InFlight, StreamSupervisor
-from service.validation import REQUEST_ID, prompt_chars, validate_request
-from service.wire import capabilities, set_status
+from service.durable import DEFAULT_POLL_MESSAGES, MAX_POLL_MESSAGES, Follower, failure_of
+from service.errors import ErrorCode, GatewayError, invalid_request, shutting_down
+from service.gateway import EphemeralStream, Gateway, log_fields
+from service.wire import set_status
 from tokenwire.v1 import generation_pb2 as pb
 
-log = logging.getLogger("tokenwire.generation")
-
 Context = grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse]
-# The caller's clock and ours differ a little: a cancel this close to the deadline is the deadline.
-_DEADLINE_SLACK_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,44 +82,48 @@ def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
 
 
 class GenerationService:
-    def __init__(self, router: Router, config: ServerConfig, journal: Journal) -> None:
-        self.router = router
-        self.config = config
-        self.supervisor = StreamSupervisor(config)
-        self.durable = DurableStreams(router, self.supervisor, journal, config)
+    """The gRPC door over the gateway: its requests in, its statuses and messages out."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.durable = gateway.durable
 
     @property
     def active_streams(self) -> int:
-        return len(self.supervisor.active)
+        return self.gateway.active_streams
 
     @property
     def idle(self) -> asyncio.Event:
-        return self.supervisor.idle
+        return self.gateway.idle
 
     async def Generate(self, received: Received[pb.GenerateRequest | Undecodable], context: Context) -> None:
         received_at = time.monotonic()
         create_time = datetime.now(UTC)
         request: pb.GenerateRequest | Undecodable = received.take()
+        gateway = self.gateway
         # What the closing log line needs; the message itself is let go of once it is validated.
-        model, labels = _log_fields(request)
-        # A malformed request_id is rejected below, but must not name the stream in the meantime.
-        given = request.request_id if not isinstance(request, Undecodable) else ""
-        stream_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        model, labels = log_fields(request if not isinstance(request, Undecodable) else None)
+        stream_id = gateway.stream_id(request.request_id if not isinstance(request, Undecodable) else "")
         remaining = context.time_remaining()
         deadline = None if remaining is None else received_at + remaining
-        task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        flight: InFlight | None = None
+        stream: EphemeralStream | None = None
         outcome = "OK"
         window: float | None = None
         try:
             try:
-                window = self.durable.window(request) if not isinstance(request, Undecodable) else None
+                if gateway.supervisor.draining:
+                    raise shutting_down("the server is shutting down; retry")
+                request = decoded(request, "GenerateRequest")
+                window = self.durable.window(request)
                 # A durable generation is not bound by this call's deadline: it outlives the call.
-                route, generation = self._admissible(
-                    request, received.size, context, stream_id, None if window else deadline
+                route, generation = gateway.admissible(
+                    request,
+                    size=received.size,
+                    header_bytes=_metadata_size(context.invocation_metadata()),
+                    stream_id=stream_id,
+                    deadline=None if window else deadline,
                 )
                 if window is not None:
-                    assert not isinstance(request, Undecodable)
                     follower = await self.durable.start(
                         request, route, generation, window=window, received_at=received_at, create_time=create_time
                     )
@@ -147,34 +131,16 @@ class GenerationService:
                     outcome = await self._follow(follower, context)
                     return
                 request = _TAKEN
-                flight = self.supervisor.admit(task, received_at)
-                try:
-                    opened = await self.router.open(route, generation)
-                    info = StreamInfo(
-                        stream_id=stream_id,
-                        route=route.name,
-                        provider=opened.route.provider.kind,
-                        upstream_model=opened.route.config.model,
-                        received_at=received_at,
-                        create_time=create_time,
-                        prompt_chars=prompt_chars(generation),
-                    )
-                    await self._relay(flight, opened, info, context)
-                finally:
-                    self.supervisor.release(flight)
+                stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
+                async with stream as messages:
+                    async for message in messages:
+                        await _write(context, message)
             except asyncio.CancelledError:
-                # Only a cancel of our own, and no other beside it, is turned into a status: a
-                # client's cancel, its deadline or grpc's own stop at the end of the grace period
-                # mean the call is gone, and nothing can be written to it any more.
-                if flight is None or flight.ended_by is None or not flight.interrupted or task.uncancel() > 0:
-                    outcome = self._cancelled_outcome(flight, deadline)
-                    if window is not None:
-                        outcome += " (a durable stream's reader: the generation goes on)"
-                    raise
-                # The server ended the stream while it waited for its first token: say why.
-                raise flight.ended_by from None
-            relay = flight.relay
-            failure = relay.sequencer.failure if relay is not None else None
+                outcome = gateway.cancelled_outcome(stream.flight if stream is not None else None, deadline)
+                if window is not None:
+                    outcome += " (a durable stream's reader: the generation goes on)"
+                raise
+            failure = stream.failure if stream is not None else None
             if failure is not None:
                 set_status(context, failure, stream_id)
                 outcome = failure.code.value
@@ -187,8 +153,9 @@ class GenerationService:
         except Exception as exc:
             outcome = self._internal(context, exc, stream_id)
         finally:
-            relay = flight.relay if flight is not None else None
-            self._log_outcome(model, labels, stream_id, outcome, relay.sequencer if relay else None, received_at)
+            gateway.log_outcome(
+                model, labels, stream_id, outcome, stream.sequencer if stream is not None else None, received_at
+            )
 
     async def Resume(self, request: pb.ResumeRequest | Undecodable, context: Context) -> None:
         """Writes a durable stream's messages after the cursor, then its live tail."""
@@ -261,116 +228,15 @@ class GenerationService:
         return "OK"
 
     def _internal(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception, stream_id: str) -> str:
-        correlation_id = new_correlation_id()
-        log.error("internal error %s in stream %s: %s", correlation_id, stream_id, describe_exception(exc))
-        set_status(context, internal_error(correlation_id), stream_id)
+        set_status(context, self.gateway.internal(exc, stream_id), stream_id)
         return ErrorCode.INTERNAL.value
-
-    @staticmethod
-    def _cancelled_outcome(flight: InFlight | None, deadline: float | None) -> str:
-        # grpc says only "cancelled"; the caller's deadline tells the two apart.
-        late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_SECONDS
-        outcome = "DEADLINE_EXCEEDED" if late else "CANCELLED"
-        if flight is not None and flight.cut and flight.ended_by is not None:
-            outcome = f"{flight.ended_by.code.value} (the caller had stopped reading)"
-        return outcome
-
-    def _admissible(
-        self,
-        request: pb.GenerateRequest | Undecodable,
-        size: int,
-        context: Context,
-        stream_id: str,
-        deadline: float | None,
-    ) -> tuple[Route, GenerationRequest]:
-        """Checks everything a provider must never see; raises GatewayError for the caller."""
-        if self.supervisor.draining:
-            raise shutting_down("the server is shutting down; retry")
-        request = decoded(request, "GenerateRequest")
-        metadata_bytes = _metadata_size(context.invocation_metadata())
-        if metadata_bytes > self.config.max_metadata_bytes:
-            raise invalid_request(
-                "metadata",
-                f"request headers are {metadata_bytes} bytes; this server accepts at most "
-                f"{self.config.max_metadata_bytes}",
-            )
-        if not request.model:
-            raise invalid_request("model", "is required: name a route (see ListModels)")
-        route = self.router.get(request.model)
-        generation = validate_request(
-            request,
-            route,
-            stream_id=stream_id,
-            deadline=deadline,
-            max_request_bytes=self.config.max_request_bytes,
-            size=size,
-        )
-        return route, generation
-
-    async def _relay(self, flight: InFlight, opened: OpenedStream, info: StreamInfo, context: Context) -> None:
-        """Writes the sequenced stream. The provider's stream is closed on every path out."""
-        relay = flight.relay = Relay(
-            Sequencer(info),
-            opened.first,
-            opened.events,
-            heartbeat_interval=self.config.heartbeat_interval_seconds or None,
-        )
-        try:
-            async with contextlib.aclosing(relay.messages()) as messages:
-                async for message in messages:
-                    await _write(context, message)
-        finally:
-            await relay.aclose()
-
-    def _log_outcome(
-        self,
-        model: str,
-        labels: str,
-        stream_id: str,
-        outcome: str,
-        sequencer: Sequencer | None,
-        received_at: float,
-    ) -> None:
-        finish = sequencer.finish if sequencer is not None else None
-        log.info(
-            "stream %s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
-            stream_id,
-            model,
-            outcome,
-            pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
-            sequencer.sequence if sequencer is not None else 0,
-            (time.monotonic() - received_at) * 1000,
-            redact(labels),
-        )
 
     async def ListModels(
         self,
         request: pb.ListModelsRequest | Undecodable,
         context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(
-            models=[
-                pb.Model(
-                    name=route.name,
-                    provider=route.config.provider,
-                    upstream_model=route.config.model,
-                    description=route.config.description,
-                    supports_tools=route.provider.supports_tools,
-                    supports_reasoning=route.provider.supports_reasoning,
-                    fallbacks=route.config.fallbacks,
-                    **capabilities(route.provider.capabilities),
-                )
-                for route in self.router.routes.values()
-            ]
-        )
-
-    def begin_drain(self) -> None:
-        """New streams are refused from now on; the ones in flight go on."""
-        self.supervisor.begin_drain()
-
-    def end_streams(self) -> int:
-        """Ends every generation in flight, durable ones included, with SERVER_SHUTTING_DOWN."""
-        return self.supervisor.end_streams()
+        return pb.ListModelsResponse(models=self.gateway.models())
 
 
 class _CallGone(Exception):
@@ -386,16 +252,6 @@ async def _write(context: grpc.aio.ServicerContext[Any, Any], message: pb.Genera
 
 # What `Generate` holds once it has let go of the request it validated.
 _TAKEN = Undecodable()
-
-
-def _log_fields(request: pb.GenerateRequest | Undecodable) -> tuple[str, str]:
-    """The route name and the caller's metadata labels, as the stream's log line shows them."""
-    if isinstance(request, Undecodable):
-        return "", ""
-    labels = ""
-    if request.metadata:
-        labels = " " + " ".join(f"{k[:64]!r}={v[:256]!r}" for k, v in sorted(request.metadata.items())[:16])
-    return request.model[:128], labels
 
 
 def _field_bytes(number: int, payload: bytes) -> bytes:

@@ -12,7 +12,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from service.api.http import HttpDoor
 from service.config import Config, ConfigError
+from service.gateway import Gateway
 from service.generation import GenerationService, Received, Undecodable
 from service.journal import open_journal
 from service.reflection import enable_reflection
@@ -126,10 +128,13 @@ class TokenwireServer:
         self.router = Router(config.routes)
         s = config.server
         self.journal = open_journal(s.journal, max_total_bytes=s.journal_max_total_bytes)
-        self.generation = GenerationService(self.router, s, self.journal)
+        self.gateway = Gateway(self.router, s, self.journal)
+        self.generation = GenerationService(self.gateway)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(config))
         self.port = 0
+        # The HTTP door: the same gateway, in the same event loop, on a port of its own.
+        self.http = HttpDoor(self.gateway, s) if s.http_listen else None
 
     async def start(self) -> int:
         # Here rather than in the command line's logging set-up, so that an embedded server
@@ -169,7 +174,8 @@ class TokenwireServer:
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server)
-        listen = self.config.server.listen
+        s = self.config.server
+        listen = s.listen
         try:
             self.port = self.server.add_insecure_port(listen)
         except RuntimeError:
@@ -178,7 +184,15 @@ class TokenwireServer:
             raise ConfigError(f"cannot listen on {listen}: the address is in use or not valid here")
         await self.server.start()
         # A shared journal's lease and cancel subscription, before the first stream can start.
-        await self.generation.durable.open()
+        await self.gateway.durable.open()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await self.server.stop(None)
+                raise ConfigError(
+                    f"cannot listen on {s.http_listen} (http_listen): the address is in use or not valid here"
+                ) from None
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -198,19 +212,21 @@ class TokenwireServer:
         """
         grace = self.config.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.generation.begin_drain()
+        self.gateway.begin_drain()
         margin = min(1.0, grace / 4)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace - margin):
-                await self.generation.idle.wait()
-        ended = self.generation.end_streams()
+                await self.gateway.idle.wait()
+        ended = self.gateway.end_streams()
         if ended:
             log.warning("grace period nearly over: ending %d stream(s) with SERVER_SHUTTING_DOWN", ended)
         await self.server.stop(margin)
+        if self.http is not None:
+            await self.http.stop(margin)
         # grpc has cancelled what was left (readers that stopped reading); let those handlers
         # close their provider streams before the providers' clients are closed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
-                await self.generation.idle.wait()
+                await self.gateway.idle.wait()
         await self.router.aclose()
         await self.journal.aclose()

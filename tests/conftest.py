@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers the tests start as processes (`python -m service`) serve their HTTP door on a free port,
+# never on the shipped default 8080, which another server on this machine may hold.
+os.environ.setdefault("TOKENWIRE_HTTP_LISTEN", "127.0.0.1:0")
 FAST = {"first_token_ms": 1, "tokens_per_second": 0}
 # A pace slow enough that a test can act in the middle of a stream.
 SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
@@ -134,7 +138,8 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 def make_config(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Config:
-    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0} | server
+    # The HTTP door only where a test asks for it (`http_listen="127.0.0.1:0"`).
+    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0, "http_listen": ""} | server
     return Config(
         server=dataclasses.replace(ServerConfig(), **values),
         routes=build_routes(routes if routes is not None else TEST_ROUTES, "test"),
@@ -180,6 +185,10 @@ def stub(running: Running) -> pb_grpc.GenerationServiceAsyncStub:
     return running.stub
 
 
+# The HTTP door of each server `serve_in_thread` started, by its gRPC address.
+HTTP_ADDRESSES: dict[str, str] = {}
+
+
 @contextlib.contextmanager
 def serve_in_thread(config: Config) -> Iterator[str]:
     """A server in a thread of its own, for blocking clients: grpcurl, the demo CLI, sync stubs."""
@@ -189,6 +198,8 @@ def serve_in_thread(config: Config) -> Iterator[str]:
     async def main() -> None:
         srv = TokenwireServer(config)
         holder["port"] = await srv.start()
+        if srv.http is not None:
+            holder["http"] = f"127.0.0.1:{srv.http.port}"
         holder["stop"] = asyncio.Event()
         holder["loop"] = asyncio.get_running_loop()
         ready.set()
@@ -198,8 +209,11 @@ def serve_in_thread(config: Config) -> Iterator[str]:
     thread = threading.Thread(target=asyncio.run, args=(main(),), name="live-server", daemon=True)
     thread.start()
     assert ready.wait(10), "server did not start"
+    address = f"127.0.0.1:{holder['port']}"
+    if "http" in holder:
+        HTTP_ADDRESSES[address] = holder["http"]
     try:
-        yield f"127.0.0.1:{holder['port']}"
+        yield address
     finally:
         holder["loop"].call_soon_threadsafe(holder["stop"].set)
         thread.join(10)
@@ -217,7 +231,9 @@ def live_address() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def default_address() -> Iterator[str]:
     """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
-    config = load_config(ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0"})
+    config = load_config(
+        ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"}
+    )
     with serve_in_thread(config) as address:
         yield address
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HTTP_ADDRESSES
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BIN = str(Path(sys.executable).parent)
@@ -99,7 +101,7 @@ def test_demo_recipe(default_address: str, command: str) -> None:
 
 
 def test_python_example(default_address: str) -> None:
-    (example,) = blocks("python")
+    (example,) = [block for block in blocks("python") if "localhost:50051" in block]
     out = subprocess.run(
         [sys.executable, "-c", example.replace("localhost:50051", default_address)],
         capture_output=True,
@@ -199,3 +201,51 @@ def test_durable_stream_recipes(default_address: str, script: str, tmp_path: Pat
         assert "STREAM_STATUS_FINISHED" in out.stdout
     else:
         assert out.stdout.strip().splitlines()[-1].startswith("batch up to ")
+
+
+# -- the HTTP door ("HTTP and browsers") ---------------------------------------------------------
+
+
+def http_run(command: str, grpc_address: str) -> subprocess.CompletedProcess[str]:
+    return run(command.replace("localhost:8080", HTTP_ADDRESSES[grpc_address]), grpc_address)
+
+
+@pytest.mark.parametrize("command", commands("curl "))
+def test_curl_recipe(default_address: str, command: str) -> None:
+    out = http_run(command, default_address)
+    assert out.returncode == 0, out.stderr
+    if '"stream": true' in command:
+        events = [line for line in out.stdout.splitlines() if line.startswith("data: ")]
+        if "sim-error" in command:
+            assert '"error"' in events[-1] and "data: [DONE]" not in events
+        else:
+            assert events[-1] == "data: [DONE]" and '"usage"' in events[-2]
+    else:
+        assert json.loads(out.stdout)
+
+
+def test_durable_curl_recipe_resumes_with_last_event_id(default_address: str) -> None:
+    (script,) = blocks("shell")
+    out = http_run(script, default_address)
+    assert out.returncode == 0, out.stderr
+    ids = [int(line[4:]) for line in out.stdout.splitlines() if line.startswith("id: ")]
+    # The first read stops after four events; the resume goes on from five to the finish.
+    assert ids[:4] == [1, 2, 3, 4] and ids[4:] == list(range(5, len(ids) + 1)) and len(ids) > 10
+    assert "event: finish" in out.stdout
+    # The poll after the end, and a cancel of a finished stream that changes nothing.
+    tail = out.stdout.splitlines()[-2:]
+    assert json.loads(tail[0])["messages"][0]["sequence"] == "5"
+    assert json.loads(tail[1])["state"]["status"] == "STREAM_STATUS_FINISHED"
+
+
+def test_openai_sdk_example(default_address: str) -> None:
+    (example,) = [block for block in blocks("python") if "localhost:8080" in block]
+    out = subprocess.run(
+        [sys.executable, "-c", example.replace("localhost:8080", HTTP_ADDRESSES[default_address])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("tokens") and len(out.stdout) > 100

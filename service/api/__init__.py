@@ -1,0 +1,1 @@
+"""The doors: adapters from a transport to the gateway (`service.gateway`)."""
