@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test soak bench bench-quick lint proto proto-check breaking demo clean
+.PHONY: help setup run test soak bench bench-quick lint proto proto-check clients clients-check breaking demo clean
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
@@ -20,6 +20,7 @@ help:
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
 	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
+	@echo "make clients      regenerate the Go (clients/go) and TypeScript (clients/ts/gen) clients from protos/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,6 +69,7 @@ lint: $(STAMP) $(NODE_STAMP)
 	$(BUF) lint
 	$(MAKE) --no-print-directory breaking
 	$(MAKE) --no-print-directory proto-check
+	$(MAKE) --no-print-directory clients-check
 
 # The contract must stay wire- and source-compatible with the previous commit of main.
 breaking: $(NODE_STAMP)
@@ -91,6 +93,30 @@ proto-check: $(STAMP)
 	for f in $$(cd $$tmp && find tokenwire -type f); do \
 		cmp -s "$$tmp/$$f" "$$f" || { echo "generated stubs are stale: $$f (run 'make proto')"; exit 1; }; \
 	done; echo "generated stubs match protos/"
+
+# The Go and TypeScript clients, with buf.gen.yaml's local plugins (Debian's protoc-gen-go and protoc-gen-go-grpc,
+# npm's protoc-gen-es), into $(1) + the template's out paths. The TypeScript client also gets google.rpc's error
+# details (ErrorInfo, RetryInfo) from the error_details.proto that googleapis-common-protos ships: the contract
+# itself imports only well-known types, and Go has them in Debian's genproto.
+RPC_PROTO = $$($(PY) -c 'import google.rpc.error_details_pb2 as m, os; print(os.path.dirname(m.__file__))')/error_details.proto
+generate-clients = $(BUF) generate -o $(1) && rpc=$$(mktemp -d) && mkdir -p $$rpc/google/rpc && \
+	cp "$(RPC_PROTO)" $$rpc/google/rpc/ && $(BUF) generate $$rpc --template clients/ts/buf.gen.rpc.yaml -o $(1); \
+	status=$$?; rm -rf "$$rpc"; [ $$status = 0 ]
+CLIENT_DIRS = clients/go/tokenwire clients/ts/gen
+
+clients: $(STAMP) $(NODE_STAMP)
+	$(call generate-clients,.)
+
+# Fails when the committed clients differ from what the .proto files generate, or one is missing or extra.
+clients-check: $(STAMP) $(NODE_STAMP)
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	{ $(call generate-clients,$$tmp); } >/dev/null || exit 1; \
+	generated=$$(cd $$tmp && find $(CLIENT_DIRS) -type f | sort); \
+	[ "$$generated" = "$$(find $(CLIENT_DIRS) -type f | sort)" ] || { echo "generated clients differ in files:"; \
+		diff <(echo "$$generated") <(find $(CLIENT_DIRS) -type f | sort); exit 1; }; \
+	for f in $$generated; do \
+		cmp -s "$$tmp/$$f" "$$f" || { echo "generated clients are stale: $$f (run 'make clients')"; exit 1; }; \
+	done; echo "generated clients match protos/"
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
