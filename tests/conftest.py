@@ -214,6 +214,23 @@ def live_address() -> Iterator[str]:
             yield address
 
 
+# The routes the Go and TypeScript clients' live tests use: fast, scripted faults, and one deterministic answer paced
+# so that a call can be broken in the middle of it (200 tokens at 400/s).
+CLIENT_ROUTES: dict[str, dict[str, Any]] = {
+    name: TEST_ROUTES[name] for name in ("sim", "rate-limited", "error-after-3")
+}
+CLIENT_ROUTES |= {
+    "paced": {"provider": "simulated", "model": "m", "options": FAST | {"tokens_per_second": 400, "answer_tokens": 200}}
+}
+
+
+@pytest.fixture(scope="session")
+def clients_address() -> Iterator[str]:
+    """CLIENT_ROUTES served for the other languages' clients, which run as subprocesses."""
+    with serve_in_thread(make_config(CLIENT_ROUTES)) as address:
+        yield address
+
+
 @pytest.fixture(scope="session")
 def default_address() -> Iterator[str]:
     """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
