@@ -19,13 +19,15 @@ help:
 	@echo "make bench-quick  the rig in brief, without LiteLLM (under 2 minutes)"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
 	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
-	@echo "make proto        regenerate the Python stubs in tokenwire/v1 from protos/"
+	@echo "make proto        regenerate the Python stubs in clients/tokenwire/v1 from protos/"
 	@echo "make clients      regenerate the Go (clients/go) and TypeScript (clients/ts/gen) clients from protos/"
 
-$(STAMP): pyproject.toml
+# The server (.) and the client distribution it depends on (clients/), in one resolve: tokenwire-client is on no
+# index, so pip takes it from the path given beside it.
+$(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e './clients[demo]' -e '.[dev]'
 	touch $@
 
 $(NODE_STAMP): package.json package-lock.json
@@ -81,8 +83,8 @@ breaking: $(NODE_STAMP)
 # Python modules, type stubs, and a descriptor set with comments for server reflection.
 PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --include_source_info
 proto: $(STAMP)
-	$(PROTOC) --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
-		--descriptor_set_out=tokenwire/v1/generation.binpb $(PROTOS)
+	$(PROTOC) --python_out=clients --grpc_python_out=clients --mypy_out=clients --mypy_grpc_out=clients \
+		--descriptor_set_out=clients/tokenwire/v1/generation.binpb $(PROTOS)
 
 # Fails when the committed stubs differ from what the .proto files generate.
 proto-check: $(STAMP)
@@ -91,7 +93,7 @@ proto-check: $(STAMP)
 	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp \
 		--descriptor_set_out=$$tmp/tokenwire/v1/generation.binpb $(PROTOS) >/dev/null; \
 	for f in $$(cd $$tmp && find tokenwire -type f); do \
-		cmp -s "$$tmp/$$f" "$$f" || { echo "generated stubs are stale: $$f (run 'make proto')"; exit 1; }; \
+		cmp -s "$$tmp/$$f" "clients/$$f" || { echo "generated stubs are stale: clients/$$f (run 'make proto')"; exit 1; }; \
 	done; echo "generated stubs match protos/"
 
 # The Go and TypeScript clients, with buf.gen.yaml's local plugins (Debian's protoc-gen-go and protoc-gen-go-grpc,
