@@ -9,7 +9,7 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test soak bench bench-quick lint proto proto-check clients clients-check breaking demo clean
+.PHONY: help setup run test soak bench bench-quick lint proto proto-check clients clients-check breaking contract-baseline demo clean
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
@@ -18,7 +18,8 @@ help:
 	@echo "make bench        the benchmark rig: direct vs bare forwarder vs tokenwire vs LiteLLM (about 10 minutes)"
 	@echo "make bench-quick  the rig in brief, without LiteLLM (under 2 minutes)"
 	@echo "make demo         stream an answer from a running server (ARGS='--model sim-error ...')"
-	@echo "make lint         ruff, mypy, buf lint + breaking, generated-stub drift check"
+	@echo "make lint         ruff, mypy, buf lint + breaking (against protos/baseline.binpb), generated-code drift checks"
+	@echo "make contract-baseline  publish the contract: rewrite protos/baseline.binpb (on purpose, then commit it)"
 	@echo "make proto        regenerate the Python stubs in clients/tokenwire/v1 from protos/"
 	@echo "make clients      regenerate the Go (clients/go) and TypeScript (clients/ts/gen) clients from protos/"
 
@@ -73,12 +74,32 @@ lint: $(STAMP) $(NODE_STAMP)
 	$(MAKE) --no-print-directory proto-check
 	$(MAKE) --no-print-directory clients-check
 
-# The contract must stay wire- and source-compatible with the previous commit of main.
+# The contract must stay wire- and source-compatible with the published one: protos/baseline.binpb, a buf image
+# committed on purpose (`make contract-baseline`) when a contract is published. Comparing with HEAD~1 let a break in
+# the first commit of a multi-commit change through; this compares the tip, and every commit that touched protos/
+# since the baseline last moved, with the baseline. The baseline itself may only move compatibly: each of its
+# committed versions is checked against the one before, so a change cannot re-publish a break to slip it in.
+BASELINE := protos/baseline.binpb
 breaking: $(NODE_STAMP)
-	@if [ "$$(git rev-parse --is-shallow-repository)" = true ]; then git fetch -q --deepen=1 || true; fi
-	@if git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
-		echo "buf breaking against HEAD~1"; $(BUF) breaking --against '.git#ref=HEAD~1'; \
-	else echo "buf breaking: no previous commit with a contract, nothing to compare"; fi
+	@echo "buf breaking against the published contract ($(BASELINE))"; $(BUF) breaking --against $(BASELINE)
+	@if [ "$$(git rev-parse --is-shallow-repository)" = true ]; then git fetch -q --unshallow 2>/dev/null || true; fi; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	git diff --quiet HEAD -- $(BASELINE) || cp $(BASELINE) $$tmp/0.binpb; \
+	i=1; for sha in $$(git log --format=%H -- $(BASELINE)); do \
+		git show $$sha:$(BASELINE) > $$tmp/$$i.binpb 2>/dev/null || rm -f $$tmp/$$i.binpb; i=$$((i + 1)); done; \
+	prev=; for n in $$(ls $$tmp | sort -n); do \
+		if [ -n "$$prev" ]; then $(BUF) breaking $$tmp/$$prev --against $$tmp/$$n \
+			|| { echo "a version of $(BASELINE) breaks the one published before it"; exit 1; }; fi; prev=$$n; done; \
+	since=$$(git log -1 --format=%H -- $(BASELINE)); \
+	[ -n "$$since" ] || { echo "no committed baseline yet: only the working tree was compared"; exit 0; }; \
+	for sha in $$(git rev-list $$since..HEAD -- protos/tokenwire buf.yaml); do \
+		$(BUF) breaking ".git#ref=$$sha" --against $(BASELINE) \
+			|| { echo "commit $$sha breaks the published contract"; exit 1; }; done; \
+	echo "no commit since the baseline breaks it"
+
+# Publishes the contract as it is now: run it on purpose, when a compatible change is released, and commit the image.
+contract-baseline: $(NODE_STAMP)
+	$(BUF) build --exclude-source-info -o $(BASELINE)
 
 # Python modules, type stubs, and a descriptor set with comments for server reflection.
 PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --include_source_info
