@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -244,6 +245,29 @@ def redis_server() -> Iterator[RedisServer]:
     """One real redis-server for the session (tests keep apart by key prefix); fails if not installed."""
     with running_redis() as server:
         yield server
+
+
+# The Go client's import path (buf.gen.yaml's go_package_prefix, without clients/go).
+GO_IMPORT_ROOT = "github.com/tokenwire/tokenwire"
+
+
+def go_env(gopath: Path) -> dict[str, str]:
+    """Go in GOPATH mode over a GOPATH holding this repository at its import path, then Debian's Go sources.
+
+    Module mode cannot resolve Debian's sources offline; GOPATH mode is what the README tells a Go team to use.
+    """
+    link = gopath / "src" / GO_IMPORT_ROOT
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(ROOT, target_is_directory=True)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "go-build"
+    return dict(os.environ) | {
+        "GO111MODULE": "off",
+        "GOPATH": f"{gopath}{os.pathsep}/usr/share/gocode",
+        "GOFLAGS": "",
+        # The build cache outlives the test: the first build of Debian's grpc takes a while, later ones do not.
+        "GOCACHE": os.environ.get("GOCACHE", str(cache)),
+    }
 
 
 async def eventually(predicate: Callable[[], object], within: float = 2.0) -> None:
