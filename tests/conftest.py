@@ -228,6 +228,23 @@ def live_address() -> Iterator[str]:
             yield address
 
 
+# The routes the Go and TypeScript clients' live tests use: fast, scripted faults, and one deterministic answer paced
+# so that a call can be broken in the middle of it (200 tokens at 400/s).
+CLIENT_ROUTES: dict[str, dict[str, Any]] = {
+    name: TEST_ROUTES[name] for name in ("sim", "rate-limited", "error-after-3")
+}
+CLIENT_ROUTES |= {
+    "paced": {"provider": "simulated", "model": "m", "options": FAST | {"tokens_per_second": 400, "answer_tokens": 200}}
+}
+
+
+@pytest.fixture(scope="session")
+def clients_address() -> Iterator[str]:
+    """CLIENT_ROUTES served for the other languages' clients, which run as subprocesses."""
+    with serve_in_thread(make_config(CLIENT_ROUTES)) as address:
+        yield address
+
+
 @pytest.fixture(scope="session")
 def default_address() -> Iterator[str]:
     """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
@@ -243,6 +260,29 @@ def redis_server() -> Iterator[RedisServer]:
     """One real redis-server for the session (tests keep apart by key prefix); fails if not installed."""
     with running_redis() as server:
         yield server
+
+
+# The Go client's import path (buf.gen.yaml's go_package_prefix, without clients/go).
+GO_IMPORT_ROOT = "github.com/tokenwire/tokenwire"
+
+
+def go_env(gopath: Path) -> dict[str, str]:
+    """Go in GOPATH mode over a GOPATH holding this repository at its import path, then Debian's Go sources.
+
+    Module mode cannot resolve Debian's sources offline; GOPATH mode is what the README tells a Go team to use.
+    """
+    link = gopath / "src" / GO_IMPORT_ROOT
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(ROOT, target_is_directory=True)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "go-build"
+    return dict(os.environ) | {
+        "GO111MODULE": "off",
+        "GOPATH": f"{gopath}{os.pathsep}/usr/share/gocode",
+        "GOFLAGS": "",
+        # The build cache outlives the test: the first build of Debian's grpc takes a while, later ones do not.
+        "GOCACHE": os.environ.get("GOCACHE", str(cache)),
+    }
 
 
 async def eventually(predicate: Callable[[], object], within: float = 2.0) -> None:

@@ -23,9 +23,29 @@ def test_list_shows_the_services(live_address: str) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
         "tokenwire.v1.GenerationService",
     ]
+
+
+BUF = Path(__file__).resolve().parent.parent / "node_modules" / ".bin" / "buf"
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_both_reflection_protocols_describe_the_contract(live_address: str, protocol: str) -> None:
+    # buf curl can be told which protocol to use; grpcurl 1.8.6 cannot.
+    base = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", protocol]
+    out = subprocess.run(
+        [*base, "--list-methods", f"http://{live_address}"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tokenwire.v1.GenerationService/Resume" in out.stdout.split()
+    body = json.dumps({"model": "sim", "messages": [{"role": "ROLE_USER", "text": "Hi"}], "max_output_tokens": 2})
+    url = f"http://{live_address}/tokenwire.v1.GenerationService/Generate"
+    out = subprocess.run([*base, "-d", body, url], capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert '"finish"' in out.stdout and '"FINISH_REASON_LENGTH"' in out.stdout
 
 
 def test_describe_shows_the_commented_contract(live_address: str) -> None:

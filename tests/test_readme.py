@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HTTP_ADDRESSES
+from conftest import HTTP_ADDRESSES, go_env
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -85,6 +85,18 @@ def streamed_text(stdout: str) -> str:
     return "".join(c["textDelta"]["text"] for c in chunks if "textDelta" in c)
 
 
+@pytest.mark.parametrize("command", commands("npx buf curl "))
+def test_buf_curl_recipe(default_address: str, command: str) -> None:
+    out = run(command.replace("http://localhost:50051", f"http://{default_address}"), default_address)
+    if "no-such-route" in command:
+        assert out.returncode == 40 and '"code": "not_found"' in out.stderr and "google.rpc.ErrorInfo" in out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip()
+        if "Generate" in command:
+            assert '"finish"' in out.stdout
+
+
 @pytest.mark.parametrize("command", commands("make demo"))
 def test_demo_recipe(default_address: str, command: str) -> None:
     out = run(command, default_address)
@@ -128,6 +140,48 @@ def test_beyond_text_python_example(default_address: str, example: str) -> None:
     assert described.startswith("I received an image (image/png, 70 bytes inline).")
     assert claim.startswith("{'claim_id': ") and claim.endswith(" tokenwire-sim-1")
     assert cited == "['Water damage is covered.']"
+
+
+@pytest.mark.timeout(320)
+@pytest.mark.parametrize("route", ["sim", "no-such-route"])
+def test_go_example(default_address: str, route: str, tmp_path: Path) -> None:
+    (example,) = blocks("go")
+    main = tmp_path / "src" / "example" / "main.go"
+    main.parent.mkdir(parents=True)
+    main.write_text(example.replace("localhost:50051", default_address).replace('"sim"', f'"{route}"'))
+    out = subprocess.run(
+        ["go", "run", "."],
+        cwd=main.parent,
+        env=go_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if route == "sim":
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip().endswith("FINISH_REASON_LENGTH after 20 tokens"), out.stdout
+    else:
+        assert out.returncode == 1 and "NotFound: unknown route 'no-such-route'" in out.stderr, out.stderr
+        assert "ROUTE_NOT_FOUND" in out.stderr  # the ErrorInfo detail
+
+
+@pytest.mark.parametrize("route", ["sim", "no-such-route"])
+def test_typescript_example(default_address: str, route: str) -> None:
+    (example,) = blocks("js")
+    code = example.replace("localhost:50051", default_address).replace('"sim"', f'"{route}"')
+    # Run from the repository, as a file in it would be: @tokenwire/client resolves through node_modules.
+    out = subprocess.run(
+        ["node", "--input-type=module", "-e", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    if route == "sim":
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip().endswith("LENGTH after 20 tokens"), out.stdout
+    else:
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip() == (
+            "NotFound: unknown route 'no-such-route'; ListModels lists the routes this server serves (ROUTE_NOT_FOUND)"
+        )
 
 
 # Stand-ins for the keys the README's provider recipe exports: the server checks they are set.

@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Protocol, Self, Unpack
+from typing import Protocol, Self, Unpack, cast
 
 import grpc
 
@@ -22,8 +22,11 @@ from ._resume import Durable, ResumePolicy
 
 
 def _trailers(error: grpc.RpcError) -> TrailingMetadata:
-    # Sync grpc gives (key, value) named tuples; the stubs know only their attributes.
-    return [(datum.key, datum.value) for datum in error.trailing_metadata() or ()]
+    # Sync grpc's own calls give (key, value) named tuples, but its API promises only (key, value) pairs, and plain
+    # tuples do come (grpc_testing's channel, interceptors): unpack pairs rather than read `.key`.
+    # The stubs type them as _Metadatum, which they do not declare a tuple; at run time both kinds unpack.
+    pairs = cast("Iterable[tuple[str, str | bytes]]", error.trailing_metadata() or ())
+    return [(key, value) for key, value in pairs]
 
 
 class _Call(Cancellable, Protocol):

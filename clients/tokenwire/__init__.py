@@ -1,0 +1,1 @@
+"""tokenwire: the contract package. Generated code lives in tokenwire.v1 (part of the tokenwire-client distribution)."""

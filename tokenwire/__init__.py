@@ -1,1 +1,0 @@
-"""tokenwire: the contract package. Generated code lives in tokenwire.v1."""
