@@ -3,7 +3,8 @@
 Appends N payloads of about 60 bytes (a delta message's size) to one stream, in batches of 1 and
 of 8 (a flush with several messages queued), then reads them back by cursor in pages, as a
 Resume replaying history does. For each journal and batch size it prints microseconds per payload
-(wall clock, and this process's CPU) for append and for read and, for Redis, Redis's own CPU
+(wall clock, and this process's CPU) for append and for read and, for Redis, Redis's own CPU; a
+last line writes from 50 streams at once, whose appends share the journal's round trips
 (INFO cpu: used_cpu_sys + used_cpu_user, before and after) in milliseconds per 1,000 payloads.
 
     .venv/bin/python bench/journal_cost.py [--payloads 20000] [--url redis://127.0.0.1:6379/0]
@@ -54,34 +55,48 @@ async def _timed(
 
 
 async def measure(
-    journal: Journal, batch: int, n: int, read_limit: int, redis_cpu: Callable[[], Awaitable[float]] | None
+    journal: Journal,
+    batch: int,
+    n: int,
+    read_limit: int,
+    redis_cpu: Callable[[], Awaitable[float]] | None,
+    streams: int = 1,
 ) -> tuple[Phase, Phase]:
-    stream_id = f"bench-{uuid.uuid4().hex[:8]}"
+    """`n` payloads over `streams` streams written at once (as concurrent producers write), then
+    read back stream by stream."""
     window = 600.0
-    record = StreamRecord(stream_id, b"t" * 32, b"f" * 32, window, expires_at=time.time() + window)
-    assert await journal.create(record) is None
-    payloads = [f"delta {i:08d} ".encode().ljust(60, b".") for i in range(n)]
+    ids = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(streams)]
+    for stream_id in ids:
+        record = StreamRecord(stream_id, b"t" * 32, b"f" * 32, window, expires_at=time.time() + window)
+        assert await journal.create(record) is None
+    each = n // streams
+    payloads = [f"delta {i:08d} ".encode().ljust(60, b".") for i in range(each)]
 
-    async def append_all() -> None:
+    async def append_one(stream_id: str) -> None:
         expires_at = time.time() + window
-        for first in range(0, n, batch):
+        for first in range(0, each, batch):
             chunk = payloads[first : first + batch]
-            last = first + len(chunk) == n
+            last = first + len(chunk) == each
             status = StreamStatus.FINISHED if last else StreamStatus.RUNNING
             await journal.append(stream_id, first + 1, chunk, expires_at=expires_at, status=status)
 
-    async def read_all() -> None:
-        after, seen = 0, 0
-        while True:
-            got = await journal.read(stream_id, after, read_limit)
-            assert got is not None
-            seen += len(got.payloads)
-            after = got.last
-            if got.terminal:
-                break
-        assert seen == n, seen
+    async def append_all() -> None:
+        await asyncio.gather(*(append_one(stream_id) for stream_id in ids))
 
-    return await _timed(n, append_all, redis_cpu), await _timed(n, read_all, redis_cpu)
+    async def read_all() -> None:
+        for stream_id in ids:
+            after, seen = 0, 0
+            while True:
+                got = await journal.read(stream_id, after, read_limit)
+                assert got is not None
+                seen += len(got.payloads)
+                after = got.last
+                if got.terminal:
+                    break
+            assert seen == each, seen
+
+    total = each * streams
+    return await _timed(total, append_all, redis_cpu), await _timed(total, read_all, redis_cpu)
 
 
 @contextlib.contextmanager
@@ -109,19 +124,25 @@ async def run(args: argparse.Namespace) -> None:
 
         print(f"{args.payloads} payloads of 60 bytes, read back {args.read_limit} per read; redis at {url}")
         print("                              append (µs/payload)          read (µs/payload)")
-        print("journal  batch      wall      cpu  redis ms/1k     wall      cpu  redis ms/1k")
+        print("journal  streams batch   wall      cpu  redis ms/1k     wall      cpu  redis ms/1k")
         try:
-            for name in ("memory", "redis"):
-                for batch in (1, 8):
-                    journal: Journal = (
-                        MemoryJournal(max_total_bytes=1 << 30) if name == "memory" else RedisJournal(url, prefix=prefix)
-                    )
-                    cpu = redis_cpu if name == "redis" else None
-                    try:
-                        append, read = await measure(journal, batch, args.payloads, args.read_limit, cpu)
-                    finally:
-                        await journal.aclose()
-                    print(f"{name:8} {batch:5}  {_fmt(append)}     {_fmt(read)}")
+            for name, streams, batch in (
+                ("memory", 1, 1),
+                ("memory", 1, 8),
+                ("redis", 1, 1),
+                ("redis", 1, 8),
+                # Concurrent producers: their appends share round trips (the journal's own batching).
+                ("redis", 50, 1),
+            ):
+                journal: Journal = (
+                    MemoryJournal(max_total_bytes=1 << 30) if name == "memory" else RedisJournal(url, prefix=prefix)
+                )
+                cpu = redis_cpu if name == "redis" else None
+                try:
+                    append, read = await measure(journal, batch, args.payloads, args.read_limit, cpu, streams)
+                finally:
+                    await journal.aclose()
+                print(f"{name:8} {streams:7} {batch:5} {_fmt(append)}     {_fmt(read)}")
         finally:
             keys = [key async for key in raw.scan_iter(match=f"{prefix}*")]
             if keys:

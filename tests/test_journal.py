@@ -565,3 +565,33 @@ async def test_every_field_of_a_record_comes_back(journal: Journal) -> None:
         if f.name != "expires_at":
             assert getattr(got, f.name) == getattr(expected, f.name), f.name
     assert abs(got.expires_at - expected.expires_at) < 0.01
+
+
+async def test_concurrent_appends_of_many_streams_each_get_their_own_answer(journal: Journal) -> None:
+    # The Redis journal sends appends that queue behind one in flight together: each must still
+    # be fenced, refused or done on its own.
+    ids = [f"many-{i}" for i in range(30)]
+    for stream_id in ids:
+        assert await journal.create(_record(stream_id)) is None
+    outcomes = await asyncio.gather(
+        *(
+            journal.append(stream_id, 2 if i == 7 else 1, [f"{stream_id}-a".encode()], expires_at=_later())
+            for i, stream_id in enumerate(ids)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[7], Fenced)
+    assert all(o is None for i, o in enumerate(outcomes) if i != 7)
+    second = await asyncio.gather(
+        *(
+            journal.append(stream_id, 2, [f"{stream_id}-b".encode()], expires_at=_later(), status=StreamStatus.FINISHED)
+            for stream_id in ids
+            if stream_id != "many-7"
+        )
+    )
+    assert second == [None] * 29
+    for stream_id in ids:
+        batch = await journal.read(stream_id, 0, 10)
+        assert batch is not None
+        expected = [] if stream_id == "many-7" else [f"{stream_id}-a".encode(), f"{stream_id}-b".encode()]
+        assert list(batch.payloads) == expected

@@ -63,6 +63,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -221,6 +222,7 @@ class RedisJournal(Journal):
     ) -> None:
         self.prefix = prefix
         self.url = url
+        self._command_timeout = socket_timeout
         self.lease_seconds = lease_seconds
         self.renew_seconds = renew_seconds
         self._connect_timeout = connect_timeout
@@ -273,6 +275,10 @@ class RedisJournal(Journal):
             protocol=3,
             client_name="tokenwire-journal-cancels",
         )
+        # Appends waiting for the next round trip, and the task that makes them (see `append`).
+        self._appends: list[_Append] = []
+        self._writing = False
+        self._writer: asyncio.Task[None] | None = None
         self._create = self._redis.register_script(_CREATE)
         self._append = self._redis.register_script(_APPEND)
         self._append_terminal = self._redis.register_script(_APPEND_TERMINAL)
@@ -352,12 +358,71 @@ class RedisJournal(Journal):
         expires_at: float,
         status: StreamStatus = StreamStatus.RUNNING,
     ) -> None:
-        script = self._append if status is StreamStatus.RUNNING else self._append_terminal
-        with self._noting_outage(), _mapped_errors():
-            await script(
-                keys=[self._rec(stream_id), self._log(stream_id)],
-                args=[first_sequence, status.value, repr(float(expires_at)), _ms(expires_at), *payloads],
-            )
+        # Appends of every stream of this process share round trips: an append with none in flight
+        # goes out at once, by itself; the appends that queue while it is in flight go out after it
+        # in one pipeline (never a wait to fill one).
+        item = _Append(stream_id, first_sequence, payloads, expires_at, status, None)
+        if self._writing:
+            item.done = asyncio.get_running_loop().create_future()
+            self._appends.append(item)
+            await item.done
+            return
+        self._writing = True
+        try:
+            with self._noting_outage(), _mapped_errors():
+                keys, args = self._append_args(item)
+                await self._script_for(item)(keys=keys, args=args)
+        finally:
+            if self._appends:
+                self._writer = asyncio.get_running_loop().create_task(self._write_queued(), name="journal appends")
+            else:
+                self._writing = False
+
+    def _script_for(self, item: _Append) -> AsyncScript:
+        return self._append if item.status is StreamStatus.RUNNING else self._append_terminal
+
+    def _append_args(self, item: _Append) -> tuple[list[str], list[int | str | bytes]]:
+        keys = [self._rec(item.stream_id), self._log(item.stream_id)]
+        args: list[int | str | bytes] = [item.first_sequence, item.status.value]
+        args += [repr(float(item.expires_at)), _ms(item.expires_at), *item.payloads]
+        return keys, args
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._appends:
+                batch, self._appends = self._appends, []
+                await self._write_batch(batch)
+        finally:
+            self._writing = False
+            for item in self._appends:  # only if this task was cancelled (a close)
+                _settle(item.done, JournalUnavailable("the journal is closing"))
+            self._appends = []
+
+    async def _write_batch(self, batch: list[_Append]) -> None:
+        try:
+            with self._noting_outage(), _mapped_errors():
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for item in batch:
+                        keys, args = self._append_args(item)
+                        await self._script_for(item)(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+        except JournalError as err:
+            for item in batch:
+                _settle(item.done, err)
+            return
+        except BaseException as exc:  # a bug, or a cancel: no writer waits forever
+            for item in batch:
+                _settle(item.done, exc if isinstance(exc, Exception) else JournalUnavailable("the journal is closing"))
+            raise
+        for item, result in zip(batch, results, strict=True):
+            error: BaseException | None = None
+            if isinstance(result, Exception):
+                try:
+                    with _mapped_errors():
+                        raise result
+                except JournalError as mapped:
+                    error = mapped
+            _settle(item.done, error)
 
     async def fail_start(self, stream_id: str, failure: bytes, *, expires_at: float) -> None:
         with _mapped_errors():
@@ -413,6 +478,11 @@ class RedisJournal(Journal):
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._writer is not None and not self._writer.done():
+            # Appends already handed over (terminal ones among them) go out before the close.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._writer), self._command_timeout)
+            self._writer.cancel()
         tasks = [
             t
             for t in (self._reader, self._lease_task, self._cancel_task, self._touch_task, self._flushing)
@@ -773,6 +843,26 @@ def _mapped_errors() -> Iterator[None]:
         if str(e).startswith("FENCED"):
             raise Fenced(str(e).removeprefix("FENCED ")) from e
         raise JournalError(f"redis: {e}") from e
+
+
+@dataclass(slots=True, eq=False)
+class _Append:
+    stream_id: str
+    first_sequence: int
+    payloads: Sequence[bytes]
+    expires_at: float
+    status: StreamStatus
+    # Set while it waits in the queue; an append sent at once has none.
+    done: asyncio.Future[None] | None
+
+
+def _settle(done: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    if done is None or done.done():  # its writer was cancelled and left
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 def _ms(expires_at: float) -> int:
