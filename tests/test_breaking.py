@@ -41,9 +41,10 @@ def breaking(root: Path) -> subprocess.CompletedProcess[str]:
 
 REMOVE_SEED = ("  optional int64 seed = 7;\n", "")
 RENUMBER_REQUEST_ID = ("  string request_id = 11;", "  string request_id = 21;")
+# A field numbered far from any in use, so the test holds however the request grows.
 ADD_FIELD = (
-    "  google.protobuf.Duration resume_window = 13;\n}",
-    "  google.protobuf.Duration resume_window = 13;\n\n  // Optional. A new field.\n  string note = 14;\n}",
+    "message GenerateRequest {\n",
+    "message GenerateRequest {\n  // Optional. A new field.\n  string note_for_the_gate_test = 9999;\n\n",
 )
 
 
