@@ -4,8 +4,10 @@ native SSE stream with resume, polling and cancel."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -462,3 +464,74 @@ async def test_a_reader_that_stops_reading_is_cut_off(start_server: Callable[...
     assert recorder.finished == [False]
     await eventually(lambda: running.server.gateway.active_streams == 0)
     writer.close()
+
+
+# -- content beyond text through the OpenAI-compatible endpoint ---------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FIRST = "messages[0].content[0]"
+
+
+async def test_sdk_sends_an_image_a_pdf_and_audio_as_parts(sdk: Any) -> None:
+    png = (EXAMPLES / "screenshot.png").read_bytes()
+    pdf = (EXAMPLES / "claim.pdf").read_bytes()
+    pdf_url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    content = [
+        {"type": "text", "text": "What is in these?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+        {
+            "type": "file",
+            "file": {"filename": "claim.pdf", "file_data": pdf_url},
+        },
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF....WAVE").decode(), "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.jpg"}},
+    ]
+    completion = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": content}])
+    answer = completion.choices[0].message.content
+    assert answer.startswith(
+        f"I received an image (image/png, {len(png):,} bytes inline), a document titled 'claim.pdf' "
+        f"(application/pdf, {len(pdf):,} bytes inline), a recording (audio/wav, 12 bytes inline), "
+        "and an image (type not given, at https://example.invalid/cat.jpg). "
+    )
+
+
+async def test_sdk_asks_for_a_json_schema_and_gets_an_instance(sdk: Any) -> None:
+    schema = json.loads((EXAMPLES / "claim.schema.json").read_text())
+    completion = await sdk.chat.completions.create(
+        model="sim",
+        messages=USER,
+        response_format={"type": "json_schema", "json_schema": {"name": "claim", "schema": schema, "strict": True}},
+    )
+    answer = json.loads(completion.choices[0].message.content)
+    assert set(answer) == set(schema["properties"])
+    completion = await sdk.chat.completions.create(model="sim", messages=USER, response_format={"type": "json_object"})
+    assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "image_url"}], "messages[0].content[0].image_url.url"),
+        ([{"type": "video_url", "video_url": {"url": "https://x"}}], "messages[0].content[0]"),
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}],
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "flac"}}],
+            "messages[0].content[0].input_audio.format",
+        ),
+    ],
+)
+async def test_content_parts_the_door_cannot_read_are_refused_by_name(
+    door: Running, recorder: Recorder, content: Any, param: str
+) -> None:
+    body = {"model": "recorded", "messages": [{"role": "user", "content": content}]}
+    async with (
+        ClientSession() as session,
+        session.post(base_url(door) + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["param"] == param
+    assert recorder.requests == []

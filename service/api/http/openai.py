@@ -11,6 +11,8 @@ would cost more than the relay itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -67,24 +69,122 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _text(content: Any, field: str) -> str:
-    """A message's content: a string, null, or a list of text parts (joined)."""
+def _content(content: Any, field: str, message: pb.Message) -> None:
+    """A message's content: a string, null, or a list of parts (text, image_url, input_audio, file).
+
+    Text alone stays `Message.text`; anything else becomes the contract's ordered parts, which
+    validation then checks against the route like any gRPC request's (so a part a route cannot
+    take is refused naming it, never dropped).
+    """
     if content is None:
-        return ""
+        return
     if isinstance(content, str):
-        return content
+        message.text = content
+        return
     if not isinstance(content, list):
         raise invalid_request(field, "must be a string or a list of content parts")
-    texts = []
+    if all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part.get("text"), str):
+                raise invalid_request(f"{field}[{i}].text", "must be a string")
+            texts.append(part["text"])
+        message.text = "".join(texts)
+        return
     for i, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else None
-            raise invalid_request(
-                f"{field}[{i}]",
-                f"only text parts are supported on this door, got {str(kind)[:32]!r}",
-            )
-        texts.append(part["text"])
-    return "".join(texts)
+        message.parts.append(_part(part, f"{field}[{i}]"))
+
+
+def _part(part: Any, field: str) -> pb.ContentPart:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise invalid_request(f"{field}.text", "must be a string")
+        return pb.ContentPart(text=part["text"])
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str):
+            raise invalid_request(f"{field}.image_url.url", "must be a string: an https URL or a data: URL")
+        media_type, data = _data_url(url, f"{field}.image_url.url")
+        if data is None:
+            return pb.ContentPart(image=pb.ImagePart(url=url))
+        return pb.ContentPart(image=pb.ImagePart(media_type=media_type, data=data))
+    if kind == "input_audio":
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise invalid_request(f"{field}.input_audio", "must be {data: base64, format: wav | mp3}")
+        audio_type = _AUDIO_FORMATS.get(str(audio.get("format")))
+        if audio_type is None:
+            raise invalid_request(f"{field}.input_audio.format", "must be wav or mp3")
+        return pb.ContentPart(audio=pb.AudioPart(media_type=audio_type, data=_base64(audio["data"], field)))
+    if kind == "file":
+        file = part.get("file")
+        if not isinstance(file, dict):
+            raise invalid_request(f"{field}.file", "must be {file_data | file_id, filename}")
+        title = file.get("filename", "")
+        if not isinstance(title, str):
+            raise invalid_request(f"{field}.file.filename", "must be a string")
+        if isinstance(file.get("file_id"), str):
+            return pb.ContentPart(document=pb.DocumentPart(file_id=file["file_id"], title=title))
+        data_url = file.get("file_data")
+        if not isinstance(data_url, str):
+            raise invalid_request(f"{field}.file", "needs file_data (a data: URL) or file_id")
+        media_type, data = _data_url(data_url, f"{field}.file.file_data")
+        if data is None:
+            raise invalid_request(f"{field}.file.file_data", "must be a data: URL")
+        return pb.ContentPart(document=pb.DocumentPart(media_type=media_type, data=data, title=title))
+    raise invalid_request(field, f"is not a content part this door knows: {str(kind)[:32]!r}")
+
+
+_AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+
+
+def _data_url(url: str, field: str) -> tuple[str, bytes | None]:
+    """(media type, bytes) of a base64 data: URL; ("", None) for any other URL."""
+    if not url.startswith("data:"):
+        return "", None
+    head, comma, payload = url[5:].partition(",")
+    media_type, _, encoding = head.partition(";")
+    if not comma or encoding != "base64" or not media_type:
+        raise invalid_request(field, "a data: URL must be data:<media type>;base64,<data>")
+    return media_type, _base64(payload, field)
+
+
+def _base64(text: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_request(field, "is not valid base64") from None
+
+
+def _response_format(fmt: Any, request: pb.GenerateRequest) -> None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return
+    if kind == "json_object":
+        request.response_format.type = pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+        return
+    if kind != "json_schema":
+        raise invalid_request("response_format", 'must be {"type": "text" | "json_object" | "json_schema", ...}')
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
+        raise invalid_request("response_format.json_schema", "must be {name, schema, strict?, description?}")
+    out = request.response_format
+    out.type = pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+    out.name = spec["name"]
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise invalid_request("response_format.json_schema.description", "must be a string")
+    out.description = description
+    strict = spec.get("strict", False)
+    if not isinstance(strict, bool):
+        raise invalid_request("response_format.json_schema.strict", "must be true or false")
+    out.strict = strict
+    try:
+        json_format.ParseDict(spec["schema"], out.schema)
+    except (json_format.ParseError, RecursionError, ValueError):
+        raise invalid_request("response_format.json_schema.schema", "cannot be carried (nested too deep?)") from None
 
 
 def _message(m: Any, i: int) -> pb.Message:
@@ -94,7 +194,8 @@ def _message(m: Any, i: int) -> pb.Message:
     role = _ROLES.get(m.get("role"))  # type: ignore[arg-type]
     if role is None:
         raise invalid_request(f"{field}.role", "must be system, developer, user, assistant or tool")
-    message = pb.Message(role=role, text=_text(m.get("content"), f"{field}.content"))
+    message = pb.Message(role=role)
+    _content(m.get("content"), f"{field}.content", message)
     calls = m.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list):
@@ -175,8 +276,8 @@ def chat_request(body: Any, request_id: str) -> ChatRequest:
     if n is not None and n != 1:
         raise invalid_request("n", "only 1 choice per request is supported")
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise invalid_request("response_format", "structured output is not supported on this door yet")
+    if fmt is not None:
+        _response_format(fmt, request)
     if body.get("logprobs"):
         raise invalid_request("logprobs", "is not supported")
     for name in ("max_completion_tokens", "max_tokens"):
