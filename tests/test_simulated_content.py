@@ -4,6 +4,7 @@ and cites documents that ask for it, so client teams can test all of it without 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -200,3 +201,13 @@ async def test_a_json_answer_cut_by_max_tokens_finishes_with_length(stub: pb_grp
     assert messages[-1].finish.reason == pb.FINISH_REASON_LENGTH
     with pytest.raises(orjson.JSONDecodeError):
         orjson.loads(text_of(messages))
+
+
+def test_schema_instance_keys_do_not_depend_on_the_order_the_schema_arrived_in() -> None:
+    # Schemas come through google.protobuf.Struct, whose maps keep no order.
+    props = {"claim_id": {"type": "string"}, "cause": {"type": "string"}, "amount_eur": {"type": "number"}}
+    required = ["claim_id", "amount_eur"]
+    one = instance_of({"type": "object", "properties": props, "required": required})
+    other = instance_of({"type": "object", "properties": dict(reversed(props.items())), "required": required})
+    assert json.dumps(one) == json.dumps(other)
+    assert list(one) == ["claim_id", "amount_eur", "cause"]

@@ -106,7 +106,12 @@ class _Generator:
     def _object(self, schema: dict[str, Any], depth: int) -> dict[str, Any]:
         properties = schema.get("properties")
         properties = properties if isinstance(properties, dict) else {}
-        out = {name: self.value(sub, depth + 1) for name, sub in properties.items()}
+        # A schema arrives as a google.protobuf.Struct, whose map keeps no order: the answer's keys go
+        # in `required`'s order (a list keeps it), then by name, so the same request gives the
+        # same bytes every time.
+        required = [n for n in schema.get("required") or () if isinstance(n, str) and n in properties]
+        names = required + sorted(n for n in properties if n not in required)
+        out = {name: self.value(properties[name], depth + 1) for name in names}
         for name in schema.get("required") or ():
             if isinstance(name, str) and name not in out:
                 extra = schema.get("additionalProperties")
