@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from fakes import anthropic as fake_anthropic_module
+from fakes import bedrock as fake_bedrock_module
 from fakes import openai as fake_openai_module
 from fakes.kit import Kit
 from fakes.replies import ResetReply, StatusReply, StreamReply, ToolCallScript, Usage
@@ -28,6 +29,8 @@ from tokenwire.v1 import generation_pb2 as pb
 KITS: list[Kit] = [
     fake_openai_module.KIT,
     fake_anthropic_module.KIT,
+    fake_bedrock_module.KIT,
+    fake_bedrock_module.API_KEY_KIT,
 ]
 TIMEOUTS = {"read_timeout_seconds": 1.0, "connect_timeout_seconds": 1.0}
 
