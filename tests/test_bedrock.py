@@ -206,3 +206,17 @@ def test_unknown_options_are_refused_naming_the_known_ones(monkeypatch: pytest.M
         _provider(monkeypatch, max_pool=3)
     with pytest.raises(ConfigError, match="reasoning"):
         _provider(monkeypatch, reasoning="deepseek")
+
+
+def test_the_readmes_bedrock_route_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    import tomllib
+
+    from conftest import ROOT
+
+    (block,) = re.findall(r"```toml bedrock\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "ABSK-readme")
+    routes = build_routes(tomllib.loads(block)["routes"], "README")
+    (route,) = routes.values()
+    provider = BedrockProvider(route)
+    assert provider.capabilities.prompt_caching.value == "explicit" and provider.options.reasoning == "anthropic"
