@@ -8,7 +8,11 @@ as a provider delivers them, so that only client-side work is measured. For each
 - `adapter`: the provider adapter's whole stream — SDK request building, httpx2 body iteration,
   decoding, parsing, neutral events — as tokenwire runs it;
 - `SDK iterator`: the same request through the SDK's default `stream=True` iterator, which builds
-  a model object per chunk (what the adapters avoid).
+  a model object per chunk (what the adapters avoid). For Bedrock: botocore's `EventStream` over the
+  same bytes (its buffer, CRC checks and shape-driven parser: what aiobotocore's iterator runs per
+  event, before its own async layer), so a lower bound of the SDK's cost.
+
+Bedrock's body is AWS event-stream framing (one message per read), replayed the same way.
 
     .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
 
@@ -33,11 +37,14 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply
+from fakes.bedrock import FakeBedrock
+from fakes.server import RequestContext
 
 from service.config import build_routes
 from service.events import ChatMessage, GenerationRequest, Role
-from service.providers import create_provider
+from service.providers import bedrock, create_provider
 from service.providers.anthropic import AnthropicProvider, EventParser
+from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
 from service.providers.sse import SSEDecoder
 
@@ -160,6 +167,64 @@ async def measure(vendor: str, chunks: int, repeat: int) -> dict[str, float]:
     return results
 
 
+def bedrock_pieces(chunks: int) -> list[bytes]:
+    """The fake's exact event-stream messages, one per read."""
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    rendered = FakeBedrock()._render_stream(reply, RequestContext({}, {}, "bench"))
+    return [frame.data for frame in rendered.frames]
+
+
+async def measure_bedrock(chunks: int, repeat: int) -> dict[str, float]:
+    import botocore.eventstream
+    import botocore.parsers
+    import botocore.session
+
+    pieces = bedrock_pieces(chunks)
+    os.environ["BENCH_PARSE_KEY"] = KEY
+    options = {"region": "us-east-1", "auth": "api-key", "api_key_env": "BENCH_PARSE_KEY"}
+    route = build_routes({"r": {"provider": "bedrock", "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, bedrock.BedrockProvider)
+    await provider.client.aclose()
+    provider.client = replaying_client(pieces)
+    results: dict[str, float] = {}
+
+    async def parse_only() -> int:
+        decoder, parser = EventStreamDecoder(), bedrock.StreamParser("bedrock")
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    model = botocore.session.get_session().get_service_model("bedrock-runtime")
+    shape = model.operation_model("ConverseStream").output_shape.members["stream"]
+
+    class Raw:
+        def stream(self) -> Any:
+            return iter(pieces)
+
+    async def sdk_iterator() -> int:
+        stream = botocore.eventstream.EventStream(
+            Raw(), shape, botocore.parsers.EventStreamJSONParser(), "ConverseStream"
+        )
+        for _ in stream:
+            pass
+        return len(pieces)
+
+    results["parse only"] = await cpu_per_chunk(parse_only, repeat)
+    results["adapter"] = await cpu_per_chunk(adapter, repeat)
+    results["SDK iterator"] = await cpu_per_chunk(sdk_iterator, repeat)
+    await provider.aclose()
+    return results
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
@@ -167,8 +232,12 @@ async def main() -> None:
     args = parser.parse_args()
     print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
     print(f"{'vendor':<10} {'parse only':>11} {'adapter':>9} {'SDK iterator':>13}")
-    for vendor in ("openai", "anthropic"):
-        r = await measure(vendor, args.chunks, args.repeat)
+    for vendor in ("openai", "anthropic", "bedrock"):
+        r = await (
+            measure_bedrock(args.chunks, args.repeat)
+            if vendor == "bedrock"
+            else measure(vendor, args.chunks, args.repeat)
+        )
         print(f"{vendor:<10} {r['parse only']:>11.1f} {r['adapter']:>9.1f} {r['SDK iterator']:>13.1f}")
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import httpx2
-import openai
 import orjson
 import pytest
 
 from service.errors import ErrorCode, GatewayError
 from service.events import FinishReason, ReasoningDelta, TextDelta, ToolCallDelta
 from service.providers.anthropic import EventParser
-from service.providers.openai import ChunkParser
+from service.providers.openai import ChunkParser, OpenAIProvider
 from service.providers.upstream import sdk_error
 
 
@@ -152,11 +151,5 @@ def test_anthropic_tool_call_without_input_gets_an_empty_object() -> None:
 
 
 def test_a_body_that_does_not_decode_is_a_protocol_error() -> None:
-    err = sdk_error(
-        "openai",
-        httpx2.DecodingError("bad gzip"),
-        status_error_class=openai.APIStatusError,
-        connection_error_class=openai.APIConnectionError,
-        started=True,
-    )
+    err = sdk_error("openai", httpx2.DecodingError("bad gzip"), OpenAIProvider.errors, started=True)
     assert err is not None and err.code is ErrorCode.PROVIDER_PROTOCOL_ERROR

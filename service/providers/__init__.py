@@ -15,6 +15,7 @@ KINDS: dict[str, type[Provider] | str] = {
     "azure-openai": "service.providers.openai:AzureOpenAIProvider",
     "openai-compatible": "service.providers.openai:OpenAICompatibleProvider",
     "anthropic": "service.providers.anthropic:AnthropicProvider",
+    "bedrock": "service.providers.bedrock:BedrockProvider",
 }
 
 

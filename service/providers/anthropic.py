@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 from contextlib import AbstractAsyncContextManager
-from typing import Any, ClassVar
+from typing import Any
 
 import anthropic
 import httpx2
@@ -43,6 +43,8 @@ from service.events import (
 )
 from service.providers.base import ALL_SOURCES, MIB, Capabilities, Options, PromptCaching, media
 from service.providers.upstream import (
+    SSE_STREAM_TYPES,
+    ErrorTable,
     HTTPProvider,
     HTTPSettings,
     loads,
@@ -321,7 +323,7 @@ class EventParser:
         elif kind == "message_stop":
             self.done = True
         elif kind == "error" or name == b"error":
-            raise stream_error(self.kind, event)
+            raise stream_error(self.kind, event, AnthropicProvider.errors)
         # ping, content_block_stop and event types added later carry nothing to relay.
 
     def _delta(self, index: int, delta: dict[str, Any]) -> None:
@@ -488,8 +490,11 @@ class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
     supports_tools = True
     supports_reasoning = True
-    status_error_class: ClassVar[type[Exception]] = anthropic.APIStatusError
-    connection_error_class: ClassVar[type[Exception]] = anthropic.APIConnectionError
+    errors = ErrorTable(
+        stream_types=SSE_STREAM_TYPES,
+        status_exception=anthropic.APIStatusError,
+        connection_exception=anthropic.APIConnectionError,
+    )
     request_id_header = "request-id"
 
     def __init__(self, route: RouteConfig) -> None:

@@ -8,7 +8,9 @@ sequencer (`service.streams`) does them for every provider alike.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -251,3 +253,50 @@ class Options:
                 f"[routes.{self._route.name}] unknown option(s) {sorted(unknown)} "
                 f"for provider {self._route.provider!r}; known: {sorted(self._seen)}"
             )
+
+    def boolean(self, key: str, default: bool) -> bool:
+        self._seen.add(key)
+        value = self._values.get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, f"must be true or false, got {value!r}")
+        return value
+
+
+_O = TypeVar("_O")
+
+
+def bounds(
+    default: Any, *, minimum: float | None = None, maximum: float | None = None, choices: tuple[str, ...] = ()
+) -> Any:
+    """A typed option's field: its default, and the bounds or choices `read_options` checks."""
+    return field(default=default, metadata={"minimum": minimum, "maximum": maximum, "choices": choices})
+
+
+def read_options(cls: type[_O], route: RouteConfig) -> _O:
+    """A route's `options` table as the dataclass `cls`, checked once when the server starts.
+
+    Each field is an option of its name; its annotation (str, bool, int, float) is the type the
+    value must have, and `bounds` gives its range or choices. An unknown key is refused, naming the
+    ones `cls` knows.
+    """
+    options = Options(route)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind, meta = hints[f.name], f.metadata
+        default: Any = f.default
+        if meta.get("choices"):
+            values[f.name] = options.choice(f.name, default, meta["choices"])
+        elif kind is bool:
+            values[f.name] = options.boolean(f.name, default)
+        elif kind is str:
+            values[f.name] = options.string(f.name, default)
+        elif kind in (int, float):
+            minimum = meta.get("minimum")
+            values[f.name] = options.number(
+                f.name, kind(default), minimum=kind(minimum if minimum is not None else 0), maximum=meta.get("maximum")
+            )
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: options take str, bool, int or float, not {kind}")
+    options.done()
+    return cls(**values)

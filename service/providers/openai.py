@@ -37,6 +37,8 @@ from service.events import (
 )
 from service.providers.base import MIB, Capabilities, Options, PromptCaching, media
 from service.providers.upstream import (
+    SSE_STREAM_TYPES,
+    ErrorTable,
     HTTPProvider,
     HTTPSettings,
     loads,
@@ -228,7 +230,7 @@ class ChunkParser:
             return
         chunk = loads(data, self.kind)
         if "error" in chunk and chunk["error"] is not None:
-            raise stream_error(self.kind, chunk)
+            raise stream_error(self.kind, chunk, OpenAIProvider.errors)
         usage = chunk.get("usage")
         if usage:
             self.usage = usage_from(usage)
@@ -299,8 +301,11 @@ class OpenAIProvider(HTTPProvider):
     kind = "openai"
     supports_tools = True
     supports_reasoning = True
-    status_error_class: ClassVar[type[Exception]] = openai.APIStatusError
-    connection_error_class: ClassVar[type[Exception]] = openai.APIConnectionError
+    errors = ErrorTable(
+        stream_types=SSE_STREAM_TYPES,
+        status_exception=openai.APIStatusError,
+        connection_exception=openai.APIConnectionError,
+    )
     default_key_env: ClassVar[str] = "OPENAI_API_KEY"
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     default_max_tokens_field: ClassVar[str] = "max_completion_tokens"

@@ -15,6 +15,8 @@ line end that only the end of the body can settle (a last CR) still completes it
 
 from __future__ import annotations
 
+from service.providers.framing import FramingError
+
 # An event larger than this is no LLM chunk: the upstream is broken or hostile.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
@@ -23,7 +25,7 @@ SSEEvent = tuple[bytes, bytes]  # (event name, b"" when unnamed; data, never bla
 _BOM = b"\xef\xbb\xbf"
 
 
-class SSEError(Exception):
+class SSEError(FramingError):
     """The body is not a usable event stream (an event beyond MAX_EVENT_BYTES)."""
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import httpx2
@@ -29,7 +30,8 @@ from service.errors import ErrorCode, GatewayError, register_secret, sanitize
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers import http1
 from service.providers.base import Options, Provider
-from service.providers.sse import SSEDecoder, SSEError
+from service.providers.framing import Framing, FramingError
+from service.providers.sse import SSEDecoder
 
 # Longest provider-supplied error text passed on to callers (after sanitizing).
 _MAX_PROVIDER_MESSAGE = 300
@@ -199,38 +201,61 @@ def error_detail(body: object) -> tuple[str, str]:
     return provider_text(kind, 64), provider_text(body.get("message"))
 
 
-def status_error(provider: str, status: int, headers: Mapping[str, str] | httpx2.Headers, body: object) -> GatewayError:
-    """An HTTP error response from the provider, classified by status (CONTRACT.md's table)."""
-    kind, text = error_detail(body)
-    about = f"the provider answered HTTP {status}" + (f" ({kind})" if kind else "")
-    wait = retry_after(headers)
+@dataclass(frozen=True, slots=True)
+class ErrorTable:
+    """One vendor's failures as data: which code each is in the taxonomy (CONTRACT.md's table), and
+    where the wait a rate limit asks for comes from. The read loop and `sdk_error` consult it; an
+    adapter states it once instead of testing exception classes in a chain.
+    """
 
-    def error(code: ErrorCode, message: str) -> GatewayError:
-        return GatewayError(code, message, retry_after=wait, provider=provider, provider_http_status=status)
+    # In-stream error types (an error event inside a status-200 body, by its type or code) -> code.
+    stream_types: Mapping[str, ErrorCode] = field(default_factory=dict)
+    # HTTP statuses whose code is not the one their range gives (4xx rejected, 5xx unavailable).
+    statuses: Mapping[int, ErrorCode] = field(default_factory=lambda: dict(STATUS_CODES))
+    # The SDK's exception for an HTTP error status (it carries `.response` and `.body`), and its
+    # exception for a failed connection (it wraps httpx2's); None for an adapter that sends itself.
+    status_exception: type[Exception] | None = None
+    connection_exception: type[Exception] | None = None
+    # The seconds to wait before a retry, from an error response's headers.
+    retry_after: Callable[[Mapping[str, str] | httpx2.Headers], float | None] = field(
+        default_factory=lambda: retry_after
+    )
 
-    if status == 429:
-        return error(ErrorCode.PROVIDER_RATE_LIMITED, f"{about}: rate limited; retry later")
-    if status in (401, 403):
-        # The server's key is at fault, not the caller; the provider's text may quote the key.
-        return error(ErrorCode.PROVIDER_AUTH_FAILED, f"{about}: it rejected this server's credentials")
-    if status == 408:
-        return error(ErrorCode.PROVIDER_TIMEOUT, f"{about}: request timeout")
-    if status == 409 or status >= 500:
-        return error(ErrorCode.PROVIDER_UNAVAILABLE, f"{about}: the provider is failing or overloaded")
-    if status == 404:
-        return error(
-            ErrorCode.PROVIDER_REJECTED_REQUEST,
-            f"{about}: the provider does not know this model or endpoint; the route may be misconfigured",
-        )
-    if 400 <= status < 500:
-        return error(
-            ErrorCode.PROVIDER_REJECTED_REQUEST, f"{about}: it rejected the request" + (f": {text}" if text else "")
-        )
-    return error(ErrorCode.PROVIDER_ERROR, f"{about}: unexpected status")
+    def status_code(self, status: int) -> ErrorCode:
+        code = self.statuses.get(status)
+        if code is not None:
+            return code
+        if status >= 500:
+            return ErrorCode.PROVIDER_UNAVAILABLE
+        if 400 <= status < 500:
+            return ErrorCode.PROVIDER_REJECTED_REQUEST
+        return ErrorCode.PROVIDER_ERROR
+
+    def with_stream_types(self, **extra: ErrorCode) -> ErrorTable:
+        return dataclasses.replace(self, stream_types={**self.stream_types, **extra})
 
 
-# In-stream error types (an error event inside a status-200 body) -> code. Both vendors' names.
-_STREAM_ERROR_TYPES: dict[str, ErrorCode] = {
+# The statuses every vendor uses alike (the rest follow their range).
+STATUS_CODES: Mapping[int, ErrorCode] = {
+    429: ErrorCode.PROVIDER_RATE_LIMITED,
+    # The server's key is at fault, not the caller; the provider's text may quote the key.
+    401: ErrorCode.PROVIDER_AUTH_FAILED,
+    403: ErrorCode.PROVIDER_AUTH_FAILED,
+    408: ErrorCode.PROVIDER_TIMEOUT,
+    409: ErrorCode.PROVIDER_UNAVAILABLE,
+}
+# What the caller is told for each code of an HTTP error status.
+_STATUS_TEXT: Mapping[ErrorCode, str] = {
+    ErrorCode.PROVIDER_RATE_LIMITED: "rate limited; retry later",
+    ErrorCode.PROVIDER_AUTH_FAILED: "it rejected this server's credentials",
+    ErrorCode.PROVIDER_TIMEOUT: "request timeout",
+    ErrorCode.PROVIDER_UNAVAILABLE: "the provider is failing or overloaded",
+    ErrorCode.PROVIDER_REJECTED_REQUEST: "it rejected the request",
+}
+_NOT_FOUND_TEXT = "the provider does not know this model or endpoint; the route may be misconfigured"
+
+# In-stream error types of the SSE vendors (OpenAI and the servers that copy it, Anthropic).
+SSE_STREAM_TYPES: Mapping[str, ErrorCode] = {
     "overloaded_error": ErrorCode.PROVIDER_UNAVAILABLE,
     "api_error": ErrorCode.PROVIDER_UNAVAILABLE,
     "server_error": ErrorCode.PROVIDER_UNAVAILABLE,
@@ -245,12 +270,44 @@ _STREAM_ERROR_TYPES: dict[str, ErrorCode] = {
     "authentication_error": ErrorCode.PROVIDER_AUTH_FAILED,
     "permission_error": ErrorCode.PROVIDER_AUTH_FAILED,
 }
+DEFAULT_ERRORS = ErrorTable(stream_types=SSE_STREAM_TYPES)
 
 
-def stream_error(provider: str, body: object) -> GatewayError:
+def status_error(
+    provider: str,
+    status: int,
+    headers: Mapping[str, str] | httpx2.Headers,
+    body: object,
+    table: ErrorTable = DEFAULT_ERRORS,
+    *,
+    kind: str = "",
+) -> GatewayError:
+    """An HTTP error response from the provider, classified by `table`. `kind`: the error's type
+    when the vendor says it outside the body (AWS's x-amzn-errortype header)."""
+    body_kind, text = error_detail(body)
+    kind = kind or body_kind
+    about = f"the provider answered HTTP {status}" + (f" ({kind})" if kind else "")
+    code = table.status_code(status)
+    if status == 404 and code is ErrorCode.PROVIDER_REJECTED_REQUEST:
+        explanation = _NOT_FOUND_TEXT
+    else:
+        explanation = _STATUS_TEXT.get(code, "unexpected status")
+        if code is ErrorCode.PROVIDER_REJECTED_REQUEST and text:
+            explanation += f": {text}"
+    return GatewayError(
+        code,
+        f"{about}: {explanation}",
+        retry_after=table.retry_after(headers),
+        provider=provider,
+        provider_http_status=status,
+    )
+
+
+def stream_error(provider: str, body: object, table: ErrorTable = DEFAULT_ERRORS, *, kind: str = "") -> GatewayError:
     """An error the provider sent inside its event stream, after answering 200."""
-    kind, text = error_detail(body)
-    code = _STREAM_ERROR_TYPES.get(kind, ErrorCode.PROVIDER_ERROR)
+    body_kind, text = error_detail(body)
+    kind = kind or body_kind
+    code = table.stream_types.get(kind, ErrorCode.PROVIDER_ERROR)
     message = f"the provider sent an error event ({kind or 'untyped'}) in its stream"
     if code is ErrorCode.PROVIDER_REJECTED_REQUEST and text:
         message += f": {text}"
@@ -294,19 +351,12 @@ def truncated(provider: str) -> GatewayError:
     )
 
 
-def sdk_error(
-    provider: str,
-    exc: Exception,
-    *,
-    status_error_class: type[Exception],
-    connection_error_class: type[Exception],
-    started: bool,
-) -> GatewayError | None:
-    """Classifies an exception from a vendor SDK or from httpx2; None when it is neither (a bug)."""
-    if isinstance(exc, status_error_class):
+def sdk_error(provider: str, exc: Exception, table: ErrorTable, *, started: bool) -> GatewayError | None:
+    """Classifies an exception from a vendor SDK or from httpx2 by `table`; None when it is neither (a bug)."""
+    if table.status_exception is not None and isinstance(exc, table.status_exception):
         response: httpx2.Response = getattr(exc, "response")  # noqa: B009 - typed per SDK
-        return status_error(provider, response.status_code, response.headers, getattr(exc, "body", None))
-    if isinstance(exc, connection_error_class):
+        return status_error(provider, response.status_code, response.headers, getattr(exc, "body", None), table)
+    if table.connection_exception is not None and isinstance(exc, table.connection_exception):
         # The SDKs wrap httpx2's exception; it says what happened.
         cause = exc.__cause__
         if isinstance(cause, httpx2.HTTPError):
@@ -371,11 +421,11 @@ async def post_streaming(
 
 
 class HTTPProvider(Provider):
-    """A provider reached over HTTP through its vendor's SDK, streaming server-sent events."""
+    """A provider reached over HTTP through its vendor's SDK: its body read raw, through the
+    vendor's framing (server-sent events unless it says otherwise), by one read loop."""
 
-    # The SDK's exception classes for an HTTP error status and for a failed connection.
-    status_error_class: ClassVar[type[Exception]]
-    connection_error_class: ClassVar[type[Exception]]
+    # How the vendor's failures map to the taxonomy.
+    errors: ClassVar[ErrorTable] = DEFAULT_ERRORS
     # The response header that carries the provider's request id.
     request_id_header: ClassVar[str]
 
@@ -386,13 +436,17 @@ class HTTPProvider(Provider):
     @abc.abstractmethod
     def _parser(self, request: GenerationRequest) -> StreamParser: ...
 
+    def _framing(self) -> Framing:
+        """A decoder of the body's framing, one per response: server-sent events unless overridden."""
+        return SSEDecoder()
+
     def stream(self, request: GenerationRequest) -> EventStream:
         return self._stream(request)
 
     async def _stream(self, request: GenerationRequest) -> EventStream:
         parser = self._parser(request)
         out = parser.out
-        decoder = SSEDecoder()
+        decoder = self._framing()
         started = False
         try:
             async with self._send(request) as response:
@@ -407,10 +461,10 @@ class HTTPProvider(Provider):
                         else:
                             # The body ended, and its end may complete the last event (after a CR).
                             events = decoder.close()
-                    except SSEError:
+                    except FramingError as exc:
                         raise GatewayError(
                             ErrorCode.PROVIDER_PROTOCOL_ERROR,
-                            "the provider sent an oversized event",
+                            f"the provider's stream is broken: {exc}",
                             provider=self.kind,
                         ) from None
                     for name, data in events:
@@ -439,13 +493,7 @@ class HTTPProvider(Provider):
         except GatewayError:
             raise
         except Exception as exc:
-            err = sdk_error(
-                self.kind,
-                exc,
-                status_error_class=self.status_error_class,
-                connection_error_class=self.connection_error_class,
-                started=started,
-            )
+            err = sdk_error(self.kind, exc, self.errors, started=started)
             if err is None:
                 raise
             raise err from None

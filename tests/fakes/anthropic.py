@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .kit import Kit
 from .replies import Reply, StreamReply, Usage
 from .server import FakeServer, Frame, RenderedStream, RequestContext, random_id
 
@@ -277,3 +278,31 @@ def _source_problem(kind: str, source: Any, headers: Mapping[str, str]) -> str |
     else:
         return f"{kind}.source.type: unexpected value {stype!r}"
     return None
+
+
+def _kit() -> Kit:
+    env = "TOKENWIRE_CONFORMANCE_ANTHROPIC_KEY"
+    return Kit(
+        name="anthropic",
+        provider="anthropic",
+        model="claude-test",
+        fake=FakeAnthropic,
+        options=lambda base_url: {"base_url": base_url, "api_key_env": env},
+        env=lambda fake: {env: fake.api_key},
+        bad_env=lambda fake: {env: "wrong-anthropic-key-LEAKCANARY-1"},
+        secrets=lambda fake: [fake.api_key, "LEAKCANARY"],
+        finish_reasons={
+            "end_turn": "STOP",
+            "max_tokens": "LENGTH",
+            "model_context_window_exceeded": "LENGTH",
+            "stop_sequence": "STOP_SEQUENCE",
+            "tool_use": "TOOL_CALLS",
+            "refusal": "REFUSAL",
+            "pause_turn": "OTHER",
+        },
+        text_finish="end_turn",
+        reasoning=True,
+    )
+
+
+KIT = _kit()

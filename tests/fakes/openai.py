@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from .kit import Kit
 from .replies import Reply, StreamReply, Usage
 from .server import FakeServer, Frame, RenderedStream, RequestContext, random_id
 
@@ -217,3 +218,29 @@ def _part_problem(part: Any, role: Any) -> str | None:
             return "file takes a file_id, or file_data (a base64 data URL of a PDF) with a filename"
         return None
     return f"unknown content part type {kind!r}"
+
+
+def _kit() -> Kit:
+    env = "TOKENWIRE_CONFORMANCE_OPENAI_KEY"
+    return Kit(
+        name="openai",
+        provider="openai",
+        model="gpt-test",
+        fake=FakeOpenAI,
+        options=lambda base_url: {"base_url": base_url, "api_key_env": env},
+        env=lambda fake: {env: fake.api_key},
+        bad_env=lambda fake: {env: "wrong-openai-key-LEAKCANARY-1"},
+        secrets=lambda fake: [fake.api_key, "LEAKCANARY"],
+        finish_reasons={
+            "stop": "STOP",
+            "length": "LENGTH",
+            "tool_calls": "TOOL_CALLS",
+            "content_filter": "CONTENT_FILTER",
+            "function_call": "OTHER",
+        },
+        text_finish="stop",
+        reasoning=True,
+    )
+
+
+KIT = _kit()

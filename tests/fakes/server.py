@@ -15,6 +15,7 @@ import email.utils
 import enum
 import secrets
 import socket
+import ssl
 import string
 import struct
 import time
@@ -415,6 +416,9 @@ class FakeServer(abc.ABC):
     enqueued reply (or `default`) in its vendor's wire format, and records every request."""
 
     request_id_header: ClassVar[str] = "x-request-id"
+    stream_content_type: ClassVar[str] = "text/event-stream; charset=utf-8"
+    # A TLS context to serve with (https://), or None for plain HTTP.
+    ssl_context: ssl.SSLContext | None = None
 
     def __init__(self, api_key: str, *, default: Reply | None = None) -> None:
         self.api_key = api_key
@@ -436,7 +440,7 @@ class FakeServer(abc.ABC):
         if self._server is not None:
             return self
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), HOST, 0, backlog=1024)
+        self._server = await loop.create_server(lambda: _Connection(self), HOST, 0, backlog=1024, ssl=self.ssl_context)
         self._port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -480,7 +484,7 @@ class FakeServer(abc.ABC):
 
     @property
     def origin(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{HOST}:{self.port}"
 
     @property
     @abc.abstractmethod
@@ -558,6 +562,11 @@ class FakeServer(abc.ABC):
         """Why the vendor would refuse this body with a 400 (a shape it does not take), or None."""
         return None
 
+    def _streams(self, params: Mapping[str, str], body: dict[str, Any]) -> bool:
+        """Whether the request asks for a streamed answer (a `"stream": true` body unless the vendor's
+        endpoint says so)."""
+        return body.get("stream") is True
+
     @abc.abstractmethod
     def _render_stream(self, reply: StreamReply, ctx: RequestContext) -> RenderedStream: ...
 
@@ -617,8 +626,8 @@ class FakeServer(abc.ABC):
             return self._error_plan(reply.status, reply.error_type, reply.message, keep_alive, extra=reply.headers)
         request_id = self._new_request_id()
         ctx = RequestContext(body, params, request_id)
-        if body.get("stream") is True:
-            headers = self._headers(request_id, "text/event-stream; charset=utf-8", keep_alive)
+        if self._streams(params, body):
+            headers = self._headers(request_id, self.stream_content_type, keep_alive)
             headers += [("transfer-encoding", "chunked"), ("cache-control", "no-cache")]
             return plan_stream(200, response_head(200, headers), reply, self._render_stream(reply, ctx))
         return self._json_plan(200, self._render_message(reply, ctx), request_id, keep_alive, delay=reply.first_delay)
