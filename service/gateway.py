@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from datetime import datetime
+from typing import Any
 
 from service.callers import ANONYMOUS, Caller, KeyRing, permission_denied
 from service.config import ServerConfig
@@ -208,17 +209,17 @@ class Gateway:
         """The caller the request's `authorization` value(s) name (ANONYMOUS with auth off)."""
         return self.keys.authenticate(authorization)
 
-    def carrier(self, headers: object) -> dict[str, str] | None:
+    def carrier(self, headers: Any) -> dict[str, str] | None:
         """The caller's trace context (`traceparent`, `tracestate`), only when tracing is on.
 
         `headers` is gRPC metadata (pairs) or an HTTP header mapping; names match in any case.
         """
         if self.observer.tracing is None:
             return None
-        pairs = headers.items() if hasattr(headers, "items") else headers
+        pairs = headers.items() if hasattr(headers, "items") else headers or ()
         found = {
             str(k).lower(): v
-            for k, v in pairs  # type: ignore[attr-defined]
+            for k, v in pairs
             if str(k).lower() in ("traceparent", "tracestate") and isinstance(v, str)
         }
         return found or None
