@@ -88,7 +88,15 @@ class _Reading:
 
 
 async def grpc_worker(
-    stub: Any, model: str, tokens: int, token: str, tally: Tally, until: float, durable: float, break_after: int
+    stub: Any,
+    model: str,
+    tokens: int,
+    token: str,
+    tally: Tally,
+    until: float,
+    durable: float,
+    break_after: int,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Streams back to back. With `durable`, each stream asks for that resume window; with
     `break_after` too, its call is cancelled after that many messages and the stream resumed."""
@@ -99,7 +107,7 @@ async def grpc_worker(
             request.request_id = uuid.uuid4().hex
         started = time.perf_counter()
         reading = _Reading(len(token))
-        call = stub.Generate(request, timeout=60)
+        call = stub.Generate(request, timeout=60, metadata=metadata)
         try:
             async for message in call:
                 kind = reading.take(message, time.perf_counter())
@@ -189,7 +197,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         channel = grpc.aio.insecure_channel(args.target)
         stub = pb_grpc.GenerationServiceStub(channel)
         workers = [
-            grpc_worker(stub, args.model, args.tokens, args.token, tally, until, args.durable, args.break_after)
+            grpc_worker(
+                stub,
+                args.model,
+                args.tokens,
+                args.token,
+                tally,
+                until,
+                args.durable,
+                args.break_after,
+                (("authorization", f"Bearer {args.key}"),) if args.grpc_key else (),
+            )
             for _ in range(args.streams)
         ]
     else:
@@ -233,6 +251,7 @@ def main() -> None:
     parser.add_argument("--model", default="bench")
     parser.add_argument("--path", default="/v1/chat/completions", help="sse: the endpoint's path")
     parser.add_argument("--key", default="bench-key", help="sse: the bearer key to send")
+    parser.add_argument("--grpc-key", action="store_true", help="grpc: send --key as authorization metadata")
     parser.add_argument("--streams", type=int, default=10, help="concurrent streams")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds run before measuring")

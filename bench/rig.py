@@ -7,6 +7,10 @@ Paths, interleaved step by step through one upstream (bench/upstream.py):
   http       the same server's HTTP door: OpenAI-compatible /v1/chat/completions, streamed (SSE)
   durable    the same, every stream durable (a resume window) on the memory journal
   durable-redis  the same on a Redis journal (redis-server pinned to the load core; its CPU reported)
+  operated   the tokenwire path with everything an operator turns on: a keys file (every stream
+             authenticated, its quotas counted in memory), /metrics, and tracing (spans made, not
+             exported); `tokenwire` itself runs with all of them off, so the two side by side are
+             their cost per stream and per chunk
   litellm    LiteLLM proxy (its own virtual environment, bench/.venv-litellm), when installed
 
 The systems under test run pinned to core 0 (taskset); the upstream and the load generator to
@@ -173,6 +177,8 @@ def measure(
     command += ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
     if path == "litellm":
         command += ["--key", LITELLM_KEY]
+    if path == "operated":
+        command += ["--key", BENCH_CALLER_KEY, "--grpc-key"]
     if path in DURABLE_PATHS:
         command += ["--durable", str(DURABLE_WINDOW_SECONDS), "--break-after", str(break_after)]
     argv = pinned(LOAD_CORE, command)
@@ -305,7 +311,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             )
             started.append(bare)
             suts["bare"] = bare
-        journals = {"tokenwire": "memory", "durable": "memory", "http": "memory"}
+        journals = {"tokenwire": "memory", "durable": "memory", "http": "memory", "operated": "memory"}
         if "durable-redis" in args.paths:
             port = free_port()
             redis = start(
@@ -326,9 +332,12 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             config = log_dir / f"{path}.toml"
             # Only the http path serves the HTTP door (on a free port); the others turn it off.
             http_listen = "127.0.0.1:0" if path == "http" else ""
+            operated = 'metrics_listen = ""\n'
+            if path == "operated":
+                operated = f'keys_file = "{operator_keys(log_dir)}"\nmetrics_listen = "127.0.0.1:0"\ntracing = "on"\n'
             config.write_text(
                 f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n'
-                f'http_listen = "{http_listen}"\n\n'
+                f'http_listen = "{http_listen}"\n{operated}\n'
                 '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
                 f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
             )
@@ -377,6 +386,23 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
     finally:
         for process in started:
             process.stop()
+
+
+BENCH_CALLER_KEY = "sk-tw-bench-" + secrets.token_hex(16)
+
+
+def operator_keys(log_dir: Path) -> Path:
+    """A keys file with the bench's one caller: all routes, quotas far above the load (so every
+    check runs and none refuses)."""
+    from service.callers import hash_key
+
+    salt = secrets.token_bytes(16)
+    path = log_dir / "keys.toml"
+    path.write_text(
+        f'salt = "{salt.hex()}"\n[keys.bench]\nhashes = ["{hash_key(salt, BENCH_CALLER_KEY)}"]\nroutes = ["*"]\n'
+        "max_concurrent_streams = 1000000\nrequests_per_minute = 1000000000\ntokens_per_minute = 1000000000000\n"
+    )
+    return path
 
 
 def free_port() -> int:

@@ -259,6 +259,8 @@ class Cluster:
     def start_replica(self, index: int) -> Replica:
         member = self.members[index]
         env = {
+            # Each replica's /metrics on a free port of its own (its log line says which).
+            "TOKENWIRE_METRICS_LISTEN": "127.0.0.1:0",
             **os.environ,
             "TOKENWIRE_LISTEN": member.address,
             "TOKENWIRE_JOURNAL": self.redis_url,

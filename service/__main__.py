@@ -12,6 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
 
 from service import __version__
 from service.config import ENV_PREFIX, Config, ConfigError, ServerConfig, load_config, unknown_env
@@ -36,11 +39,45 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def configure_logging(level: str) -> None:
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
+
+
+class JsonLogFormatter(JsonFormatter):
+    """One JSON object a line: time, level, logger, message, a stream's figures under "stream".
+
+    Every string in it is redacted as the text lines are, before it is serialized, so the line
+    stays valid JSON (redacting the serialized line could cut into its quoting).
+    """
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            json_ensure_ascii=False,
+        )
+        self.worker = worker
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        if self.worker:
+            log_data["worker"] = self.worker
+        return {k: _redacted(v) for k, v in log_data.items()}
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     worker = os.environ.get(ENV_PREFIX + "WORKER")
     where = f" worker {worker}" if worker else ""
-    handler.setFormatter(_RedactingFormatter(f"%(asctime)s{where} %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter(worker or ""))
+    else:
+        handler.setFormatter(_RedactingFormatter(f"%(asctime)s{where} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -87,6 +124,12 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP reloads the keys file at once (it is also reloaded when it changes).
+    loop.add_signal_handler(signal.SIGHUP, server.keys.reload)
+    if server.keys.enabled:
+        log.info("auth on: %d caller key(s) from %s", len(server.keys), s.keys_file)
+    if server.metrics_server is not None:
+        log.info("metrics at http://%s:%d/metrics", s.metrics_listen.rsplit(":", 1)[0], server.metrics_server.port)
     await stop.wait()
     log.info("shutting down: draining for up to %g s", config.server.shutdown_grace_seconds)
     await server.stop()
@@ -110,6 +153,11 @@ def supervise(config: Config, argv: list[str]) -> int:
     workers: list[subprocess.Popen[bytes]] = []
     stopping = False
 
+    def hang_up() -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGHUP)
+
     def stop(signum: int) -> None:
         nonlocal stopping
         stopping = True
@@ -118,8 +166,8 @@ def supervise(config: Config, argv: list[str]) -> int:
                 worker.send_signal(signum)
 
     # Installed before the first worker starts, so that no signal can leave a worker orphaned.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: stop(signum))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: stop(signum) if signum != signal.SIGHUP else hang_up())
     try:
         for n in range(1, config.server.workers + 1):
             if stopping:
@@ -148,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"listen": args.listen, "log_level": args.log_level, "workers": args.workers}
         config = load_config(path, os.environ, overrides)
-        configure_logging(config.server.log_level)
+        configure_logging(config.server.log_level, config.server.log_format)
         for name in unknown_env(os.environ):
             log.warning("ignoring environment variable %s: no such setting (see --help)", name)
         if config.server.workers > 1 and not os.environ.get(ENV_PREFIX + "WORKER"):

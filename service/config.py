@@ -81,6 +81,30 @@ class ServerConfig:
     # A reader that takes nothing for this long (seconds) while a write waits on it is cut off,
     # and its ephemeral stream's provider closed.
     http_write_timeout_seconds: float = 30.0
+    # Callers' API keys: a TOML or JSON file of hashed keys, their routes and quotas (see the
+    # README's "Callers"). "" (the default) turns auth off: every caller is anonymous.
+    keys_file: str = ""
+    # How often the keys file's mtime is checked; a change is loaded without a restart (SIGHUP
+    # loads it at once). 0 turns the polling off.
+    keys_reload_seconds: float = 2.0
+    # Where per-caller quotas are counted: "" follows the journal (this process for "memory", the
+    # same Redis for a Redis journal), "memory", or a redis:// URL shared by every replica.
+    quota_store: str = ""
+    # What a request does while the Redis quota store cannot be reached: "open" lets it through
+    # uncounted (the default: quotas share capacity fairly, keys still authenticate), "closed"
+    # refuses it with UNAVAILABLE.
+    quota_store_failure: str = "open"
+    # Prometheus metrics at /metrics: HOST:PORT of a port of their own (loopback by default),
+    # "http" to serve them on the HTTP door's port, or "" for no metrics at all.
+    metrics_listen: str = "localhost:9464"
+    # OpenTelemetry traces (needs the `tokenwire[otel]` extra): "off" (the default) or "on".
+    tracing: str = "off"
+    # Where spans go when tracing is on: an OTLP/HTTP traces endpoint such as
+    # "http://127.0.0.1:4318/v1/traces"; "" keeps them in this process (for an embedded tracer).
+    otlp_endpoint: str = ""
+    # Log lines as "text" (the default) or "json" (one JSON object a line; one per stream with
+    # its figures), redacted the same way.
+    log_format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +120,27 @@ class RouteConfig:
     # The longest wait before a retry; a provider asking for longer is not retried (fallbacks are
     # tried, or the caller gets the provider's retry-after).
     max_retry_wait_seconds: float = 10.0
+    # Whether the caller's trace context (`traceparent`) goes to the provider with the request,
+    # when tracing is on. Off by default: our trace ids are nothing a provider needs. Only the
+    # anthropic provider sends it (its SDK does); see the README's "Tracing".
+    trace_upstream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What a route's tokens cost, per million, in the operator's currency (`[prices.ROUTE]`)."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cache_read: float = 0.0
+    cache_write: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     routes: Mapping[str, RouteConfig]
+    prices: Mapping[str, Price] = field(default_factory=dict)
 
 
 # The built-in routes: a simulated model, plus routes that script faults so that client
@@ -156,9 +195,9 @@ def load_config(
             raise ConfigError(f"{where}: no such file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    unknown = set(data) - {"server", "routes"}
+    unknown = set(data) - {"server", "routes", "prices"}
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected server, routes")
+        raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected server, routes, prices")
 
     server_values: dict[str, Any] = dict(_table(data, "server", where))
     for name, value in _env_overrides(env or {}).items():
@@ -167,7 +206,23 @@ def load_config(
     server = _build_server(server_values, where)
 
     routes = build_routes(_table(data, "routes", where) if "routes" in data else DEFAULT_ROUTES, where)
-    return Config(server=server, routes=routes)
+    return Config(server=server, routes=routes, prices=build_prices(_table(data, "prices", where), routes, where))
+
+
+def build_prices(tables: Mapping[str, Any], routes: Mapping[str, RouteConfig], where: str) -> dict[str, Price]:
+    """`[prices.ROUTE]` tables: input, output, cache_read, cache_write per million tokens."""
+    prices: dict[str, Price] = {}
+    names = {f.name for f in dataclasses.fields(Price)}
+    for route, spec in tables.items():
+        if route not in routes:
+            raise ConfigError(f"{where}: [prices.{route}] names no route")
+        if not isinstance(spec, dict) or set(spec) - names:
+            raise ConfigError(f"{where}: [prices.{route}] takes only {sorted(names)}")
+        for key, value in spec.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+                raise ConfigError(f"{where}: [prices.{route}] {key} must be a price per million tokens, >= 0")
+        prices[route] = Price(**{k: float(v) for k, v in spec.items()})
+    return prices
 
 
 def build_routes(tables: Mapping[str, Any], where: str) -> dict[str, RouteConfig]:
@@ -223,6 +278,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "http_idle_timeout_seconds": (1, 3600),
     "http_body_timeout_seconds": (1, 3600),
     "http_write_timeout_seconds": (1, 3600),
+    "keys_reload_seconds": (0, 3600),
 }
 
 
@@ -277,6 +333,7 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
         raise ConfigError(f"{where}: [server] listen must be HOST:PORT, got {server.listen!r}")
     if server.http_listen and not re.fullmatch(r".+:\d+", server.http_listen):
         raise ConfigError(f'{where}: [server] http_listen must be HOST:PORT or "", got {server.http_listen!r}')
+    _check_operator_settings(server, where)
     for origin in filter(None, (o.strip() for o in server.http_cors_origins.split(","))):
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError(
@@ -285,12 +342,37 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
     return server
 
 
+def _check_operator_settings(server: ServerConfig, where: str) -> None:
+    if server.quota_store not in ("", "memory") and not server.quota_store.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise ConfigError(f'{where}: [server] quota_store must be "", "memory" or a redis:// URL')
+    choices = {
+        "quota_store_failure": ("open", "closed"),
+        "tracing": ("off", "on"),
+        "log_format": ("text", "json"),
+    }
+    for name, allowed in choices.items():
+        if getattr(server, name) not in allowed:
+            raise ConfigError(f"{where}: [server] {name} must be one of {', '.join(allowed)}")
+    if server.metrics_listen not in ("", "http") and not re.fullmatch(r".+:\d+", server.metrics_listen):
+        raise ConfigError(f'{where}: [server] metrics_listen must be HOST:PORT, "http" or ""')
+
+
 def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
     if not _ROUTE_NAME.fullmatch(name):
         raise ConfigError(f"{where}: route name {name!r} must be 1-128 of letters, digits and ._:/-")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: [routes.{name}] must be a table")
-    unknown = set(spec) - {"provider", "model", "description", "options", "fallbacks", *_ROUTE_NUMBERS}
+    unknown = set(spec) - {
+        "provider",
+        "model",
+        "description",
+        "options",
+        "fallbacks",
+        "trace_upstream",
+        *_ROUTE_NUMBERS,
+    }
     if unknown:
         raise ConfigError(f"{where}: [routes.{name}] unknown key(s) {sorted(unknown)}")
     for key in ("provider", "model"):
@@ -311,6 +393,9 @@ def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
         if isinstance(value, bool) or not isinstance(value, accepted) or not low <= value <= high:
             raise ConfigError(f"{where}: [routes.{name}] {key} must be a number from {low:g} to {high:g}")
         numbers[key] = kind(value)
+    trace_upstream = spec.get("trace_upstream", False)
+    if not isinstance(trace_upstream, bool):
+        raise ConfigError(f"{where}: [routes.{name}] trace_upstream must be true or false")
     return RouteConfig(
         name=name,
         provider=spec["provider"],
@@ -318,6 +403,7 @@ def _build_route(name: str, spec: Any, where: str) -> RouteConfig:
         description=str(spec.get("description", "")),
         options=dict(options),
         fallbacks=tuple(fallbacks),
+        trace_upstream=trace_upstream,
         **numbers,
     )
 

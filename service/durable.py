@@ -34,7 +34,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -61,6 +61,8 @@ from service.journal import (
     StreamRecord,
     StreamStatus,
 )
+from service.observe import Watch
+from service.quotas import Lease
 from service.routing import Route, Router
 from service.streams import Relay, Sequencer, StreamInfo
 from service.supervisor import InFlight, StreamSupervisor
@@ -104,6 +106,17 @@ _CODES = {f"ERROR_CODE_{code.value}": code for code in ErrorCode}
 
 def digest(value: bytes | str) -> bytes:
     return hashlib.sha256(value.encode() if isinstance(value, str) else value).digest()
+
+
+def owned_digest(owner: str, value: bytes | str) -> bytes:
+    """A token's (or request's) digest bound to the caller that owns the stream: another caller's
+    id gives another digest, so its Resume, Poll or Cancel finds nothing (the same NOT_FOUND as a
+    wrong token), and its start with the same request_id is another request. The key id only,
+    never the key; without auth (owner "") the digest is the plain one."""
+    if not owner:
+        return digest(value)
+    data = value.encode() if isinstance(value, str) else value
+    return hashlib.sha256(b"caller:" + owner.encode() + b"\x00" + data).digest()
 
 
 def not_found() -> GatewayError:
@@ -200,6 +213,8 @@ class _Producer:
     # The check of readers on other replicas, once the timer ran out.
     abandon_check: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Its metrics, spans and its caller's quota lease (None for a producer started without one).
+    watch: Watch | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,17 +339,20 @@ class DurableStreams:
         window: float,
         received_at: float,
         create_time: datetime,
+        owner: str = "",
+        watch: Callable[[], Watch] | None = None,
     ) -> Follower:
         """Starts the durable stream the request asks for, or attaches to it when it exists
-        (the same request_id and the same request); returns a follower from its first message."""
+        (the same request_id and the same request, from the same caller); returns a follower
+        from its first message. `watch` makes the producer's Watch when one is started."""
         stream_id = generation.stream_id
-        fingerprint = digest(request.SerializeToString(deterministic=True))
+        fingerprint = owned_digest(owner, request.SerializeToString(deterministic=True))
         self.supervisor.check_open()
         # Hex: safe in a shell, a URL and a command line (a token may not start with "-").
         token = secrets.token_hex(_TOKEN_BYTES)
         record = StreamRecord(
             stream_id=stream_id,
-            token_digest=digest(token),
+            token_digest=owned_digest(owner, token),
             fingerprint=fingerprint,
             window=window,
             expires_at=self._running_expiry(window),
@@ -368,6 +386,7 @@ class DurableStreams:
         )
         try:
             producer.flight = self.supervisor.admit(task, received_at)
+            producer.watch = watch() if watch is not None else None
         except GatewayError as err:
             task.cancel()
             with contextlib.suppress(JournalError):
@@ -375,8 +394,12 @@ class DurableStreams:
             raise
         return Follower(self, stream_id, 0)
 
-    async def resume(self, stream_id: str, token: str, after: int) -> Follower:
-        record = await self._authorized(stream_id, token)
+    def took(self, lease: Lease) -> bool:
+        """Whether a producer holds this quota lease (it gives it back when the stream ends)."""
+        return any(p.watch is not None and p.watch.lease is lease for p in self.producers.values())
+
+    async def resume(self, stream_id: str, token: str, after: int, owner: str = "") -> Follower:
+        record = await self._authorized(stream_id, token, owner)
         if after > record.last_sequence:
             raise GatewayError(
                 ErrorCode.CURSOR_OUT_OF_RANGE,
@@ -384,8 +407,10 @@ class DurableStreams:
             )
         return Follower(self, stream_id, after)
 
-    async def poll(self, stream_id: str, token: str, after: int, wait: float, limit: int) -> PollResult:
-        record = await self._authorized(stream_id, token)
+    async def poll(
+        self, stream_id: str, token: str, after: int, wait: float, limit: int, owner: str = ""
+    ) -> PollResult:
+        record = await self._authorized(stream_id, token, owner)
         if after > record.last_sequence:
             raise GatewayError(
                 ErrorCode.CURSOR_OUT_OF_RANGE,
@@ -408,8 +433,8 @@ class DurableStreams:
             self.detach(stream_id, producer)
         return PollResult(batch.payloads, batch.last, batch.terminal, stream_state(batch.record))
 
-    async def cancel(self, stream_id: str, token: str) -> pb.StreamState:
-        record = await self._authorized(stream_id, token)
+    async def cancel(self, stream_id: str, token: str, owner: str = "") -> pb.StreamState:
+        record = await self._authorized(stream_id, token, owner)
         if record.ended:
             return stream_state(record)
         cancelled = stream_cancelled()
@@ -510,14 +535,18 @@ class DurableStreams:
             ),
         )
 
-    async def _authorized(self, stream_id: str, token: str) -> StreamRecord:
+    async def _authorized(self, stream_id: str, token: str, owner: str) -> StreamRecord:
         if not stream_id or not token:
             raise not_found()
         try:
             record = await self.journal.get(stream_id)
         except JournalError:
             raise journal_unavailable() from None
-        if record is None or record.start_failure or not hmac.compare_digest(record.token_digest, digest(token)):
+        if (
+            record is None
+            or record.start_failure
+            or not hmac.compare_digest(record.token_digest, owned_digest(owner, token))
+        ):
             raise not_found()
         return record
 
@@ -550,7 +579,10 @@ class DurableStreams:
             # `start` admitted this task before it first ran.
             flight = producer.flight
             assert flight is not None
+            spans = producer.watch.span if producer.watch is not None else None
             try:
+                if spans is not None:
+                    spans.opening(route.provider.kind, route.config.model, route.propagates_trace)
                 opened = await self.router.open(route, generation)
             except asyncio.CancelledError:
                 # Ended by the server (shutdown, duration, a cancel) before the first token.
@@ -565,6 +597,10 @@ class DurableStreams:
             info = dataclasses.replace(
                 info, provider=opened.route.provider.kind, upstream_model=opened.route.config.model
             )
+            if producer.watch is not None:
+                producer.watch.provider = opened.route.provider.kind
+                if spans is not None:
+                    spans.opened(opened.route.provider.kind, opened.route.config.model)
             sequencer = Sequencer(info)
             relay = flight.relay = Relay(
                 sequencer,
@@ -595,13 +631,18 @@ class DurableStreams:
                 del self.producers[stream_id]
             if producer.flight is not None:
                 self.supervisor.release(producer.flight)
+            watch = producer.watch
+            if watch is not None:
+                watch.end(outcome, sequencer)
             log.info(
-                "stream %s durable route=%r outcome=%s messages=%d duration_ms=%.1f",
+                "stream %s durable route=%r outcome=%s messages=%d duration_ms=%.1f%s",
                 stream_id,
                 info.route[:128],
                 outcome,
                 sequencer.sequence if sequencer is not None else 0,
                 (time.monotonic() - started) * 1000,
+                f" caller={watch.caller.name!r}" if watch is not None and watch.caller.name else "",
+                extra={"stream": _figures(stream_id, info.route[:128], outcome, sequencer, started, watch)},
             )
 
     async def _journal_stream(self, producer: _Producer, relay: Relay) -> str:
@@ -710,6 +751,31 @@ class DurableStreams:
             return await self.journal.get(stream_id)
         except JournalError:
             return None
+
+
+def _figures(
+    stream_id: str, route: str, outcome: str, sequencer: Sequencer | None, started: float, watch: Watch | None
+) -> dict[str, object]:
+    """The producer's line as fields, for the JSON log."""
+    figures: dict[str, object] = {
+        "stream_id": stream_id,
+        "kind": "durable",
+        "route": route,
+        "outcome": outcome,
+        "messages": sequencer.sequence if sequencer is not None else 0,
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+    }
+    if watch is not None and watch.caller.name:
+        figures["caller"] = watch.caller.name
+    finish = sequencer.finish if sequencer is not None else None
+    if finish is not None:
+        figures |= {
+            "input_tokens": finish.usage.input_tokens,
+            "output_tokens": finish.usage.output_tokens,
+            "ttft_ms": round(finish.timing.time_to_first_token.ToNanoseconds() / 1e6, 3),
+            "output_tokens_per_second": round(finish.timing.output_tokens_per_second, 2),
+        }
+    return figures
 
 
 def _failure(relay: Relay) -> GatewayError:

@@ -15,10 +15,13 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from datetime import datetime
+from typing import Any
 
+from service.callers import ANONYMOUS, Caller, KeyRing, permission_denied
 from service.config import ServerConfig
-from service.durable import DurableStreams
+from service.durable import DurableStreams, Follower
 from service.errors import (
+    ErrorCode,
     GatewayError,
     describe_exception,
     internal_error,
@@ -29,6 +32,8 @@ from service.errors import (
 )
 from service.events import GenerationRequest
 from service.journal import Journal
+from service.observe import Observer, Watch, outcome_label, tokens_used
+from service.quotas import MemoryQuotas, Quotas
 from service.routing import Route, Router
 from service.streams import Relay, Sequencer, StreamInfo
 from service.supervisor import InFlight, StreamSupervisor
@@ -56,7 +61,18 @@ class EphemeralStream:
     anywhere else propagates as it is.
     """
 
-    __slots__ = ("_create_time", "_gateway", "_generation", "_messages", "_received_at", "_route", "flight")
+    __slots__ = (
+        "_carrier",
+        "_create_time",
+        "_gateway",
+        "_generation",
+        "_messages",
+        "_received_at",
+        "_route",
+        "caller",
+        "flight",
+        "watch",
+    )
 
     def __init__(
         self,
@@ -66,14 +82,19 @@ class EphemeralStream:
         *,
         received_at: float,
         create_time: datetime,
+        caller: Caller = ANONYMOUS,
+        carrier: dict[str, str] | None = None,
     ) -> None:
         self._gateway = gateway
         self._route = route
         self._generation = generation
         self._received_at = received_at
         self._create_time = create_time
+        self._carrier = carrier
         self._messages: AsyncGenerator[pb.GenerateResponse, None] | None = None
+        self.caller = caller
         self.flight: InFlight | None = None
+        self.watch: Watch | None = None
 
     @property
     def stream_id(self) -> str:
@@ -92,11 +113,30 @@ class EphemeralStream:
 
     async def __aenter__(self) -> AsyncGenerator[pb.GenerateResponse, None]:
         gateway = self._gateway
+        route = self._route
         task: asyncio.Task[None] = asyncio.current_task()  # type: ignore[assignment]
-        flight = self.flight = gateway.supervisor.admit(task, self._received_at)
+        lease = await gateway.quotas.acquire(self.caller)
+        try:
+            flight = self.flight = gateway.supervisor.admit(task, self._received_at)
+        except BaseException:
+            lease.release()
+            raise
+        watch = self.watch = gateway.observer.watch(
+            route.name,
+            route.provider.kind,
+            route.config.model,
+            self.caller,
+            lease,
+            self._received_at,
+            "ephemeral",
+            self._generation.stream_id,
+            self._carrier,
+        )
         try:
             try:
-                opened = await gateway.router.open(self._route, self._generation)
+                if watch.span is not None:
+                    watch.span.opening(route.provider.kind, route.config.model, route.propagates_trace)
+                opened = await gateway.router.open(route, self._generation)
             except asyncio.CancelledError:
                 # Only a cancel of our own, and no other beside it, becomes the stream's error: a
                 # client's cancel, its deadline or its transport's stop mean the call is gone.
@@ -105,7 +145,11 @@ class EphemeralStream:
                 raise flight.ended_by from None
         except BaseException:
             gateway.supervisor.release(flight)
+            lease.release()
             raise
+        watch.provider = opened.route.provider.kind
+        if watch.span is not None:
+            watch.span.opened(opened.route.provider.kind, opened.route.config.model)
         info = StreamInfo(
             stream_id=self._generation.stream_id,
             route=self._route.name,
@@ -135,16 +179,96 @@ class EphemeralStream:
                 await flight.relay.aclose()
         finally:
             self._gateway.supervisor.release(flight)
+            # The caller's slot is free as soon as the stream is; its tokens count from now.
+            if self.watch is not None:
+                self.watch.lease.release(tokens_used(flight.relay.sequencer))
 
 
 class Gateway:
     """The transport-neutral service: what a door may ask, and the one place each answer is made."""
 
-    def __init__(self, router: Router, config: ServerConfig, journal: Journal) -> None:
+    def __init__(
+        self,
+        router: Router,
+        config: ServerConfig,
+        journal: Journal,
+        *,
+        keys: KeyRing | None = None,
+        quotas: Quotas | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.router = router
         self.config = config
+        self.keys = keys if keys is not None else KeyRing(None)
+        self.observer = observer if observer is not None else Observer(None, None)
+        self.quotas = quotas if quotas is not None else MemoryQuotas(self.observer.quota_rejected)
         self.supervisor = StreamSupervisor(config)
         self.durable = DurableStreams(router, self.supervisor, journal, config)
+
+    def authenticate(self, authorization: list[str]) -> Caller:
+        """The caller the request's `authorization` value(s) name (ANONYMOUS with auth off)."""
+        return self.keys.authenticate(authorization)
+
+    def carrier(self, headers: Any) -> dict[str, str] | None:
+        """The caller's trace context (`traceparent`, `tracestate`), only when tracing is on.
+
+        `headers` is gRPC metadata (pairs) or an HTTP header mapping; names match in any case.
+        """
+        if self.observer.tracing is None:
+            return None
+        pairs = headers.items() if hasattr(headers, "items") else headers or ()
+        found = {
+            str(k).lower(): v
+            for k, v in pairs
+            if str(k).lower() in ("traceparent", "tracestate") and isinstance(v, str)
+        }
+        return found or None
+
+    async def start_durable(
+        self,
+        request: pb.GenerateRequest,
+        route: Route,
+        generation: GenerationRequest,
+        *,
+        caller: Caller,
+        carrier: dict[str, str] | None,
+        window: float,
+        received_at: float,
+        create_time: datetime,
+    ) -> Follower:
+        """A durable stream for `caller` (its quota lease goes with the producer), or the one it
+        already started with this request."""
+        lease = await self.quotas.acquire(caller)
+
+        def watch() -> Watch:
+            return self.observer.watch(
+                route.name,
+                route.provider.kind,
+                route.config.model,
+                caller,
+                lease,
+                received_at,
+                "durable",
+                generation.stream_id,
+                carrier,
+            )
+
+        try:
+            return await self.durable.start(
+                request,
+                route,
+                generation,
+                window=window,
+                received_at=received_at,
+                create_time=create_time,
+                owner=caller.id,
+                watch=watch,
+            )
+        finally:
+            # The producer took the lease over (and gives it back when it ends); an attach to a
+            # stream that was already running, or a start that failed, takes nothing.
+            if not self.durable.took(lease):
+                lease.release()
 
     @property
     def active_streams(self) -> int:
@@ -163,6 +287,7 @@ class Gateway:
         self,
         request: pb.GenerateRequest,
         *,
+        caller: Caller = ANONYMOUS,
         size: int | None,
         header_bytes: int,
         stream_id: str,
@@ -180,6 +305,8 @@ class Gateway:
         if not request.model:
             raise invalid_request("model", "is required: name a route (see ListModels)")
         route = self.router.get(request.model)
+        if not caller.may_use(route.name):
+            raise permission_denied(route.name)
         generation = validate_request(
             request,
             route,
@@ -191,9 +318,18 @@ class Gateway:
         return route, generation
 
     def ephemeral(
-        self, route: Route, generation: GenerationRequest, *, received_at: float, create_time: datetime
+        self,
+        route: Route,
+        generation: GenerationRequest,
+        *,
+        received_at: float,
+        create_time: datetime,
+        caller: Caller = ANONYMOUS,
+        carrier: dict[str, str] | None = None,
     ) -> EphemeralStream:
-        return EphemeralStream(self, route, generation, received_at=received_at, create_time=create_time)
+        return EphemeralStream(
+            self, route, generation, received_at=received_at, create_time=create_time, caller=caller, carrier=carrier
+        )
 
     @staticmethod
     def internal(exc: Exception, stream_id: str) -> GatewayError:
@@ -212,8 +348,8 @@ class Gateway:
             outcome = f"{flight.ended_by.code.value} (the caller had stopped reading)"
         return outcome
 
-    @staticmethod
     def log_outcome(
+        self,
         model: str,
         labels: str,
         stream_id: str,
@@ -221,21 +357,35 @@ class Gateway:
         sequencer: Sequencer | None,
         received_at: float,
         door: str = "",
+        *,
+        stream: EphemeralStream | None = None,
+        caller: Caller = ANONYMOUS,
+        durable: bool = False,
     ) -> None:
-        finish = sequencer.finish if sequencer is not None else None
-        log.info(
-            "stream %s%s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s",
+        """The stream's one log line; its metrics and spans end here too (once per stream).
+
+        A durable stream's reader logs here; its producer's figures are its own (service.durable).
+        """
+        watch = stream.watch if stream is not None else None
+        if watch is not None:
+            watch.end(outcome, sequencer)
+        elif outcome != "OK" and not durable:
+            label = outcome_label(outcome)
+            if label in ErrorCode.__members__:
+                self.observer.rejected(ErrorCode(label))
+        stream_log_line(
             stream_id,
             door,
             model,
             outcome,
-            pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-",
-            sequencer.sequence if sequencer is not None else 0,
-            (time.monotonic() - received_at) * 1000,
-            redact(labels),
+            sequencer,
+            received_at,
+            labels,
+            caller.name,
+            "durable reader" if durable else "ephemeral",
         )
 
-    def models(self) -> list[pb.Model]:
+    def models(self, caller: Caller = ANONYMOUS) -> list[pb.Model]:
         return [
             pb.Model(
                 name=route.name,
@@ -248,6 +398,7 @@ class Gateway:
                 **capabilities(route.provider.capabilities),
             )
             for route in self.router.routes.values()
+            if caller.may_use(route.name)
         ]
 
     def begin_drain(self) -> None:
@@ -257,6 +408,58 @@ class Gateway:
     def end_streams(self) -> int:
         """Ends every generation in flight, durable ones included, with SERVER_SHUTTING_DOWN."""
         return self.supervisor.end_streams()
+
+
+def stream_log_line(
+    stream_id: str,
+    door: str,
+    model: str,
+    outcome: str,
+    sequencer: Sequencer | None,
+    received_at: float,
+    labels: str,
+    caller: str,
+    kind: str,
+) -> None:
+    """One line per stream: as text, and as fields for the JSON log (`log_format = "json"`)."""
+    finish = sequencer.finish if sequencer is not None else None
+    reason = pb.FinishReason.Name(finish.reason).removeprefix("FINISH_REASON_").lower() if finish else "-"
+    messages = sequencer.sequence if sequencer is not None else 0
+    duration_ms = (time.monotonic() - received_at) * 1000
+    figures: dict[str, object] = {
+        "stream_id": stream_id,
+        "kind": kind,
+        "door": door.removeprefix(" door=") or "grpc",
+        "route": model,
+        "outcome": outcome,
+        "finish": reason,
+        "messages": messages,
+        "duration_ms": round(duration_ms, 1),
+    }
+    if caller:
+        figures["caller"] = caller
+    if finish is not None:
+        usage, timing = finish.usage, finish.timing
+        figures |= {
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "usage_source": pb.UsageSource.Name(usage.source).removeprefix("USAGE_SOURCE_").lower(),
+            "ttft_ms": round(timing.time_to_first_token.ToNanoseconds() / 1e6, 3),
+            "output_tokens_per_second": round(timing.output_tokens_per_second, 2),
+        }
+    log.info(
+        "stream %s%s route=%r outcome=%s finish=%s messages=%d duration_ms=%.1f%s%s",
+        stream_id,
+        door,
+        model,
+        outcome,
+        reason,
+        messages,
+        duration_ms,
+        f" caller={caller!r}" if caller else "",
+        redact(labels),
+        extra={"stream": figures},
+    )
 
 
 def log_fields(request: pb.GenerateRequest | None) -> tuple[str, str]:

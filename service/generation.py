@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from service.callers import ANONYMOUS
 from service.durable import DEFAULT_POLL_MESSAGES, MAX_POLL_MESSAGES, Follower, failure_of
 from service.errors import ErrorCode, GatewayError, invalid_request, shutting_down
 from service.gateway import EphemeralStream, Gateway, log_fields
@@ -81,6 +82,11 @@ def _metadata_size(metadata: Iterable[tuple[str, str | bytes]] | None) -> int:
     return sum(len(key) + len(value) + 32 for key, value in metadata or ())
 
 
+def _authorization(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[str]:
+    # gRPC metadata names are lower case on the wire (HTTP/2); a binary value is no bearer key.
+    return [value if isinstance(value, str) else "" for key, value in metadata or () if key == "authorization"]
+
+
 class GenerationService:
     """The gRPC door over the gateway: its requests in, its statuses and messages out."""
 
@@ -109,29 +115,45 @@ class GenerationService:
         stream: EphemeralStream | None = None
         outcome = "OK"
         window: float | None = None
+        caller = ANONYMOUS
+        durable = False
         try:
             try:
                 if gateway.supervisor.draining:
                     raise shutting_down("the server is shutting down; retry")
+                metadata = context.invocation_metadata()
+                caller = gateway.authenticate(_authorization(metadata))
                 request = decoded(request, "GenerateRequest")
                 window = self.durable.window(request)
                 # A durable generation is not bound by this call's deadline: it outlives the call.
                 route, generation = gateway.admissible(
                     request,
+                    caller=caller,
                     size=received.size,
-                    header_bytes=_metadata_size(context.invocation_metadata()),
+                    header_bytes=_metadata_size(metadata),
                     stream_id=stream_id,
                     deadline=None if window else deadline,
                 )
+                carrier = gateway.carrier(metadata)
                 if window is not None:
-                    follower = await self.durable.start(
-                        request, route, generation, window=window, received_at=received_at, create_time=create_time
+                    follower = await gateway.start_durable(
+                        request,
+                        route,
+                        generation,
+                        caller=caller,
+                        carrier=carrier,
+                        window=window,
+                        received_at=received_at,
+                        create_time=create_time,
                     )
                     request = _TAKEN
+                    durable = True
                     outcome = await self._follow(follower, context)
                     return
                 request = _TAKEN
-                stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
+                stream = gateway.ephemeral(
+                    route, generation, received_at=received_at, create_time=create_time, caller=caller, carrier=carrier
+                )
                 async with stream as messages:
                     async for message in messages:
                         await _write(context, message)
@@ -154,15 +176,26 @@ class GenerationService:
             outcome = self._internal(context, exc, stream_id)
         finally:
             gateway.log_outcome(
-                model, labels, stream_id, outcome, stream.sequencer if stream is not None else None, received_at
+                model,
+                labels,
+                stream_id,
+                outcome,
+                stream.sequencer if stream is not None else None,
+                received_at,
+                stream=stream,
+                caller=caller,
+                durable=durable,
             )
 
     async def Resume(self, request: pb.ResumeRequest | Undecodable, context: Context) -> None:
         """Writes a durable stream's messages after the cursor, then its live tail."""
         stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
+            caller = self.gateway.authenticate(_authorization(context.invocation_metadata()))
             request = decoded(request, "ResumeRequest")
-            follower = await self.durable.resume(request.stream_id, request.resume_token, request.after_sequence)
+            follower = await self.durable.resume(
+                request.stream_id, request.resume_token, request.after_sequence, caller.id
+            )
             await self._follow(follower, context)
         except GatewayError as err:
             set_status(context, err, stream_id)
@@ -176,6 +209,7 @@ class GenerationService:
         own, byte for byte, with the other fields appended (protobuf merges concatenated messages)."""
         stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
+            caller = self.gateway.authenticate(_authorization(context.invocation_metadata()))
             request = decoded(request, "PollRequest")
             limit = request.max_messages or DEFAULT_POLL_MESSAGES
             if limit > MAX_POLL_MESSAGES:
@@ -184,7 +218,7 @@ class GenerationService:
             if wait < 0:
                 raise invalid_request("wait", "must not be negative")
             result = await self.durable.poll(
-                request.stream_id, request.resume_token, request.after_sequence, wait, limit
+                request.stream_id, request.resume_token, request.after_sequence, wait, limit, caller.id
             )
         except GatewayError as err:
             set_status(context, err, stream_id)
@@ -205,8 +239,9 @@ class GenerationService:
     ) -> pb.CancelResponse:
         stream_id = request.stream_id if not isinstance(request, Undecodable) else ""
         try:
+            caller = self.gateway.authenticate(_authorization(context.invocation_metadata()))
             request = decoded(request, "CancelRequest")
-            state = await self.durable.cancel(request.stream_id, request.resume_token)
+            state = await self.durable.cancel(request.stream_id, request.resume_token, caller.id)
         except GatewayError as err:
             set_status(context, err, stream_id)
             return pb.CancelResponse()
@@ -236,7 +271,12 @@ class GenerationService:
         request: pb.ListModelsRequest | Undecodable,
         context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.gateway.models())
+        try:
+            caller = self.gateway.authenticate(_authorization(context.invocation_metadata()))
+        except GatewayError as err:
+            set_status(context, err, "")
+            return pb.ListModelsResponse()
+        return pb.ListModelsResponse(models=self.gateway.models(caller))
 
 
 class _CallGone(Exception):

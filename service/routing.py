@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.config import RouteConfig
@@ -37,6 +37,11 @@ class Route:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def propagates_trace(self) -> bool:
+        """Whether the caller's trace context may go upstream (the route's `trace_upstream`)."""
+        return self.config.trace_upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,9 @@ def _worth_falling_back(err: GatewayError) -> bool:
 class Router:
     def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
         self.routes = {name: Route(config, create_provider(config)) for name, config in sorted(routes.items())}
+        # Told of each retry and fallback, by the route that failed (the metrics).
+        self.on_retry: Callable[[str], None] | None = None
+        self.on_fallback: Callable[[str], None] | None = None
 
     def get(self, name: str) -> Route:
         try:
@@ -126,6 +134,8 @@ class Router:
             except GatewayError as err:
                 if _expired(request) or not _worth_falling_back(err):
                     raise
+                if self.on_fallback is not None:
+                    self.on_fallback(candidate.name)
                 log.warning(
                     "stream %s: route %r failed before its first token (%s); falling back to %r",
                     request.stream_id,
@@ -145,6 +155,8 @@ class Router:
                 if delay is None:
                     raise
                 attempt += 1
+                if self.on_retry is not None:
+                    self.on_retry(route.name)
                 log.warning(
                     "stream %s: route %r failed before its first token (%s%s); retry %d of %d in %.2f s",
                     request.stream_id,

@@ -6,17 +6,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from aiohttp import web
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.api.http import HttpDoor
+from service.callers import KeyRing, KeysError
 from service.config import Config, ConfigError
 from service.gateway import Gateway
 from service.generation import GenerationService, Received, Undecodable
 from service.journal import open_journal
+from service.observe import METRICS_CONTENT_TYPE, Metrics, Observer
+from service.quotas import open_quotas
 from service.reflection import enable_reflection
 from service.routing import Router
 from tokenwire.v1 import generation_pb2 as pb
@@ -122,13 +127,78 @@ def grpc_options(config: Config) -> list[tuple[str, Any]]:
     ]
 
 
+def _tracing(config: Config, provider: Any) -> Any:
+    if config.server.tracing != "on" and provider is None:
+        return None
+    try:
+        from service.tracing import Tracing
+    except ImportError:
+        raise ConfigError('tracing = "on" needs the OpenTelemetry SDK: pip install "tokenwire[otel]"') from None
+    return Tracing(config.server.otlp_endpoint, provider)
+
+
+class MetricsServer:
+    """/metrics on a port of its own (`metrics_listen`), loopback by default."""
+
+    def __init__(self, metrics: Metrics, listen: str, reuse_port: bool) -> None:
+        self.metrics = metrics
+        self.listen = listen
+        self.reuse_port = reuse_port
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        host, _, port = self.listen.rpartition(":")
+        site = web.TCPSite(self.runner, host.strip("[]"), int(port), reuse_port=self.reuse_port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self.port
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
 class TokenwireServer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracer_provider: Any = None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider of the embedder's (tests give one with
+        an in-memory exporter); it turns tracing on."""
         self.config = config
         self.router = Router(config.routes)
         s = config.server
         self.journal = open_journal(s.journal, max_total_bytes=s.journal_max_total_bytes)
-        self.gateway = Gateway(self.router, s, self.journal)
+        try:
+            self.keys = KeyRing(Path(s.keys_file) if s.keys_file else None, s.keys_reload_seconds)
+        except KeysError as exc:
+            raise ConfigError(f"[server] keys_file: {exc}") from None
+        self.metrics = Metrics(config.prices) if s.metrics_listen else None
+        observer = Observer(self.metrics, _tracing(config, tracer_provider))
+        self.router.on_retry = observer.retried
+        self.router.on_fallback = observer.fell_back
+        self.quotas = open_quotas(
+            s.quota_store,
+            s.journal,
+            fail_open=s.quota_store_failure == "open",
+            on_rejected=observer.quota_rejected,
+            on_store_error=observer.quota_store_error,
+        )
+        self.gateway = Gateway(self.router, s, self.journal, keys=self.keys, quotas=self.quotas, observer=observer)
+        if self.metrics is not None:
+            self.metrics.watch_gauges(lambda: self.gateway.active_streams, self.journal, lambda: len(self.keys))
+        self.metrics_server = (
+            MetricsServer(self.metrics, s.metrics_listen, s.workers > 1)
+            if self.metrics is not None and s.metrics_listen != "http"
+            else None
+        )
         self.generation = GenerationService(self.gateway)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=grpc_options(config))
@@ -193,6 +263,17 @@ class TokenwireServer:
                 raise ConfigError(
                     f"cannot listen on {s.http_listen} (http_listen): the address is in use or not valid here"
                 ) from None
+        if self.metrics_server is not None:
+            try:
+                await self.metrics_server.start()
+            except OSError:
+                await self.server.stop(None)
+                if self.http is not None:
+                    await self.http.stop(0)
+                raise ConfigError(
+                    f"cannot listen on {s.metrics_listen} (metrics_listen): the address is in use or not valid here"
+                ) from None
+        self.keys.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -230,3 +311,10 @@ class TokenwireServer:
                 await self.gateway.idle.wait()
         await self.router.aclose()
         await self.journal.aclose()
+        await self.keys.stop()
+        await self.quotas.aclose()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        tracing = self.gateway.observer.tracing
+        if tracing is not None:
+            tracing.shutdown()

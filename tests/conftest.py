@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Servers the tests start as processes (`python -m service`) serve their HTTP door on a free port,
 # never on the shipped default 8080, which another server on this machine may hold.
 os.environ.setdefault("TOKENWIRE_HTTP_LISTEN", "127.0.0.1:0")
+# And their metrics on a free port too, never on the shipped default 9464.
+os.environ.setdefault("TOKENWIRE_METRICS_LISTEN", "127.0.0.1:0")
 FAST = {"first_token_ms": 1, "tokens_per_second": 0}
 # A pace slow enough that a test can act in the middle of a stream.
 SLOW = {"first_token_ms": 1, "tokens_per_second": 50, "answer_tokens": 500}
@@ -139,7 +141,12 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 def make_config(routes: dict[str, dict[str, Any]] | None = None, **server: Any) -> Config:
     # The HTTP door only where a test asks for it (`http_listen="127.0.0.1:0"`).
-    values: dict[str, Any] = {"listen": "127.0.0.1:0", "shutdown_grace_seconds": 2.0, "http_listen": ""} | server
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "shutdown_grace_seconds": 2.0,
+        "http_listen": "",
+        "metrics_listen": "",
+    } | server
     return Config(
         server=dataclasses.replace(ServerConfig(), **values),
         routes=build_routes(routes if routes is not None else TEST_ROUTES, "test"),
@@ -249,7 +256,8 @@ def clients_address() -> Iterator[str]:
 def default_address() -> Iterator[str]:
     """The shipped configuration, as `make run` serves it: what the README's recipes talk to."""
     config = load_config(
-        ROOT / "config" / "tokenwire.toml", overrides={"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"}
+        ROOT / "config" / "tokenwire.toml",
+        overrides={"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
     )
     with serve_in_thread(config) as address:
         yield address

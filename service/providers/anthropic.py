@@ -528,6 +528,9 @@ class AnthropicProvider(HTTPProvider):
             max_retries=0,
             timeout=self.settings.read_timeout,
             http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient),
+            # tokenwire's own span covers the call (service/tracing.py): none of the SDK's, and
+            # the trace context goes upstream only where the route's trace_upstream says so.
+            open_telemetry={"traces": False, "propagation": route.trace_upstream},
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:

@@ -36,10 +36,12 @@ from google.protobuf import json_format
 
 from service.api.http.errors import error_body, http_status, retry_after_header
 from service.api.http.openai import ChunkRenderer, Completion, chat_request, model_list
+from service.callers import ANONYMOUS
 from service.config import ServerConfig
 from service.durable import DEFAULT_POLL_MESSAGES, MAX_POLL_MESSAGES, Follower, failure_of
 from service.errors import ErrorCode, GatewayError, invalid_request
 from service.gateway import EphemeralStream, Gateway, log_fields
+from service.observe import METRICS_CONTENT_TYPE
 from service.wire import error_event
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -74,12 +76,20 @@ class _HttpProblem(Exception):
 
 
 def error_response(err: GatewayError, stream_id: str = "", last_sequence: int | None = None) -> web.Response:
+    headers = retry_after_header(err)
+    if err.code is ErrorCode.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = 'Bearer realm="tokenwire"'
     return web.Response(
         status=http_status(err),
         body=orjson.dumps(error_body(err, stream_id=stream_id, last_sequence=last_sequence)),
         content_type="application/json",
-        headers=retry_after_header(err),
+        headers=headers,
     )
+
+
+def _authorization(request: web.Request) -> list[str]:
+    # aiohttp's headers match names in any case; every copy of the header counts.
+    return request.headers.getall("Authorization", [])
 
 
 def event_bytes(message: pb.GenerateResponse) -> bytes:
@@ -148,6 +158,8 @@ class HttpDoor:
         app.router.add_get("/v1/streams/{stream_id}/events", self.poll_stream)
         app.router.add_post("/v1/streams/{stream_id}/cancel", self.cancel_stream)
         app.router.add_get("/healthz", self.health)
+        if config.metrics_listen == "http" and gateway.observer.metrics is not None:
+            app.router.add_get("/metrics", self.metrics)
         for path in _PAGE_FILES:
             app.router.add_get(path, self.page)
         app.router.add_route("OPTIONS", "/{tail:.*}", self.preflight)
@@ -263,7 +275,16 @@ class HttpDoor:
     # -- OpenAI-compatible ----------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(model_list(self.gateway.models()), dumps=lambda v: orjson.dumps(v).decode())
+        try:
+            caller = self.gateway.authenticate(_authorization(request))
+        except GatewayError as err:
+            return error_response(err)
+        return web.json_response(model_list(self.gateway.models(caller)), dumps=lambda v: orjson.dumps(v).decode())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        metrics = self.gateway.observer.metrics
+        assert metrics is not None
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         received_at = time.monotonic()
@@ -275,19 +296,29 @@ class HttpDoor:
         stream: EphemeralStream | None = None
         writer: _Writer | None = None
         outcome = "OK"
+        caller = ANONYMOUS
         try:
             try:
+                caller = gateway.authenticate(_authorization(request))
                 chat = chat_request(self._parse(await self._json(request)), given)
                 model, labels = log_fields(chat.request)
                 route, generation = gateway.admissible(
                     chat.request,
+                    caller=caller,
                     size=None,
                     header_bytes=self._header_bytes(request),
                     stream_id=stream_id,
                     deadline=None,
                 )
                 del chat.request.messages[:]  # the validated copy is what goes on
-                stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
+                stream = gateway.ephemeral(
+                    route,
+                    generation,
+                    received_at=received_at,
+                    create_time=create_time,
+                    caller=caller,
+                    carrier=gateway.carrier(request.headers),
+                )
                 completion_id = "chatcmpl-" + stream_id
                 async with stream as messages:
                     # The first message (Start) decides between an HTTP error status and a stream.
@@ -328,6 +359,8 @@ class HttpDoor:
                 stream.sequencer if stream is not None else None,
                 received_at,
                 door=" door=http",
+                stream=stream,
+                caller=caller,
             )
 
     async def _chunks(
@@ -391,8 +424,11 @@ class HttpDoor:
         stream: EphemeralStream | None = None
         writer: _Writer | None = None
         outcome = "OK"
+        caller = ANONYMOUS
+        durable = False
         try:
             try:
+                caller = gateway.authenticate(_authorization(request))
                 data = await self._json(request)
                 message = pb.GenerateRequest()
                 try:
@@ -406,19 +442,31 @@ class HttpDoor:
                 window = gateway.durable.window(message)
                 route, generation = gateway.admissible(
                     message,
+                    caller=caller,
                     size=None,
                     header_bytes=self._header_bytes(request),
                     stream_id=stream_id,
                     deadline=None,
                 )
+                carrier = gateway.carrier(request.headers)
                 if window is not None:
-                    follower = await gateway.durable.start(
-                        message, route, generation, window=window, received_at=received_at, create_time=create_time
+                    follower = await gateway.start_durable(
+                        message,
+                        route,
+                        generation,
+                        caller=caller,
+                        carrier=carrier,
+                        window=window,
+                        received_at=received_at,
+                        create_time=create_time,
                     )
+                    durable = True
                     outcome, response = await self._follow(request, follower)
                     return response
                 del message
-                stream = gateway.ephemeral(route, generation, received_at=received_at, create_time=create_time)
+                stream = gateway.ephemeral(
+                    route, generation, received_at=received_at, create_time=create_time, caller=caller, carrier=carrier
+                )
                 async with stream as messages:
                     first = await anext(messages)
                     writer = await self._sse(request, stream_id)
@@ -455,6 +503,9 @@ class HttpDoor:
                 stream.sequencer if stream is not None else None,
                 received_at,
                 door=" door=http",
+                stream=stream,
+                caller=caller,
+                durable=durable,
             )
 
     async def _follow(self, request: web.Request, follower: Follower) -> tuple[str, web.StreamResponse]:
@@ -514,7 +565,8 @@ class HttpDoor:
                 if last is not None
                 else self._cursor(request.query.get("after"), "after")
             )
-            follower = await self.gateway.durable.resume(stream_id, token, after)
+            caller = self.gateway.authenticate(_authorization(request))
+            follower = await self.gateway.durable.resume(stream_id, token, after, caller.id)
             _, response = await self._follow(request, follower)
             return response
         except GatewayError as err:
@@ -525,6 +577,7 @@ class HttpDoor:
     async def poll_stream(self, request: web.Request) -> web.Response:
         stream_id, token = self._capability(request)
         try:
+            caller = self.gateway.authenticate(_authorization(request))
             after = self._cursor(request.query.get("after"), "after")
             limit = self._cursor(request.query.get("max_messages"), "max_messages") or DEFAULT_POLL_MESSAGES
             if limit > MAX_POLL_MESSAGES:
@@ -535,7 +588,7 @@ class HttpDoor:
                 raise invalid_request("wait", "must be a number of seconds") from None
             if not 0 <= wait < float("inf"):
                 raise invalid_request("wait", "must not be negative")
-            result = await self.gateway.durable.poll(stream_id, token, after, wait, limit)
+            result = await self.gateway.durable.poll(stream_id, token, after, wait, limit, caller.id)
         except GatewayError as err:
             return error_response(err, stream_id)
         except Exception as exc:
@@ -553,7 +606,8 @@ class HttpDoor:
     async def cancel_stream(self, request: web.Request) -> web.Response:
         stream_id, token = self._capability(request)
         try:
-            state = await self.gateway.durable.cancel(stream_id, token)
+            caller = self.gateway.authenticate(_authorization(request))
+            state = await self.gateway.durable.cancel(stream_id, token, caller.id)
         except GatewayError as err:
             return error_response(err, stream_id)
         except Exception as exc:
