@@ -595,3 +595,23 @@ async def test_concurrent_appends_of_many_streams_each_get_their_own_answer(jour
         assert batch is not None
         expected = [] if stream_id == "many-7" else [f"{stream_id}-a".encode(), f"{stream_id}-b".encode()]
         assert list(batch.payloads) == expected
+
+
+async def test_a_record_never_names_an_owner_without_a_lease(redis_server: RedisServer, raw: Redis) -> None:
+    # Redis restarted without persistence: the lease is gone, and the first create after the outage
+    # finds it so. The record it writes must name a replica whose lease is already back, or a reader
+    # elsewhere would take the owner for dead (for good) and end its live streams.
+    prefix = _prefix()
+    a, _, _ = await _started(redis_server.url, prefix, renew_seconds=30.0)  # no renewal during the test
+    b, _, _ = await _started(redis_server.url, prefix)
+    try:
+        await raw.delete(f"{prefix}replica:{a.replica}")
+        a._unverified = True  # as after a failed command
+        await a.create(replace(_record("after-restart"), owner=a.replica))
+        record = await a.get("after-restart")
+        assert record is not None and record.owner == a.replica
+        assert await raw.exists(f"{prefix}replica:{record.owner}")
+        assert await b.owner_alive(record.owner)
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -555,6 +555,9 @@ class RedisJournal(Journal):
             self._unverified = False
         else:
             self._lapsed_now()
+            # The new id's lease before any record names it: a reader elsewhere that found an
+            # owner without a lease would take it for dead, for good.
+            await self._take_lease()
 
     def _lapsed_now(self) -> None:
         """The lease is gone: our streams are told, and a new id is taken (its lease by the caller
@@ -608,7 +611,9 @@ class RedisJournal(Journal):
                     self._lease_lapsed()
                 continue
             if renewed:
-                self._lease_ok_at, self._unverified = sent, False
+                # The same id renewed: a lapse told earlier (renewals failing) is over, and the next
+                # one must be told again.
+                self._lease_ok_at, self._unverified, self._lease_lost_told = sent, False, False
                 continue
             self._lapsed_now()
             with contextlib.suppress(JournalError):
