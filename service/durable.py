@@ -388,7 +388,10 @@ class DurableStreams:
             producer.flight = self.supervisor.admit(task, received_at)
             producer.watch = watch() if watch is not None else None
         except GatewayError as err:
+            # The task never ran, so its own cleanup never will: undo what it would have.
             task.cancel()
+            if self.producers.get(stream_id) is producer:
+                del self.producers[stream_id]
             with contextlib.suppress(JournalError):
                 await self.journal.fail_start(stream_id, _encode_failure(err), expires_at=time.time() + 1)
             raise

@@ -650,3 +650,50 @@ async def test_cancel_on_another_in_process_replica_stops_the_provider_at_once(
     rest, code, _ = await read_to_end(call)
     assert_well_formed(first + rest)
     assert rest[-1].error.code == pb.ERROR_CODE_STREAM_CANCELLED and code == grpc.StatusCode.CANCELLED
+
+
+async def test_a_start_refused_at_the_limit_leaves_no_producer_behind() -> None:
+    # With a journal whose create yields (Redis), another start can take the last slot in between.
+    import dataclasses
+    import types
+
+    from service.config import ServerConfig
+    from service.durable import DurableStreams
+    from service.errors import GatewayError
+    from service.journal import StreamRecord
+    from service.journal.memory import MemoryJournal
+    from service.supervisor import StreamSupervisor
+
+    class SlowJournal(MemoryJournal):
+        async def create(self, record: StreamRecord) -> StreamRecord | None:
+            await asyncio.sleep(0.01)
+            return await super().create(record)
+
+    class NeverOpens:
+        async def open(self, route: Any, generation: Any) -> None:
+            await asyncio.sleep(3600)
+
+    config = dataclasses.replace(ServerConfig(), max_concurrent_streams=1)
+    streams = DurableStreams(NeverOpens(), StreamSupervisor(config), SlowJournal(), config)  # type: ignore[arg-type]
+    route = types.SimpleNamespace(name="r")
+
+    async def start(i: int) -> str:
+        generation = types.SimpleNamespace(stream_id=f"s{i}", messages=[])
+        try:
+            await streams.start(
+                pb.GenerateRequest(request_id=f"s{i}"),
+                route,  # type: ignore[arg-type]
+                generation,  # type: ignore[arg-type]
+                window=5.0,
+                received_at=time.monotonic(),
+                create_time=None,  # type: ignore[arg-type]
+            )
+        except GatewayError as err:
+            return err.code.value
+        return "started"
+
+    assert sorted(await asyncio.gather(start(1), start(2))) == ["SERVER_OVERLOADED", "started"]
+    await asyncio.sleep(0.05)
+    assert len(streams.producers) == 1 == len(streams.supervisor.active)
+    for task in list(streams.supervisor.active):
+        task.cancel()
