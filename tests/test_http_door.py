@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import openai
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 from fakes import FakeOpenAI, ResetReply, StatusReply, StreamReply, ToolCallScript
+from redis_server import running_redis
 
 from conftest import TEST_ROUTES, Recorder, Running, eventually, vendor_route
 
@@ -535,3 +538,47 @@ async def test_content_parts_the_door_cannot_read_are_refused_by_name(
         error = (await response.json())["error"]
     assert error["param"] == param
     assert recorder.requests == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_journal_failure_under_a_resumed_stream_keeps_the_readers_cursor(
+    start_server: Callable[..., Any], recorder: Recorder
+) -> None:
+    # The response ends with an `interrupted` event that carries no id: the reader's Last-Event-ID
+    # stays at the last message it has, and a reconnect resumes there once the journal is back.
+    with running_redis() as redis:
+        running: Running = await start_server(HTTP_ROUTES, http_listen="127.0.0.1:0", journal=redis.url)
+        url = base_url(running)
+        body = {"model": "slow", "messages": [{"role": "ROLE_USER", "text": "x"}], "resumeWindow": "30s"}
+        async with ClientSession(timeout=ClientTimeout(total=40)) as session:
+            head = await create(session, url, body | {"requestId": "frozen-http"}, stop_after=4)
+            token = json.loads(head[0]["data"])["start"]["resumeToken"]
+            assert redis.process is not None
+            async with session.get(
+                f"{url}/v1/streams/frozen-http", params={"token": token}, headers={"Last-Event-ID": "4"}
+            ) as r:
+                assert r.status == 200
+                first = await r.content.readuntil(b"\n\n")
+                os.kill(redis.process.pid, signal.SIGSTOP)
+                try:
+                    rest = await asyncio.wait_for(sse(r), 20)
+                finally:
+                    os.kill(redis.process.pid, signal.SIGCONT)
+            assert first.startswith(b"id: 5\n")
+            assert rest[-1]["event"] == "interrupted" and "id" not in rest[-1]
+            error = json.loads(rest[-1]["data"])["error"]
+            assert error["code"] == "ERROR_CODE_JOURNAL_UNAVAILABLE" and error["retryable"] is True
+            assert all(e["event"] not in ("finish", "error") for e in rest)
+            last = max(int(e["id"]) for e in rest if "id" in e) if any("id" in e for e in rest) else 5
+            # The reconnect, from the last id it really has, gets a contiguous rest (the producer
+            # stopped while Redis was frozen, so it ends with the terminal it owed its readers).
+            for _ in range(100):
+                async with session.get(f"{url}/v1/streams/frozen-http", params={"token": token, "after": last}) as r:
+                    if r.status == 200:
+                        tail = await sse(r)
+                        break
+                await asyncio.sleep(0.1)
+            ids = [last, *(int(e["id"]) for e in tail)]
+            assert ids == list(range(last, last + len(ids)))
+            assert tail[-1]["event"] in ("finish", "error")
+        await running.server.stop(grace=0.5)

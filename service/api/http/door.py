@@ -533,10 +533,12 @@ class HttpDoor:
         except GatewayError as err:
             if writer is None:
                 raise
-            # A journal that failed under a started stream: say so as the stream's last event.
-            event = pb.GenerateResponse(sequence=follower.after + 1, error=error_event(err, follower.after))
+            # A journal that failed under a started stream: say why this response ends, in an event
+            # with no `id:` — it is no message of the stream (whose next one may still come), so the
+            # reader's Last-Event-ID stays at the last message it has and its reconnect resumes there.
+            body = {"error": json_format.MessageToDict(error_event(err, follower.after))}
             with contextlib.suppress(Exception):
-                await writer.send(event_bytes(event))
+                await writer.send(b"event: interrupted\ndata: %s\n\n" % orjson.dumps(body))
             return err.code.value, writer.response
         finally:
             if writer is not None:
