@@ -82,6 +82,9 @@ DEFAULT_POLL_MESSAGES = 100
 # looks again (a journal's wait may also return early).
 _READ_BATCH = 256
 _WAIT_SLICE_SECONDS = 5.0
+# Reads in a row that find an ended record ahead of its payloads before the journal is taken for
+# broken (each such read is a race with the terminal write, and the next read settles it).
+_READS_BEHIND = 3
 # Bytes of randomness in a resume token (the contract asks for at least 128 bits).
 _TOKEN_BYTES = 24
 # How long a producer that lost its journal keeps trying to journal the stream's terminal Error.
@@ -242,6 +245,7 @@ class Follower:
         streams = self._streams
         journal = streams.journal
         producer = streams.attach(self.stream_id)
+        behind = 0
         try:
             while True:
                 batch = await streams.read(self.stream_id, self.after, _READ_BATCH)
@@ -249,6 +253,7 @@ class Follower:
                 if record.start_failure:
                     raise _decode_failure(record.start_failure)
                 if batch.payloads:
+                    behind = 0
                     self.after = batch.last
                     if batch.terminal:
                         self.terminal = batch.payloads[-1]
@@ -259,6 +264,13 @@ class Follower:
                         continue
                     # Everything journaled when the batch was read has been sent: wait for more
                     # (a wait returns at once if more came meanwhile) rather than read for nothing.
+                elif record.ended and self.after < record.last_sequence:
+                    # The record was read after the payloads and is newer (the terminal landed in
+                    # between): read again rather than end without it.
+                    behind += 1
+                    if behind > _READS_BEHIND:
+                        raise journal_unavailable()
+                    continue
                 elif record.ended:
                     # The cursor is at the terminal message: nothing more to send, but the
                     # status still mirrors it.

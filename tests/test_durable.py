@@ -697,3 +697,45 @@ async def test_a_start_refused_at_the_limit_leaves_no_producer_behind() -> None:
     assert len(streams.producers) == 1 == len(streams.supervisor.active)
     for task in list(streams.supervisor.active):
         task.cancel()
+
+
+async def test_a_read_whose_record_is_newer_than_its_payloads_loses_nothing() -> None:
+    # The Redis journal reads the payloads, then the record: a write can land in between.
+    from service.config import ServerConfig
+    from service.durable import DurableStreams, Follower, _terminal_payload, digest
+    from service.errors import ErrorCode, GatewayError
+    from service.journal import Batch, StreamRecord, StreamStatus
+    from service.journal.memory import MemoryJournal
+    from service.supervisor import StreamSupervisor
+
+    class Racy(MemoryJournal):
+        pending: tuple[str, int, bytes, StreamStatus] | None = None
+
+        async def read(self, stream_id: str, after: int, limit: int) -> Batch | None:
+            batch = await super().read(stream_id, after, limit)
+            if self.pending is not None:
+                sid, sequence, payload, status = self.pending
+                self.pending = None
+                await self.append(sid, sequence, [payload], expires_at=time.time() + 60, status=status)
+                batch = await super().read(stream_id, after, limit)
+                assert batch is not None
+                batch = Batch(batch.payloads[:0], batch.record, batch.first)  # payloads from before
+            return batch
+
+    journal = Racy()
+    config = ServerConfig()
+    streams = DurableStreams(None, StreamSupervisor(config), journal, config)  # type: ignore[arg-type]
+    for sid in ("ends", "goes-on"):
+        await journal.create(StreamRecord(sid, digest("tok"), b"f", 30.0, expires_at=time.time() + 60))
+        await journal.append(sid, 1, [b"one"], expires_at=time.time() + 60)
+    cancelled = GatewayError(ErrorCode.STREAM_CANCELLED, "cancelled")
+    journal.pending = ("ends", 2, _terminal_payload(2, cancelled), StreamStatus.CANCELLED)
+    follower = Follower(streams, "ends", 1)
+    sent = [p async for batch in follower.batches() for p in batch]
+    assert len(sent) == 1 and follower.terminal == sent[0]  # the terminal is sent, not skipped
+    journal.pending = ("goes-on", 2, b"two", StreamStatus.RUNNING)
+    polled = await streams.poll("goes-on", "tok", 1, 0, 10)
+    assert list(polled.payloads) == [] and polled.next_after == 1  # the cursor does not jump past "two"
+    again = await streams.poll("goes-on", "tok", polled.next_after, 0, 10)
+    assert list(again.payloads) == [b"two"]
+    await journal.aclose()

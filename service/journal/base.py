@@ -81,8 +81,9 @@ class Batch:
 
     @property
     def last(self) -> int:
-        """The sequence of the last payload (of the record when the batch is empty)."""
-        return self.first + len(self.payloads) - 1 if self.payloads else self.record.last_sequence
+        """The sequence of the last payload; the cursor read after when the batch is empty (the
+        record may be newer than the payloads read: a reader must never skip past what it has)."""
+        return self.first + len(self.payloads) - 1
 
     # The sequence of the first payload.
     first: int = 0
