@@ -398,6 +398,10 @@ class DurableStreams:
         )
         try:
             producer.flight = self.supervisor.admit(task, received_at)
+            # Its writes go to the journal, whose calls have timeouts of their own, never to a
+            # reader: a producer is never cut the way a writer stuck behind a stalled caller is
+            # (a cut one would leave its stream running with nobody to end it).
+            producer.flight.cuttable = False
             producer.watch = watch() if watch is not None else None
         except GatewayError as err:
             # The task never ran, so its own cleanup never will: undo what it would have.
@@ -460,6 +464,12 @@ class DurableStreams:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await producer.done.wait()
+            latest = await self._record_or_none(stream_id)
+            if latest is not None and not latest.ended:
+                # The producer did not get its terminal out (stuck in a journal write, or gone):
+                # the fenced write here ends the stream for every reader all the same.
+                with contextlib.suppress(Fenced, JournalError):
+                    await self._append_terminal(latest, cancelled)
         elif not await self.reap(record):
             # Another replica produces it: asked through the journal, its supervisor closes the
             # upstream and journals STREAM_CANCELLED. One that does not answer in time (or is not
@@ -524,6 +534,9 @@ class DurableStreams:
             self._arm_abandon(producer, producer.window)
 
     def _arm_abandon(self, producer: _Producer, delay: float) -> None:
+        # One timer per producer: one armed while a check was out must not fire on its own later.
+        if producer.abandon_timer is not None:
+            producer.abandon_timer.cancel()
         producer.abandon_timer = asyncio.get_running_loop().call_later(delay, self._abandon, producer)
 
     def _abandon(self, producer: _Producer) -> None:
@@ -538,6 +551,9 @@ class DurableStreams:
         except JournalError:
             age = None  # cannot be told: the window without a reader here has run out
         if producer.readers or producer.flight is None or producer.done.is_set():
+            return
+        if producer.abandon_timer is not None:
+            # A reader came and went while the journal answered: its leaving started a new window.
             return
         if age is not None and age < producer.window + _REMOTE_READ_SLACK_SECONDS:
             self._arm_abandon(producer, max(producer.window - age, 0.2))

@@ -36,6 +36,8 @@ class InFlight:
     interrupted: bool = False
     # The task was cancelled because its writer stalled past the duration limit.
     cut: bool = False
+    # Whether a writer stuck past the duration limit may be cancelled (see `_expire`).
+    cuttable: bool = True
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
@@ -98,7 +100,7 @@ class StreamSupervisor:
                 f"the stream reached this server's maximum stream duration of {limit:g} s",
             ),
         )
-        if flight.relay is not None:
+        if flight.relay is not None and flight.cuttable:
             # A caller that stopped reading holds an ephemeral handler in a write that may never
             # return, and grpc.aio can neither cancel that write nor send a status behind it. The
             # task is cancelled instead: the provider's stream and the slot are freed, and gRPC
