@@ -339,6 +339,10 @@ class HttpDoor:
         except GatewayError as err:
             outcome = err.code.value
             return error_response(err, stream_id)
+        except ConnectionError as gone:
+            # The client left while a write was under way: nobody to tell, and no bug of ours.
+            outcome = f"CALL_ENDED ({type(gone).__name__} while writing)"
+            return writer.response if writer is not None else web.Response(status=499)
         except Exception as exc:
             internal = gateway.internal(exc, stream_id)
             outcome = internal.code.value
@@ -486,6 +490,9 @@ class HttpDoor:
         except GatewayError as err:
             outcome = err.code.value
             return error_response(err, stream_id)
+        except ConnectionError as gone:
+            outcome = f"CALL_ENDED ({type(gone).__name__} while writing)"
+            return writer.response if writer is not None else web.Response(status=499)
         except Exception as exc:
             internal = gateway.internal(exc, stream_id)
             outcome = internal.code.value
