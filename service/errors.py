@@ -133,6 +133,13 @@ def invalid_request(field: str, description: str) -> GatewayError:
     )
 
 
+def stream_truncated(
+    provider: str, message: str = "the provider's stream ended without its end marker"
+) -> GatewayError:
+    """The one builder of PROVIDER_STREAM_TRUNCATED: a provider stream that stopped short of its end."""
+    return GatewayError(ErrorCode.PROVIDER_STREAM_TRUNCATED, message, provider=provider)
+
+
 def shutting_down(message: str) -> GatewayError:
     return GatewayError(ErrorCode.SERVER_SHUTTING_DOWN, message)
 

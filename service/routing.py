@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.config import RouteConfig
-from service.errors import ErrorCode, Fault, GatewayError
+from service.errors import ErrorCode, Fault, GatewayError, stream_truncated
 from service.events import EventStream, GenerationRequest, ProviderEvent
 from service.providers import create_provider
 from service.providers.base import Provider
@@ -178,11 +178,7 @@ class Router:
             raise
         if first is None:
             await events.aclose()
-            raise GatewayError(
-                ErrorCode.PROVIDER_STREAM_TRUNCATED,
-                "the provider's stream ended before its first event",
-                provider=route.provider.kind,
-            )
+            raise stream_truncated(route.provider.kind, "the provider's stream ended before its first event")
         return OpenedStream(route, first, events)
 
     async def aclose(self) -> None:

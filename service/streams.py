@@ -20,7 +20,13 @@ from typing import assert_never
 
 from google.protobuf import timestamp_pb2
 
-from service.errors import ErrorCode, GatewayError, describe_exception, internal_error, new_correlation_id
+from service.errors import (
+    GatewayError,
+    describe_exception,
+    internal_error,
+    new_correlation_id,
+    stream_truncated,
+)
 from service.events import (
     CitationDelta,
     CitationLocation,
@@ -296,11 +302,7 @@ class Relay:
                     item = self._merge_queued(item)
                 _wake(self._reader_waiting)
                 if item is None:
-                    self._stopped = GatewayError(
-                        ErrorCode.PROVIDER_STREAM_TRUNCATED,
-                        "the provider's stream ended without its end marker",
-                        provider=sequencer.info.provider,
-                    )
+                    self._stopped = stream_truncated(sequencer.info.provider)
                     break
                 if isinstance(item, GatewayError):
                     self._stopped = item

@@ -26,7 +26,7 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, register_secret, sanitize
+from service.errors import ErrorCode, GatewayError, register_secret, sanitize, stream_truncated
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers import http1
 from service.providers.base import Options, Provider
@@ -333,22 +333,14 @@ def transport_error(provider: str, exc: BaseException, *, started: bool) -> Gate
     if isinstance(exc, httpx2.ConnectError):
         return GatewayError(ErrorCode.PROVIDER_UNAVAILABLE, "could not connect to the provider", provider=provider)
     if started:
-        return GatewayError(
-            ErrorCode.PROVIDER_STREAM_TRUNCATED,
-            "the provider's connection broke in the middle of its stream",
-            provider=provider,
-        )
+        return stream_truncated(provider, "the provider's connection broke in the middle of its stream")
     return GatewayError(
         ErrorCode.PROVIDER_UNAVAILABLE, "the provider closed the connection without answering", provider=provider
     )
 
 
 def truncated(provider: str) -> GatewayError:
-    return GatewayError(
-        ErrorCode.PROVIDER_STREAM_TRUNCATED,
-        "the provider's stream ended without its end marker",
-        provider=provider,
-    )
+    return stream_truncated(provider)
 
 
 def sdk_error(provider: str, exc: Exception, table: ErrorTable, *, started: bool) -> GatewayError | None:
