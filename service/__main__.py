@@ -145,11 +145,22 @@ def supervise(config: Config, argv: list[str]) -> int:
     by signal N counts as 128 + N); a worker that fails stops the others.
     """
     host, _, port = config.server.listen.rpartition(":")
+    # Port 0: one free port for all, held (bound with SO_REUSEPORT, never listening) for as long
+    # as the workers run, so nothing else can take it between the choice and their binding.
+    reserved: socket.socket | None = None
     if port == "0":
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.bind((host.strip("[]"), 0))
-            port = str(probe.getsockname()[1])
-    listen = f"{host}:{port}"
+        reserved = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind((host.strip("[]"), 0))
+        port = str(reserved.getsockname()[1])
+    try:
+        return _run_workers(config, argv, f"{host}:{port}")
+    finally:
+        if reserved is not None:
+            reserved.close()
+
+
+def _run_workers(config: Config, argv: list[str], listen: str) -> int:
     workers: list[subprocess.Popen[bytes]] = []
     stopping = False
 
