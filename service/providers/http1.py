@@ -31,6 +31,7 @@ import socket
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator
+from typing import cast
 
 import httptools
 import httpx2
@@ -359,8 +360,9 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not an isinstance check: uvloop's TCPTransport does not subclass
+        # asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
