@@ -112,11 +112,15 @@ class Transport(httpx2.AsyncBaseTransport):
         origin: _Origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
         content = await request.aread()
         head = _request_head(request, len(content))
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx2.PoolTimeout("every connection of the pool is in use", request=request) from None
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx2.PoolTimeout("every connection of the pool is in use", request=request) from None
+        else:
+            # A free slot is taken at once: no timeout (a timer scheduled and cancelled) needed.
+            await self._slots.acquire()
         self._in_use += 1
         try:
             # A kept-alive connection the server closed at the very moment it was reused fails
