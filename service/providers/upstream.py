@@ -355,6 +355,9 @@ class StreamParser(Protocol):
         ...
 
 
+_ORJSON_BUFFER = 4096
+
+
 @contextlib.asynccontextmanager
 async def post_streaming(
     client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout, headers: Mapping[str, str] | None = None
@@ -371,10 +374,15 @@ async def post_streaming(
     few MiB, two more copies of it at once. The bodies hold only what JSON has (validation
     refuses NaN and infinities), so both ways send the same JSON.
     """
+    content = orjson.dumps(body)
+    if len(content) < _ORJSON_BUFFER:
+        # orjson's bytes keep its whole first buffer (4 KiB, measured with tracemalloc), and the
+        # request holds them for the stream's life: an exact-size copy of a small body instead.
+        content = b"".join((content, b""))
     response: httpx2.Response = await client.post(
         path,
         cast_to=httpx2.Response,
-        content=orjson.dumps(body),
+        content=content,
         options={"timeout": limits, "headers": headers} if headers else {"timeout": limits},
         stream=True,
         stream_cls=None,
