@@ -148,10 +148,15 @@ def run(main: Coroutine[Any, Any, int], event_loop: str) -> int:
     """Runs the server on the configured loop. uvloop was once refused because a stalled caller
     made the server take in the provider's whole answer; the provider socket is bounded now
     (service/providers/http1.py), and bench/slow_reader_probe.py measures the bound on both."""
-    if event_loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(main)
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise ConfigError('[server] event_loop = "uvloop" but uvloop is not installed') from None
+        else:
+            return uvloop.run(main)
     return asyncio.run(main)
 
 

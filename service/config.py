@@ -81,10 +81,10 @@ class ServerConfig:
     # A reader that takes nothing for this long (seconds) while a write waits on it is cut off,
     # and its ephemeral stream's provider closed.
     http_write_timeout_seconds: float = 30.0
-    # The event loop the server runs on: "asyncio" (the standard library's) or "uvloop" (5-25%
-    # less CPU; needs the uvloop package). The slow-reader bound is measured on both in README
-    # "Performance".
-    event_loop: str = "asyncio"
+    # The event loop the server runs on: "uvloop" (less CPU per chunk), "asyncio" (the standard
+    # library's), or "auto": uvloop where it is installed (a dependency except on Windows). The
+    # slow-reader bound holds on both (README "Performance", bench/slow_reader_probe.py).
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +275,8 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
     server = ServerConfig(**checked)
     if server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: [server] log_level must be DEBUG, INFO, WARNING or ERROR")
-    if server.event_loop not in ("asyncio", "uvloop"):
-        raise ConfigError(f'{where}: [server] event_loop must be "asyncio" or "uvloop"')
+    if server.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(f'{where}: [server] event_loop must be "auto", "asyncio" or "uvloop"')
     if server.journal != "memory" and not server.journal.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f'{where}: [server] journal must be "memory" or a redis:// URL')
     if not re.fullmatch(r".+:\d+", server.listen):
