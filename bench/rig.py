@@ -412,7 +412,10 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
         if "bare" in args.paths:
             bare = start(
                 "bare",
-                pinned(SUT_CORE, [PY, "bench/bare_forwarder.py", "--upstream", upstream.address]),
+                pinned(
+                    SUT_CORE,
+                    [PY, "bench/bare_forwarder.py", "--upstream", upstream.address, "--event-loop", args.event_loop],
+                ),
                 log_dir,
                 r"listening on (\S+)",
             )
@@ -441,6 +444,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
             http_listen = "127.0.0.1:0" if path == "http" else ""
             config.write_text(
                 f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n'
+                f'event_loop = "{args.event_loop}"\n'
                 f'http_listen = "{http_listen}"\n\n'
                 '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
                 f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
@@ -526,6 +530,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the loop tokenwire and the floor both run on (tokenwire's [server] event_loop)",
+    )
     parser.add_argument(
         "--starts", default="even,bursty", help="start shapes measured at every step: even, bursty (see loadgen.py)"
     )
