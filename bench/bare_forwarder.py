@@ -85,8 +85,21 @@ async def serve(upstream: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the OpenAI-compatible upstream")
+    parser.add_argument(
+        "--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="as tokenwire's [server] event_loop"
+    )
     args = parser.parse_args()
-    # asyncio's own loop, as tokenwire runs on: the floor must be measured on the same stack.
+    # The loop tokenwire runs on (its `auto`: uvloop where installed): the floor must be measured
+    # on the same stack.
+    if args.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if args.event_loop == "uvloop":
+                raise
+        else:
+            uvloop.run(serve(args.upstream))
+            return
     asyncio.run(serve(args.upstream))
 
 

@@ -8,6 +8,11 @@ contiguous sequences and exactly one terminal Finish. Chunks are counted from th
 upstream token is `--token`), so a message that carries several merged chunks counts for all of them,
 each arriving when the message did.
 
+Starts come in two shapes (`--starts`): `even`, the workers' first streams spread over one stream's
+length (`--period`), so that a new stream starts every period / streams seconds from then on; and
+`bursty`, every worker's stream starts at once, they end together, and the next round starts when
+the last of them has ended.
+
     .venv/bin/python bench/loadgen.py grpc 127.0.0.1:50051 --streams 100 --seconds 10
 
 Talks to 127.0.0.1 only; bounded by --seconds.
@@ -93,14 +98,14 @@ async def grpc_worker(
     tokens: int,
     token: str,
     tally: Tally,
-    until: float,
+    starts: Starts,
     durable: float,
     break_after: int,
     metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Streams back to back. With `durable`, each stream asks for that resume window; with
     `break_after` too, its call is cancelled after that many messages and the stream resumed."""
-    while time.perf_counter() < until:
+    while await starts.next():
         request = pb.GenerateRequest(model=model, messages=[pb.Message(role=pb.ROLE_USER, text="hi")])
         if durable:
             request.resume_window.FromNanoseconds(int(durable * 1e9))
@@ -142,7 +147,7 @@ async def grpc_worker(
 
 
 async def sse_worker(
-    host: str, port: int, model: str, tokens: int, token: str, tally: Tally, until: float, path: str, key: str
+    host: str, port: int, model: str, tokens: int, token: str, tally: Tally, starts: Starts, path: str, key: str
 ) -> None:
     body = json.dumps(
         {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}, separators=(",", ":")
@@ -156,7 +161,7 @@ async def sse_worker(
     width = len(token.encode())
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        while time.perf_counter() < until:
+        while await starts.next():
             started = time.perf_counter()
             writer.write(head + body)
             arrivals: list[float] = []
@@ -180,6 +185,36 @@ async def sse_worker(
         writer.close()
 
 
+class Starts:
+    """When each worker starts its next stream; `next()` says whether it should start one at all."""
+
+    def __init__(self, shape: str, streams: int, period: float, until: float) -> None:
+        self.shape, self.streams, self.period, self.until = shape, streams, period, until
+        self._arrived = 0
+        self._round = asyncio.Event()
+        self._go = True
+
+    async def first(self, worker: int) -> None:
+        if self.shape == "even":
+            await asyncio.sleep(self.period * worker / self.streams)
+
+    async def next(self) -> bool:
+        if self.shape != "bursty":
+            return time.perf_counter() < self.until
+        # A round starts when every worker has arrived; the last to arrive decides for them all,
+        # so no worker waits for one that has stopped.
+        self._arrived += 1
+        this_round = self._round
+        if self._arrived == self.streams:
+            self._go = time.perf_counter() < self.until
+            self._arrived = 0
+            self._round = asyncio.Event()
+            this_round.set()
+        else:
+            await this_round.wait()
+        return self._go
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -193,6 +228,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     until = loop_start + args.warmup + args.seconds
     host, _, port = args.target.rpartition(":")
     channel = None
+    starts = Starts(args.starts, args.streams, args.period or args.tokens * 0.02, until)
     if args.mode == "grpc":
         channel = grpc.aio.insecure_channel(args.target)
         stub = pb_grpc.GenerationServiceStub(channel)
@@ -203,7 +239,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.tokens,
                 args.token,
                 tally,
-                until,
+                starts,
                 args.durable,
                 args.break_after,
                 (("authorization", f"Bearer {args.key}"),) if args.grpc_key else (),
@@ -212,10 +248,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
     else:
         workers = [
-            sse_worker(host, int(port), args.model, args.tokens, args.token, tally, until, args.path, args.key)
+            sse_worker(host, int(port), args.model, args.tokens, args.token, tally, starts, args.path, args.key)
             for _ in range(args.streams)
         ]
-    tasks = [asyncio.ensure_future(w) for w in workers]
+
+    async def started(worker: int, work: Any) -> None:
+        await starts.first(worker)
+        await work
+
+    tasks = [asyncio.ensure_future(started(n, w)) for n, w in enumerate(workers)]
     await asyncio.sleep(args.warmup)
     tally.recording = True
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -227,6 +268,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await channel.close()
     return {
         "streams": args.streams,
+        "starts": args.starts,
         "seconds": elapsed,
         "ok": tally.ok,
         "bad": tally.bad,
@@ -260,6 +302,10 @@ def main() -> None:
     parser.add_argument("--durable", type=float, default=0.0, help="grpc: ask for this resume window (seconds)")
     parser.add_argument(
         "--break-after", type=int, default=0, help="grpc, with --durable: cancel each call after N messages, resume"
+    )
+    parser.add_argument("--starts", choices=("even", "bursty"), default="even", help="the start shape")
+    parser.add_argument(
+        "--period", type=float, default=0.0, help="even: seconds one stream lasts (default: tokens x 20 ms)"
     )
     args = parser.parse_args()
     try:

@@ -125,6 +125,7 @@ def load_core_busy() -> tuple[int, int]:
 class Step:
     path: str
     streams: int
+    starts: str
     result: dict[str, Any]
     sut_cpu: float | None
     load_busy: float
@@ -170,11 +171,13 @@ def measure(
     *,
     break_after: int = 0,
     beside: Process | None = None,
+    starts: str = "even",
 ) -> Step:
     mode = "sse" if path in ("direct", "litellm", "http") else "grpc"
     model = "bench" if path != "litellm" else "bench-model"
     command = [PY, "bench/loadgen.py", mode, target, "--streams", str(streams), "--model", model]
     command += ["--seconds", str(args.seconds), "--warmup", str(args.warmup), "--tokens", str(args.tokens)]
+    command += ["--starts", starts, "--period", str(args.tokens * args.interval)]
     if path == "litellm":
         command += ["--key", LITELLM_KEY]
     if path == "operated":
@@ -197,7 +200,7 @@ def measure(
     result = json.loads(out)
     sut_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     busy = (busy1 - busy0) / max(total1 - total0, 1)
-    step = Step(path, streams, result, sut_cpu, busy, sut.rss_mib() if sut else None)
+    step = Step(path, streams, starts, result, sut_cpu, busy, sut.rss_mib() if sut else None)
     if beside0 is not None and beside1 is not None:
         step.beside_cpu = beside1 - beside0
     return step
@@ -209,8 +212,8 @@ def ms(value: float | None) -> str:
 
 def table(steps: list[Step]) -> str:
     lines = [
-        f"{'path':<10} {'streams':>7} {'chunks/s':>9} {'+ttft p50':>10} {'+ttft p99':>10} {'+gap p50':>9} "
-        f"{'+gap p99':>9} {'CPU-s/1k':>9} {'RSS MiB':>8} {'load core':>9}  valid",
+        f"{'path':<13} {'streams':>7} {'starts':>6} {'chunks/s':>9} {'+ttft p50':>10} {'+ttft p99':>10} "
+        f"{'+gap p50':>9} {'+gap p99':>9} {'CPU-s/1k':>9} {'RSS MiB':>8} {'load core':>9}  valid",
     ]
     for s in steps:
         cpu = "-" if s.cpu_per_1000 is None else f"{s.cpu_per_1000:.3f}"
@@ -219,8 +222,9 @@ def table(steps: list[Step]) -> str:
             cpu += f" +{s.beside_cpu_per_1000:.3f}"
         note = "yes" if s.valid else ("no: load core busy" if s.load_busy > INVALID_LOAD_BUSY else "no: streams failed")
         lines.append(
-            f"{s.path:<10} {s.streams:>7} {s.result['chunks_per_second']:>9.0f} {ms(s.added.get('ttft_p50')):>10} "
-            f"{ms(s.added.get('ttft_p99')):>10} {ms(s.added.get('gap_p50')):>9} {ms(s.added.get('gap_p99')):>9} "
+            f"{s.path:<13} {s.streams:>7} {s.starts:>6} {s.result['chunks_per_second']:>9.0f} "
+            f"{ms(s.added.get('ttft_p50')):>10} {ms(s.added.get('ttft_p99')):>10} "
+            f"{ms(s.added.get('gap_p50')):>9} {ms(s.added.get('gap_p99')):>9} "
             f"{cpu:>9} {rss:>8} {s.load_busy:>8.0%}  {note}"
         )
     return "\n".join(lines)
@@ -229,7 +233,7 @@ def table(steps: list[Step]) -> str:
 def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
     """Per path: CPU per 1,000 chunks, capacity, memory."""
     out: dict[str, Any] = {}
-    direct_rate = {s.streams: s.result["chunks_per_second"] for s in steps if s.path == "direct"}
+    direct_rate = {(s.streams, s.starts): s.result["chunks_per_second"] for s in steps if s.path == "direct"}
     for path in dict.fromkeys(s.path for s in steps):
         mine = [s for s in steps if s.path == path]
         # Held: a valid step, added gap p99 within 10 ms, and keeping up with the upstream (at least
@@ -239,7 +243,7 @@ def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
             for s in mine
             if s.valid
             and (s.added.get("gap_p99") or 0.0) <= 0.010
-            and s.result["chunks_per_second"] >= 0.95 * direct_rate.get(s.streams, 0.0)
+            and s.result["chunks_per_second"] >= 0.95 * direct_rate.get((s.streams, s.starts), 0.0)
         ]
         cpus = [s.cpu_per_1000 for s in mine if s.valid and s.cpu_per_1000 is not None]
         cpu = min(cpus) if cpus else None
@@ -258,6 +262,115 @@ def summary(steps: list[Step], base_rss: dict[str, float]) -> dict[str, Any]:
         if besides:
             out[path]["redis_cpu_seconds_per_1000_chunks"] = min(besides)
     return out
+
+
+def budget(steps: list[Step], summary: dict[str, Any]) -> list[dict[str, str]]:
+    """QUALITY.md's budget, line by line: the floor's figure, tokenwire's, and met / not met.
+
+    A line whose steps were invalid (a failed stream, or the load core over 85% busy) says
+    "invalid": a saturated load side measures itself, not the relay."""
+    by = {(s.path, s.streams, s.starts): s for s in steps}
+    shapes = list(dict.fromkeys(s.starts for s in steps))
+    rows: list[dict[str, str]] = []
+
+    def row(figure: str, limit: str, floor: str, measured: str, verdict: str) -> None:
+        rows.append({"figure": figure, "budget": limit, "floor": floor, "tokenwire": measured, "verdict": verdict})
+
+    def delta_line(key: str, streams: int, slack: float | None, absolute: float | None, label: str) -> None:
+        for shape in shapes:
+            mine, floor = by.get(("tokenwire", streams, shape)), by.get(("bare", streams, shape))
+            figure = f"{label} at {streams} streams, {shape} starts"
+            limit = f"<= floor + {slack * 1000:g} ms" if slack is not None else f"<= {(absolute or 0) * 1000:g} ms"
+            if mine is None or (slack is not None and floor is None):
+                row(figure, limit, "-", "-", "not measured")
+                continue
+            value, base = mine.added.get(key), floor.added.get(key) if floor else None
+            verdict = "invalid"
+            if mine.valid and (floor is None or floor.valid) and value is not None:
+                bound = (base or 0.0) + slack if slack is not None else absolute or 0.0
+                verdict = "met" if value <= bound else "not met"
+            row(figure, limit, ms(base) + " ms" if floor else "-", ms(value) + " ms", verdict)
+
+    delta_line("ttft_p50", 25, 0.0005, None, "added TTFT p50")
+    delta_line("ttft_p99", 100, 0.005, None, "added TTFT p99")
+    delta_line("gap_p99", 100, None, 0.003, "added gap p99")
+
+    def cpu_ratios(path: str, against: str) -> list[float] | None:
+        if not any(s.path == path for s in steps) or not any(s.path == against for s in steps):
+            return None
+        out = []
+        for s in steps:
+            other = by.get((against, s.streams, s.starts))
+            if s.path != path or s.streams < 50 or other is None or not (s.valid and other.valid):
+                continue
+            if s.cpu_per_1000 and other.cpu_per_1000:
+                out.append(s.cpu_per_1000 / other.cpu_per_1000)
+        return out
+
+    def ratio_line(figure: str, path: str, against: str, limit: float, note: str = "") -> None:
+        ratios = cpu_ratios(path, against)
+        if ratios is None:
+            row(figure, f"<= {limit:.2f}x", "-", "-", "not measured")
+        elif not ratios:
+            row(figure, f"<= {limit:.2f}x", "-", "no valid step from 50 streams", "invalid")
+        else:
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} valid steps{note}"
+            row(figure, f"<= {limit:.2f}x {against}", "1.00x", spread, "met" if max(ratios) <= limit else "not met")
+
+    ratio_line("CPU per 1,000 chunks, every valid step from 50 streams", "tokenwire", "bare", 1.10)
+    held, held_floor = (summary.get(p, {}).get("chunks_per_second_held") for p in ("tokenwire", "bare"))
+    proj, proj_floor = (summary.get(p, {}).get("chunks_per_second_at_70pct_of_a_core") for p in ("tokenwire", "bare"))
+    top = max((s.streams for s in steps), default=0)
+    projected = ""
+    if proj and proj_floor:
+        projected = f"; at 70% of a core {proj:.0f} vs {proj_floor:.0f} ({proj / proj_floor:.0%})"
+    if held is None or held_floor is None:
+        row("chunks per second held on one core", ">= 95% of floor", str(held_floor), f"{held}{projected}", "invalid")
+    else:
+        note = f" (both held the top step, {top} streams: a lower bound)" if held >= 0.95 * held_floor else ""
+        row(
+            "chunks per second held on one core",
+            ">= 95% of floor",
+            f"{held_floor:.0f}",
+            f"{held:.0f} ({held / held_floor:.0%}){note}{projected}",
+            "met" if held >= 0.95 * held_floor and (not projected or proj >= 0.95 * proj_floor) else "not met",
+        )
+    mine, floor = summary.get("tokenwire", {}), summary.get("bare", {})
+    base, base_floor = mine.get("base_rss_mib"), floor.get("base_rss_mib")
+    if base is not None:
+        row(
+            "memory: base RSS (the rig's one route)",
+            "<= 80 MiB",
+            f"{base_floor:.0f} MiB" if base_floor else "-",
+            f"{base:.0f} MiB",
+            "met" if base <= 80 else "not met",
+        )
+    per, per_floor = mine.get("rss_mib_per_1000_open_streams"), floor.get("rss_mib_per_1000_open_streams")
+    if per is not None:
+        row(
+            f"memory per 1,000 open streams (RSS at {top} streams over base)",
+            "<= 25 MiB",
+            f"{per_floor:.1f} MiB" if per_floor is not None else "-",
+            f"{per:.1f} MiB",
+            "met" if per <= 25 else "not met",
+        )
+    ratio_line("durable streams, memory journal: CPU per chunk", "durable", "tokenwire", 1.10)
+    redis = summary.get("durable-redis", {}).get("redis_cpu_seconds_per_1000_chunks")
+    note = f"; Redis {redis:.3f} CPU-s per 1,000 chunks beside it" if redis else ""
+    ratio_line("durable streams, Redis journal: CPU per chunk", "durable-redis", "bare", 1.5, note)
+    ratio_line("the HTTP/SSE door: CPU per chunk", "http", "tokenwire", 1.2)
+    row("peak memory of one request", "<= 3x its size", "-", "bench/request_memory_probe.py", "not measured here")
+    row("--workers 2 / 2 replicas", ">= 1.8x one", "-", "-", "not measured here")
+    return rows
+
+
+def budget_table(rows: list[dict[str, str]]) -> str:
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("figure", "budget", "floor", "tokenwire")}
+    head = " | ".join(k.ljust(w) for k, w in widths.items()) + " | verdict"
+    lines = ["QUALITY.md budget (tokenwire against the floor, bare, in this run)", head, "-" * len(head)]
+    for r in rows:
+        lines.append(" | ".join(r[k].ljust(w) for k, w in widths.items()) + " | " + r["verdict"])
+    return "\n".join(lines)
 
 
 def plot(steps: list[Step], png: Path) -> None:
@@ -305,7 +418,10 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
         if "bare" in args.paths:
             bare = start(
                 "bare",
-                pinned(SUT_CORE, [PY, "bench/bare_forwarder.py", "--upstream", upstream.address]),
+                pinned(
+                    SUT_CORE,
+                    [PY, "bench/bare_forwarder.py", "--upstream", upstream.address, "--event-loop", args.event_loop],
+                ),
                 log_dir,
                 r"listening on (\S+)",
             )
@@ -337,6 +453,7 @@ def systems(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, Proce
                 operated = f'keys_file = "{operator_keys(log_dir)}"\nmetrics_listen = "127.0.0.1:0"\ntracing = "on"\n'
             config.write_text(
                 f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\njournal = "{journal}"\n'
+                f'event_loop = "{args.event_loop}"\n'
                 f'http_listen = "{http_listen}"\n{operated}\n'
                 '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
                 f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
@@ -439,11 +556,23 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the loop tokenwire and the floor both run on (tokenwire's [server] event_loop)",
+    )
+    parser.add_argument(
+        "--starts", default="even,bursty", help="start shapes measured at every step: even, bursty (see loadgen.py)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.seconds, args.warmup = "20,100", 5.0, 1.5
+        args.steps, args.seconds, args.warmup = "25,100", 5.0, 1.5
     args.paths = [p for p in args.paths.split(",") if p]
+    args.starts = [p for p in args.starts.split(",") if p]
+    if not set(args.starts) <= {"even", "bursty"}:
+        parser.error("--starts takes even, bursty or both")
     if "durable-redis" in args.paths and not shutil.which("redis-server"):
         print("durable-redis: no redis-server on PATH (apt-get install redis-server); skipped", flush=True)
         args.paths.remove("durable-redis")
@@ -462,15 +591,17 @@ def main() -> int:
                 targets[path] = process.address
                 base_rss[path] = process.rss_mib()
         for streams in steps_wanted:
-            for path in args.paths:
-                beside = suts.get("redis") if path == "durable-redis" else None
-                step = measure(path, suts.get(path), targets[path], streams, args, beside=beside)
-                steps.append(step)
-                print(
-                    f"{path:<10} {streams:>4} streams: {step.result['chunks_per_second']:.0f} chunks/s, "
-                    f"{step.result['ok']} streams ok, {step.result['bad']} failed",
-                    flush=True,
-                )
+            for shape in args.starts:
+                for path in args.paths:
+                    beside = suts.get("redis") if path == "durable-redis" else None
+                    step = measure(path, suts.get(path), targets[path], streams, args, beside=beside, starts=shape)
+                    steps.append(step)
+                    print(
+                        f"{path:<13} {streams:>4} streams, {shape:<6} starts: "
+                        f"{step.result['chunks_per_second']:.0f} chunks/s, {step.result['ok']} streams ok, "
+                        f"{step.result['bad']} failed, load core {step.load_busy:.0%}",
+                        flush=True,
+                    )
         # Resume latency: durable streams whose calls are cut after 20 messages and resumed.
         resumes: dict[str, Step] = {}
         for path in (p for p in args.paths if p in DURABLE_PATHS):
@@ -481,9 +612,9 @@ def main() -> int:
                 f"p99 {ms(step.result['resume_p99'])} ms, {step.result['bad']} failed",
                 flush=True,
             )
-    by_step = {(s.path, s.streams): s for s in steps}
+    by_step = {(s.path, s.streams, s.starts): s for s in steps}
     for s in steps:
-        direct = by_step.get(("direct", s.streams))
+        direct = by_step.get(("direct", s.streams, s.starts))
         if direct is None or s.path == "direct":
             continue
         for key in ("ttft_p50", "ttft_p99", "gap_p50", "gap_p99"):
@@ -498,6 +629,7 @@ def main() -> int:
             {
                 "path": s.path,
                 "streams": s.streams,
+                "starts": s.starts,
                 "valid": s.valid,
                 "load_core_busy": s.load_busy,
                 "sut_cpu_seconds": s.sut_cpu,
@@ -543,6 +675,10 @@ def main() -> int:
     if door and grpc_door:
         # QUALITY.md's budget: the HTTP/SSE door costs at most 1.2x the gRPC door per chunk.
         print(f"http door CPU per chunk: {door / grpc_door:.2f}x the gRPC door's (budget 1.20x)")
+    report["budget"] = budget(steps, report["summary"])
+    print()
+    print(budget_table(report["budget"]))
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     failed = [s for s in [*steps, *resumes.values()] if s.result["bad"]]
     for s in failed:
         print(f"FAILED: {s.path} at {s.streams} streams: {s.result['bad']} broken streams, e.g. {s.result['problems']}")

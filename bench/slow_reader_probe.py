@@ -7,6 +7,7 @@ they stall it measures the server's RSS and how much of each answer the vendor m
 then it reads every stream to its end and checks it: every chunk, once, in order, one Finish.
 
     .venv/bin/python bench/slow_reader_probe.py --streams 100
+    .venv/bin/python bench/slow_reader_probe.py --streams 100 --event-loop uvloop
 
 Bounded in count and time; talks to 127.0.0.1 only.
 """
@@ -36,6 +37,8 @@ CONFIG = """
 [server]
 listen = "127.0.0.1:0"
 max_concurrent_streams = 10000
+event_loop = "{event_loop}"
+http_listen = ""
 
 [routes.big]
 provider = "openai"
@@ -44,17 +47,20 @@ options = {{ base_url = "{base_url}", api_key_env = "{key_env}" }}
 """
 
 
-async def probe(streams: int, pieces: int, piece_bytes: int, tmp: Path) -> int:
+async def probe(streams: int, pieces: int, piece_bytes: int, tmp: Path, event_loop: str) -> int:
     text = ["z" * piece_bytes] * pieces
     async with FakeOpenAI(default=StreamReply(text=text, events_per_write=8)) as fake:
         os.environ[KEY_ENV] = fake.api_key
         config = tmp / "tokenwire.toml"
-        config.write_text(CONFIG.format(base_url=fake.base_url, key_env=KEY_ENV))
+        config.write_text(CONFIG.format(base_url=fake.base_url, key_env=KEY_ENV, event_loop=event_loop))
         server = start(
             "tokenwire", [sys.executable, "-m", "service", "--config", str(config)], tmp, r"listening on (\S+);"
         )
         try:
             return await run(server, fake, streams, pieces, piece_bytes)
+        except grpc.aio.AioRpcError:
+            print(server.log.read_text(errors="replace")[-12000:], file=sys.stderr)
+            raise
         finally:
             server.stop()
 
@@ -112,9 +118,11 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--pieces", type=int, default=1500, help="text chunks per answer")
     parser.add_argument("--piece-bytes", type=int, default=8000, help="bytes of text per chunk")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio", help="the server's loop")
     args = parser.parse_args()
+    print(f"server event loop: {args.event_loop}")
     with tempfile.TemporaryDirectory() as tmp:
-        return asyncio.run(probe(args.streams, args.pieces, args.piece_bytes, Path(tmp)))
+        return asyncio.run(probe(args.streams, args.pieces, args.piece_bytes, Path(tmp), args.event_loop))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,22 @@ def _run_workers(config: Config, argv: list[str], listen: str) -> int:
     return max((128 - code if code < 0 else code for code in codes), default=0)
 
 
+def run(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Runs the server on the configured loop. uvloop was once refused because a stalled caller
+    made the server take in the provider's whole answer; the provider socket is bounded now
+    (service/providers/http1.py), and bench/slow_reader_probe.py measures the bound on both."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                main.close()
+                raise ConfigError('[server] event_loop = "uvloop" but uvloop is not installed') from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (Path(os.environ[ENV_PREFIX + "CONFIG"]) if os.environ.get(ENV_PREFIX + "CONFIG") else None)
@@ -212,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("ignoring environment variable %s: no such setting (see --help)", name)
         if config.server.workers > 1 and not os.environ.get(ENV_PREFIX + "WORKER"):
             return supervise(config, sys.argv[1:] if argv is None else argv)
-        # asyncio's own loop, not uvloop: under uvloop a caller that stops reading made the server
-        # take in the provider's whole answer (5 MiB per stalled stream against 0.5 MiB here).
-        return asyncio.run(serve(config))
+        return run(serve(config), config.server.event_loop)
     except ConfigError as exc:
         print(f"tokenwire: configuration error: {exc}", file=sys.stderr)
         return 2

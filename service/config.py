@@ -105,6 +105,10 @@ class ServerConfig:
     # Log lines as "text" (the default) or "json" (one JSON object a line; one per stream with
     # its figures), redacted the same way.
     log_format: str = "text"
+    # The event loop the server runs on: "uvloop" (less CPU per chunk), "asyncio" (the standard
+    # library's), or "auto": uvloop where it is installed (a dependency except on Windows). The
+    # slow-reader bound holds on both (README "Performance", bench/slow_reader_probe.py).
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +331,8 @@ def _build_server(values: Mapping[str, Any], where: str) -> ServerConfig:
     server = ServerConfig(**checked)
     if server.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: [server] log_level must be DEBUG, INFO, WARNING or ERROR")
+    if server.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(f'{where}: [server] event_loop must be "auto", "asyncio" or "uvloop"')
     if server.journal != "memory" and not server.journal.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f'{where}: [server] journal must be "memory" or a redis:// URL')
     if not re.fullmatch(r".+:\d+", server.listen):

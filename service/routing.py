@@ -170,7 +170,10 @@ class Router:
                 await asyncio.sleep(delay)
 
     async def _open(self, route: Route, request: GenerationRequest) -> OpenedStream:
-        events = route.provider.stream(dataclasses.replace(request, upstream_model=route.config.model))
+        # Validation named the primary route's model already: a copy only for a fallback's.
+        if request.upstream_model != route.config.model:
+            request = dataclasses.replace(request, upstream_model=route.config.model)
+        events = route.provider.stream(request)
         try:
             first = await anext(events, None)
         except BaseException:

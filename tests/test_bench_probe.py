@@ -61,3 +61,42 @@ def test_request_memory_probe_runs_and_reports(route: str) -> None:
         r"streams finished: all",
         report,
     ), report
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_slow_reader_probe_on_either_event_loop(loop: str) -> None:
+    report = run_probe("slow_reader_probe.py", "--streams", "3", "--pieces", "600", "--event-loop", loop)
+    assert f"server event loop: {loop}" in report
+    assert "upstream paused on 3 of 3 streams" in report
+    assert "after draining: 3 of 3 streams complete" in report
+
+
+def test_stream_memory_probe_reports_per_stream_figures() -> None:
+    report = run_probe("stream_memory.py", "--streams", "30", "--top", "5")
+    assert re.search(r"^30 open streams: RSS \+[\d.-]+ MiB", report, flags=re.MULTILINE), report
+    assert re.search(r"traced Python allocations: \+[\d.-]+ MiB, [\d.-]+ KiB and \d+ blocks per stream", report)
+
+
+def test_http_client_choice_compares_both_clients() -> None:
+    report = run_probe("http_client_choice.py", "--steps", "5", "--seconds", "1", "--warmup", "0.5")
+    assert re.search(r"^http1 +5 +even ", report, flags=re.MULTILINE), report
+    assert re.search(r"aiohttp at 5 streams, even starts: [\d.]+x http1's CPU per chunk", report), report
+
+
+@pytest.mark.parametrize("shape", ["even", "bursty"])
+def test_loadgen_start_shapes_complete_every_stream(shape: str) -> None:
+    # The direct path: the load generator reads the rig's upstream itself.
+    with subprocess.Popen(
+        [sys.executable, "bench/upstream.py", "--tokens", "8"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    ) as upstream:
+        try:
+            assert upstream.stdout is not None
+            address = upstream.stdout.readline().split("listening on ")[1].strip()
+            report = run_probe(
+                *("loadgen.py", "sse", address, "--streams", "6", "--seconds", "1", "--warmup", "0.2"),
+                *("--tokens", "8", "--starts", shape),
+            )
+        finally:
+            upstream.terminate()
+            upstream.wait(10)
+    assert f'"starts": "{shape}"' in report and '"bad": 0' in report, report

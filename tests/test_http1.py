@@ -454,3 +454,108 @@ async def test_the_write_buffer_stays_small_while_a_large_body_is_written(monkey
         response = await post
     assert response.content == b"done"
     assert buffered and 0 < max(buffered) <= 2 * http1.WRITE_SLICE, max(buffered)
+
+
+def served_twice_or_more() -> tuple[Handler, list[asyncio.Event]]:
+    """A handler answering every request on its connection; one event per connection, set when
+    the client closed it."""
+    closed: list[asyncio.Event] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        gone = asyncio.Event()
+        closed.append(gone)
+        while await read_request(reader):
+            writer.write(ok(b"hi"))
+        gone.set()
+
+    return handler, closed
+
+
+async def test_a_connection_idle_past_the_keepalive_expiry_is_closed_not_reused() -> None:
+    handler, closed = served_twice_or_more()
+    transport = http1.Transport(max_connections=4, keepalive_expiry=0.15)
+    async with Raw(handler) as server, httpx2.AsyncClient(transport=transport) as client:
+        await client.post(server.url(), content=b"{}")
+        await asyncio.sleep(0.05)
+        await client.post(server.url(), content=b"{}")
+        assert server.connections == 1  # idle less than the expiry: reused
+        # Past the expiry the pool closes it by itself, with no request to notice.
+        await asyncio.wait_for(closed[0].wait(), 1.0)
+        await client.post(server.url(), content=b"{}")
+        assert server.connections == 2
+
+
+async def test_a_connection_older_than_its_lifetime_is_not_reused() -> None:
+    handler, closed = served_twice_or_more()
+    transport = http1.Transport(max_connections=4, max_connection_age=0.2)
+    async with Raw(handler) as server, httpx2.AsyncClient(transport=transport) as client:
+        for _ in range(3):
+            await client.post(server.url(), content=b"{}")
+        assert server.connections == 1
+        await asyncio.sleep(0.25)
+        # Old enough: the next request closes it and opens a fresh one, which is then reused.
+        await client.post(server.url(), content=b"{}")
+        await client.post(server.url(), content=b"{}")
+        assert server.connections == 2
+        await asyncio.wait_for(closed[0].wait(), 1.0)
+
+
+class Lookups:
+    """A resolver hook: answers `provider.test` with the addresses in `answers`, counts calls."""
+
+    def __init__(self, *ports: int) -> None:
+        self.ports = list(ports)
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int) -> http1.Addresses:
+        assert host == "provider.test"
+        self.calls += 1
+        at = self.ports[min(self.calls, len(self.ports)) - 1]
+        return [(2, 1, 6, "", (HOST, at))]  # AF_INET, SOCK_STREAM, TCP
+
+
+async def test_dns_is_resolved_once_per_host_and_again_after_its_ttl() -> None:
+    handler, _ = served_twice_or_more()
+    async with Raw(handler) as server:
+        port = server.url().split(":")[2].split("/")[0]
+        url = f"http://provider.test:{port}/v1/x"
+        lookups = Lookups(int(port))
+        # No reuse at all (every request a new connection), so every request connects.
+        transport = http1.Transport(max_connections=4, max_connection_age=0, dns_ttl=0.2, resolver=lookups)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            for _ in range(3):
+                assert (await client.post(url, content=b"{}")).content == b"hi"
+            assert (server.connections, lookups.calls) == (3, 1)
+            await asyncio.sleep(0.25)
+            await client.post(url, content=b"{}")
+            assert (server.connections, lookups.calls) == (4, 2)
+
+
+async def test_a_cached_address_that_refuses_is_looked_up_afresh() -> None:
+    handler, _ = served_twice_or_more()
+    async with Raw(handler) as old, Raw(handler) as new:
+        old_port, new_port = (int(s.url().split(":")[2].split("/")[0]) for s in (old, new))
+        lookups = Lookups(old_port, new_port)
+        transport = http1.Transport(max_connections=4, max_connection_age=0, resolver=lookups)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            url = f"http://provider.test:{old_port}/v1/x"
+            await client.post(url, content=b"{}")
+            # The provider moved: the old address refuses connections now.
+            await old.__aexit__(None, None, None)
+            assert old.server is not None
+            await old.server.wait_closed()
+            assert (await client.post(url, content=b"{}")).content == b"hi"
+            assert (old.connections, new.connections, lookups.calls) == (1, 1, 2)
+            # The fresh answer is cached in turn.
+            await client.post(url, content=b"{}")
+            assert (new.connections, lookups.calls) == (2, 2)
+
+
+async def test_a_failed_fresh_lookup_is_a_connect_error() -> None:
+    async def nothing(host: str, port: int) -> http1.Addresses:
+        raise OSError("no such host")
+
+    transport = http1.Transport(max_connections=4, resolver=nothing)
+    async with httpx2.AsyncClient(transport=transport) as client:
+        with pytest.raises(httpx2.ConnectError):
+            await client.post("http://provider.test:1/v1/x", content=b"{}")

@@ -16,6 +16,12 @@ arrived since it last looked:
   rather than our memory filling, and the socket's own receive buffer is kept small too.
 - The read timeout bounds the provider's silence while somebody waits for it. It is one timer per
   connection, moved only when it fires, not set up again on every read.
+- What a maintained client keeps: a pooled connection idle longer than `keepalive_expiry` seconds
+  is closed (servers and load balancers drop idle ones on their own schedule, and a connection
+  they dropped silently costs a failed reuse); a connection older than `max_connection_age` is not
+  reused, so that a route follows its provider's DNS and load balancing instead of pinning one
+  backend for the life of the process; and a host's addresses are resolved once and reused for
+  `dns_ttl` seconds, looked up afresh when that expires or when none of them connects.
 
 Only what the adapters need is here: no HTTP/2, no proxies (a route whose URL an environment proxy
 applies to keeps httpx2's own transport; see `http_client`), no request body streaming (the SDKs
@@ -29,8 +35,10 @@ import collections
 import logging
 import socket
 import ssl
+import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import httptools
 import httpx2
@@ -52,12 +60,38 @@ BODY = "tokenwire.body"
 WRITE_SLICE = 256 * 1024
 
 _Origin = tuple[bytes, bytes, int]
+# getaddrinfo's answer: (family, type, proto, canonname, sockaddr) per address.
+Addresses = Sequence[tuple[int, int, int, str, tuple[Any, ...]]]
+# Looks a host up: (host, port) -> addresses. The loop's getaddrinfo unless a test gives its own.
+Resolver = Callable[[str, int], Awaitable[Addresses]]
+
+# Defaults a route may change (options.keepalive_expiry_seconds, max_connection_age_seconds,
+# dns_ttl_seconds). Idle expiry below the 60 s most load balancers and nginx (75 s) keep an idle
+# connection; a lifetime of minutes, so a provider's DNS change is followed within one.
+KEEPALIVE_EXPIRY = 30.0
+MAX_CONNECTION_AGE = 300.0
+DNS_TTL = 60.0
 
 
 class Transport(httpx2.AsyncBaseTransport):
     """httpx2 transport: a keep-alive HTTP/1.1 connection pool; see the module's docstring."""
 
-    def __init__(self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
+        max_connection_age: float = MAX_CONNECTION_AGE,
+        dns_ttl: float = DNS_TTL,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self._keepalive_expiry = keepalive_expiry
+        self._max_connection_age = max_connection_age
+        self._dns_ttl = dns_ttl
+        self._resolver = resolver
+        # host, port -> (when the answer expires, the addresses)
+        self._addresses: dict[tuple[str, int], tuple[float, Addresses]] = {}
         self._slots = asyncio.Semaphore(max_connections)
         self._max_connections = max_connections
         # Connections handed to a request and not yet released (a slot each).
@@ -78,11 +112,15 @@ class Transport(httpx2.AsyncBaseTransport):
         origin: _Origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
         content = await request.aread()
         head = _request_head(request, len(content))
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise httpx2.PoolTimeout("every connection of the pool is in use", request=request) from None
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise httpx2.PoolTimeout("every connection of the pool is in use", request=request) from None
+        else:
+            # A free slot is taken at once: no timeout (a timer scheduled and cancelled) needed.
+            await self._slots.acquire()
         self._in_use += 1
         try:
             # A kept-alive connection the server closed at the very moment it was reused fails
@@ -107,31 +145,77 @@ class Transport(httpx2.AsyncBaseTransport):
 
     def _reuse(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
+        if not idle:
+            return None
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
             self._idle_count -= 1
-            if connection.reusable:
+            connection.stop_idle_timer()
+            if connection.reusable and self._fresh(connection, now):
                 return connection
             connection.close()
         return None
 
+    def _fresh(self, connection: _Connection, now: float) -> bool:
+        """Young enough to carry another request, and not idle past the keep-alive expiry."""
+        return (
+            now - connection.created < self._max_connection_age
+            and now - connection.idle_since <= self._keepalive_expiry
+        )
+
+    def _expire(self, connection: _Connection) -> None:
+        """An idle connection's keep-alive expiry came: out of the pool, closed."""
+        idle = self._idle.get(connection.origin)
+        if idle is not None:
+            try:
+                idle.remove(connection)
+            except ValueError:
+                return  # taken for a request meanwhile
+            self._idle_count -= 1
+        connection.close()
+
+    def _cached(self, host: str, port: int) -> Addresses | None:
+        """The host's addresses as last looked up, until their TTL passes."""
+        cached = self._addresses.get((host, port))
+        if cached is None or time.monotonic() >= cached[0]:
+            return None
+        return cached[1]
+
+    async def _resolve(self, host: str, port: int) -> Addresses:
+        """A fresh lookup of the host's addresses, kept for `dns_ttl` seconds."""
+        now = time.monotonic()
+        if self._resolver is not None:
+            found = await self._resolver(host, port)
+        else:
+            found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not found:
+            raise OSError(f"no address for {host}")
+        if self._dns_ttl > 0:
+            self._addresses[(host, port)] = (now + self._dns_ttl, found)
+        return found
+
     async def _connect(self, origin: _Origin, connect_timeout: float | None, request: httpx2.Request) -> _Connection:
         if self._idle_count and self._idle_count + self._in_use > self._max_connections:
             self._close_one_idle()
-        scheme, host, port = origin
-        loop = asyncio.get_running_loop()
+        scheme, raw_host, port = origin
         tls = None
         if scheme == b"https":
             tls = self._ssl_context or _default_ssl_context()
         try:
+            host = raw_host.decode("ascii")
             async with asyncio.timeout(connect_timeout):
-                _, connection = await loop.create_connection(
-                    _Connection,
-                    host.decode("ascii"),
-                    port,
-                    ssl=tls,
-                    server_hostname=host.decode("ascii") if tls else None,
-                )
+                if _is_ip(host):
+                    connection = await self._open(host, port, tls, host)
+                elif (cached := self._cached(host, port)) is None:
+                    connection = await self._open_any(await self._resolve(host, port), tls, host)
+                else:
+                    try:
+                        connection = await self._open_any(cached, tls, host)
+                    except OSError:
+                        # The cached addresses may be what changed: one fresh lookup, and
+                        # whatever it gives is the answer.
+                        connection = await self._open_any(await self._resolve(host, port), tls, host)
         except TimeoutError:
             raise httpx2.ConnectTimeout("timed out connecting", request=request) from None
         except (OSError, ssl.SSLError, UnicodeError) as exc:
@@ -139,10 +223,29 @@ class Transport(httpx2.AsyncBaseTransport):
         connection.origin = origin
         return connection
 
+    async def _open(self, address: str, port: int, tls: ssl.SSLContext | None, host: str) -> _Connection:
+        _, connection = await asyncio.get_running_loop().create_connection(
+            _Connection, address, port, ssl=tls, server_hostname=host if tls else None
+        )
+        return connection
+
+    async def _open_any(self, addresses: Addresses, tls: ssl.SSLContext | None, host: str) -> _Connection:
+        """A connection to the first of `addresses` that takes one; the last failure otherwise."""
+        failure: OSError | None = None
+        for _family, _type, _proto, _name, sockaddr in addresses:
+            try:
+                return await self._open(sockaddr[0], sockaddr[1], tls, host)
+            except OSError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
     def _close_one_idle(self) -> None:
         for idle in self._idle.values():
             if idle:
-                idle.popleft().close()
+                connection = idle.popleft()
+                connection.stop_idle_timer()
+                connection.close()
                 self._idle_count -= 1
                 return
 
@@ -150,7 +253,10 @@ class Transport(httpx2.AsyncBaseTransport):
         """A response is over: its connection goes back to the pool, or is closed."""
         self._in_use -= 1
         self._slots.release()
-        if keep and not self._closed and connection.reusable:
+        now = time.monotonic()
+        if keep and not self._closed and connection.reusable and now - connection.created < self._max_connection_age:
+            connection.idle_since = now
+            connection.idle_timer = connection.loop.call_later(self._keepalive_expiry, self._expire, connection)
             self._idle.setdefault(connection.origin, collections.deque()).append(connection)
             self._idle_count += 1
         else:
@@ -160,7 +266,9 @@ class Transport(httpx2.AsyncBaseTransport):
         self._closed = True
         for idle in self._idle.values():
             while idle:
-                idle.pop().close()
+                connection = idle.pop()
+                connection.stop_idle_timer()
+                connection.close()
         self._idle_count = 0
 
 
@@ -174,7 +282,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.origin: _Origin = (b"", b"", 0)
         self.transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
+        # When it was opened, when it last went back to the pool, and its keep-alive expiry there.
+        self.created = self.idle_since = time.monotonic()
+        self.idle_timer: asyncio.TimerHandle | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._pool: Transport | None = None
         self._request: httpx2.Request | None = None
@@ -210,8 +321,14 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         return not self._lost and self._failure is None and transport is not None and not transport.is_closing()
 
+    def stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
     def close(self) -> None:
         self._stop_timer()
+        self.stop_idle_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -359,8 +476,9 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; not an isinstance check: uvloop's TCPTransport does not subclass
+        # asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -501,6 +619,14 @@ def _request_head(request: httpx2.Request, length: int) -> bytes:
     return b"\r\n".join(lines)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host.strip("[]"))
+    except OSError:
+        return False
+    return True
+
+
 _SSL_CONTEXT: ssl.SSLContext | None = None
 
 
@@ -522,11 +648,27 @@ def proxied(url: str) -> bool:
     return not urllib.request.proxy_bypass_environment(parsed.host, proxies)  # type: ignore[attr-defined]
 
 
-def http_client(client_class: type[httpx2.AsyncClient], base_url: str, max_connections: int) -> httpx2.AsyncClient:
+def http_client(
+    client_class: type[httpx2.AsyncClient],
+    base_url: str,
+    max_connections: int,
+    *,
+    keepalive_expiry: float = KEEPALIVE_EXPIRY,
+    max_connection_age: float = MAX_CONNECTION_AGE,
+    dns_ttl: float = DNS_TTL,
+) -> httpx2.AsyncClient:
     """The httpx2 client a route's SDK sends through: on this module's transport, unless an
     environment proxy applies to the route, which httpx2's own transport then goes through."""
-    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    limits = httpx2.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=keepalive_expiry
+    )
     if proxied(base_url):
         log.info("an environment proxy applies to %s: its requests go through httpx2's transport", base_url)
         return client_class(limits=limits)
-    return client_class(limits=limits, transport=Transport(max_connections=max_connections))
+    transport = Transport(
+        max_connections=max_connections,
+        keepalive_expiry=keepalive_expiry,
+        max_connection_age=max_connection_age,
+        dns_ttl=dns_ttl,
+    )
+    return client_class(limits=limits, transport=transport)

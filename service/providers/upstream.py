@@ -51,6 +51,11 @@ class HTTPSettings:
     # Connections to the provider open at once, all kept alive for reuse: a stream holds one
     # for its whole life, so this bounds the route's concurrent streams.
     max_connections: int
+    # The transport's pool (service/providers/http1.py): idle keep-alive expiry, connection
+    # lifetime, and how long a DNS answer is reused.
+    keepalive_expiry: float = http1.KEEPALIVE_EXPIRY
+    max_connection_age: float = http1.MAX_CONNECTION_AGE
+    dns_ttl: float = http1.DNS_TTL
 
     @staticmethod
     def read(
@@ -85,11 +90,21 @@ class HTTPSettings:
             connect_timeout=options.number("connect_timeout_seconds", 10.0, minimum=0.1, maximum=600.0),
             read_timeout=options.number("read_timeout_seconds", 120.0, minimum=0.1, maximum=3600.0),
             max_connections=options.number("max_connections", 1000, minimum=1, maximum=100_000),
+            keepalive_expiry=options.number("keepalive_expiry_seconds", http1.KEEPALIVE_EXPIRY, minimum=0.0),
+            max_connection_age=options.number("max_connection_age_seconds", http1.MAX_CONNECTION_AGE, minimum=0.0),
+            dns_ttl=options.number("dns_ttl_seconds", http1.DNS_TTL, minimum=0.0),
         )
 
     def http_client(self, client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
         """The httpx2 client for the route's SDK (`client_class`, the SDK's own defaults)."""
-        return http1.http_client(client_class, self.base_url, self.max_connections)
+        return http1.http_client(
+            client_class,
+            self.base_url,
+            self.max_connections,
+            keepalive_expiry=self.keepalive_expiry,
+            max_connection_age=self.max_connection_age,
+            dns_ttl=self.dns_ttl,
+        )
 
     def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
         """The route's timeouts, never longer than what is left of the caller's deadline.
@@ -382,6 +397,9 @@ class StreamParser(Protocol):
         ...
 
 
+_ORJSON_BUFFER = 4096
+
+
 @contextlib.asynccontextmanager
 async def post_streaming(
     client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout, headers: Mapping[str, str] | None = None
@@ -398,10 +416,15 @@ async def post_streaming(
     few MiB, two more copies of it at once. The bodies hold only what JSON has (validation
     refuses NaN and infinities), so both ways send the same JSON.
     """
+    content = orjson.dumps(body)
+    if len(content) < _ORJSON_BUFFER:
+        # orjson's bytes keep its whole first buffer (4 KiB, measured with tracemalloc), and the
+        # request holds them for the stream's life: an exact-size copy of a small body instead.
+        content = b"".join((content, b""))
     response: httpx2.Response = await client.post(
         path,
         cast_to=httpx2.Response,
-        content=orjson.dumps(body),
+        content=content,
         options={"timeout": limits, "headers": headers} if headers else {"timeout": limits},
         stream=True,
         stream_cls=None,
