@@ -18,6 +18,7 @@ import grpc
 import pytest
 from fakes import anthropic as fake_anthropic_module
 from fakes import bedrock as fake_bedrock_module
+from fakes import flow as fake_flow_module
 from fakes import openai as fake_openai_module
 from fakes.kit import Kit
 from fakes.replies import ResetReply, StatusReply, StreamReply, ToolCallScript, Usage
@@ -31,6 +32,7 @@ KITS: list[Kit] = [
     fake_anthropic_module.KIT,
     fake_bedrock_module.KIT,
     fake_bedrock_module.API_KEY_KIT,
+    fake_flow_module.KIT,
 ]
 TIMEOUTS = {"read_timeout_seconds": 1.0, "connect_timeout_seconds": 1.0}
 
@@ -102,6 +104,8 @@ async def test_text(gateway: Running, fake: FakeServer, kit: Kit) -> None:
 
 
 async def test_parallel_tool_calls(gateway: Running, fake: FakeServer, kit: Kit) -> None:
+    if not kit.tools:
+        pytest.skip(f"{kit.name} takes no tools")
     fake.enqueue(
         StreamReply(
             text=[],
