@@ -12,7 +12,8 @@ as a provider delivers them, so that only client-side work is measured. For each
   same bytes (its buffer, CRC checks and shape-driven parser: what aiobotocore's iterator runs per
   event, before its own async layer), so a lower bound of the SDK's cost.
 
-Bedrock's body is AWS event-stream framing (one message per read), replayed the same way.
+Bedrock's body is AWS event-stream framing (one message per read), replayed the same way. The
+generic `sse-endpoint` (seed 003's flow shape, tests/fakes/flow.py) has no SDK: its SDK column is "-".
 
     .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
 
@@ -38,11 +39,13 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply
 from fakes.bedrock import FakeBedrock
+from fakes.flow import OPTIONS as FLOW_OPTIONS
+from fakes.flow import FakeFlow, flow_url
 from fakes.server import RequestContext
 
 from service.config import build_routes
 from service.events import ChatMessage, GenerationRequest, Role
-from service.providers import bedrock, create_provider
+from service.providers import bedrock, create_provider, sse_endpoint
 from service.providers.anthropic import AnthropicProvider, EventParser
 from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
@@ -225,20 +228,53 @@ async def measure_bedrock(chunks: int, repeat: int) -> dict[str, float]:
     return results
 
 
+async def measure_flow(chunks: int, repeat: int) -> dict[str, float]:
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    pieces = [frame.data for frame in FakeFlow()._render_stream(reply, RequestContext({}, {}, "bench")).frames]
+    os.environ[str(FLOW_OPTIONS["api_key_env"])] = KEY
+    options = FLOW_OPTIONS | {"url": flow_url("http://127.0.0.1:9")}
+    route = build_routes({"r": {"provider": "sse-endpoint", "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, sse_endpoint.SSEEndpointProvider)
+    await provider.client.aclose()
+    provider.client = replaying_client(pieces)
+
+    async def parse_only() -> int:
+        decoder = SSEDecoder()
+        parser = sse_endpoint.StreamParser(provider.kind, provider.options, provider.pointers)
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    results = {"parse only": await cpu_per_chunk(parse_only, repeat), "adapter": await cpu_per_chunk(adapter, repeat)}
+    await provider.aclose()
+    return results | {"SDK iterator": float("nan")}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
     parser.add_argument("--repeat", type=int, default=5, help="measured responses per path (default 5)")
     args = parser.parse_args()
     print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
-    print(f"{'vendor':<10} {'parse only':>11} {'adapter':>9} {'SDK iterator':>13}")
-    for vendor in ("openai", "anthropic", "bedrock"):
-        r = await (
-            measure_bedrock(args.chunks, args.repeat)
-            if vendor == "bedrock"
-            else measure(vendor, args.chunks, args.repeat)
-        )
-        print(f"{vendor:<10} {r['parse only']:>11.1f} {r['adapter']:>9.1f} {r['SDK iterator']:>13.1f}")
+    print(f"{'vendor':<12} {'parse only':>9} {'adapter':>9} {'SDK iterator':>13}")
+    for vendor in ("openai", "anthropic", "bedrock", "sse-endpoint"):
+        if vendor == "bedrock":
+            r = await measure_bedrock(args.chunks, args.repeat)
+        elif vendor == "sse-endpoint":
+            r = await measure_flow(args.chunks, args.repeat)
+        else:
+            r = await measure(vendor, args.chunks, args.repeat)
+        sdk = "-" if r["SDK iterator"] != r["SDK iterator"] else f"{r['SDK iterator']:.1f}"
+        print(f"{vendor:<12} {r['parse only']:>9.1f} {r['adapter']:>9.1f} {sdk:>13}")
 
 
 if __name__ == "__main__":

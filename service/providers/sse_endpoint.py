@@ -357,4 +357,3 @@ class SSEEndpointProvider(HTTPProvider):
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
