@@ -36,6 +36,7 @@ KITS: list[Kit] = [
     fake_bedrock_module.API_KEY_KIT,
     fake_flow_module.KIT,
     fake_gemini_module.KIT,
+    fake_gemini_module.VERTEX_KIT,
 ]
 TIMEOUTS = {"read_timeout_seconds": 1.0, "connect_timeout_seconds": 1.0}
 
