@@ -1,13 +1,13 @@
-"""A fake Gemini Developer API and Vertex AI: `POST /v1beta/models/{model}:streamGenerateContent?alt=sse`
-with the key in `x-goog-api-key`, or Vertex's
+"""A fake Gemini Developer API and Vertex AI: `POST
+/v1beta/models/{model}:streamGenerateContent?alt=sse` with the key in `x-goog-api-key`, or Vertex's
 `/v1beta1/projects/{p}/locations/{l}/publishers/google/models/{model}:streamGenerateContent?alt=sse`
 with an OAuth bearer token that its own token endpoint issued (see `_respond`), answered as Gemini
 writes it: `data: ` lines of camelCase GenerateContentResponse JSON separated by CRLF CRLF, usage
 metadata cumulative on every chunk with zero counts left out, the finish reason on the last chunk,
-function calls whole (one part each), thoughts as parts with `"thought": true` and the signature
-on the next part; errors as `{"error": {"code", "message", "status"}}`, in the body of an error status or as a chunk of the
-stream; a wrong key is a 400 INVALID_ARGUMENT whose details say API_KEY_INVALID (Gemini sends no 401),
-a wrong Vertex token a 401 UNAUTHENTICATED."""
+function calls whole (one part each), thoughts as parts with `"thought": true` and the signature on
+the next part; errors as `{"error": {"code", "message", "status"}}`, in the body of an error status
+or as a chunk of the stream; a wrong key is a 400 INVALID_ARGUMENT whose details say API_KEY_INVALID
+(Gemini sends no 401), a wrong Vertex token a 401 UNAUTHENTICATED."""
 
 from __future__ import annotations
 
