@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -410,8 +411,6 @@ class GeminiProvider(HTTPProvider):
             raise ConfigError(
                 f"[routes.{route.name}] provider 'gemini' needs the google-genai SDK: pip install 'tokenwire[gemini]'"
             ) from None
-        import os
-
         base_url = o.base_url
         if base_url and not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"[routes.{route.name}] options.base_url must be an http:// or https:// URL")
