@@ -12,7 +12,10 @@ as a provider delivers them, so that only client-side work is measured. For each
   same bytes (its buffer, CRC checks and shape-driven parser: what aiobotocore's iterator runs per
   event, before its own async layer), so a lower bound of the SDK's cost.
 
-Bedrock's body is AWS event-stream framing (one message per read), replayed the same way.
+Bedrock's body is AWS event-stream framing (one message per read), replayed the same way. The
+generic `sse-endpoint` (seed 003's flow shape, tests/fakes/flow.py) has no SDK: its SDK column is "-".
+For Gemini the SDK column is google-genai's `aio.models.generate_content_stream` over the same bytes
+(httpx2 through a replaying transport: it then takes httpx2 rather than aiohttp).
 
     .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
 
@@ -38,11 +41,14 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply
 from fakes.bedrock import FakeBedrock
+from fakes.flow import OPTIONS as FLOW_OPTIONS
+from fakes.flow import FakeFlow, flow_url
+from fakes.gemini import FakeGemini
 from fakes.server import RequestContext
 
 from service.config import build_routes
 from service.events import ChatMessage, GenerationRequest, Role
-from service.providers import bedrock, create_provider
+from service.providers import bedrock, create_provider, gemini, sse_endpoint
 from service.providers.anthropic import AnthropicProvider, EventParser
 from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
@@ -225,20 +231,106 @@ async def measure_bedrock(chunks: int, repeat: int) -> dict[str, float]:
     return results
 
 
+async def measure_flow(chunks: int, repeat: int) -> dict[str, float]:
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    pieces = [frame.data for frame in FakeFlow()._render_stream(reply, RequestContext({}, {}, "bench")).frames]
+    os.environ[str(FLOW_OPTIONS["api_key_env"])] = KEY
+    options = FLOW_OPTIONS | {"url": flow_url("http://127.0.0.1:9")}
+    route = build_routes({"r": {"provider": "sse-endpoint", "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, sse_endpoint.SSEEndpointProvider)
+    await provider.client.aclose()
+    provider.client = replaying_client(pieces)
+
+    async def parse_only() -> int:
+        decoder = SSEDecoder()
+        parser = sse_endpoint.StreamParser(provider.kind, provider.options, provider.pointers)
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    results = {"parse only": await cpu_per_chunk(parse_only, repeat), "adapter": await cpu_per_chunk(adapter, repeat)}
+    await provider.aclose()
+    return results | {"SDK iterator": float("nan")}
+
+
+async def measure_gemini(chunks: int, repeat: int) -> dict[str, float]:
+    from google import genai
+    from google.genai import types
+
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    context = RequestContext({}, {"model": "m"}, "bench")
+    pieces = [frame.data for frame in FakeGemini()._render_stream(reply, context).frames]
+    os.environ["BENCH_PARSE_KEY"] = KEY
+    options = {"base_url": "http://127.0.0.1:9", "api_key_env": "BENCH_PARSE_KEY"}
+    route = build_routes({"r": {"provider": "gemini", "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, gemini.GeminiProvider)
+    await provider.client.aclose()
+    provider.client = replaying_client(pieces)
+
+    async def parse_only() -> int:
+        decoder, parser = SSEDecoder(), gemini.StreamParser("gemini")
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    http_options = types.HttpOptions(
+        base_url="http://127.0.0.1:9",
+        api_version="v1beta",
+        httpx_async_client=replaying_client(pieces),
+        retry_options=types.HttpRetryOptions(attempts=1),
+    )
+    sdk = genai.Client(api_key=KEY, http_options=http_options)
+
+    async def sdk_iterator() -> int:
+        async for _ in await sdk.aio.models.generate_content_stream(model="m", contents="Tell me about streaming."):
+            pass
+        return len(pieces)
+
+    results = {
+        "parse only": await cpu_per_chunk(parse_only, repeat),
+        "adapter": await cpu_per_chunk(adapter, repeat),
+        "SDK iterator": await cpu_per_chunk(sdk_iterator, repeat),
+    }
+    await provider.aclose()
+    return results
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
     parser.add_argument("--repeat", type=int, default=5, help="measured responses per path (default 5)")
     args = parser.parse_args()
     print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
-    print(f"{'vendor':<10} {'parse only':>11} {'adapter':>9} {'SDK iterator':>13}")
-    for vendor in ("openai", "anthropic", "bedrock"):
-        r = await (
-            measure_bedrock(args.chunks, args.repeat)
-            if vendor == "bedrock"
-            else measure(vendor, args.chunks, args.repeat)
-        )
-        print(f"{vendor:<10} {r['parse only']:>11.1f} {r['adapter']:>9.1f} {r['SDK iterator']:>13.1f}")
+    print(f"{'vendor':<12} {'parse only':>9} {'adapter':>9} {'SDK iterator':>13}")
+    for vendor in ("openai", "anthropic", "bedrock", "gemini", "sse-endpoint"):
+        if vendor == "bedrock":
+            r = await measure_bedrock(args.chunks, args.repeat)
+        elif vendor == "gemini":
+            r = await measure_gemini(args.chunks, args.repeat)
+        elif vendor == "sse-endpoint":
+            r = await measure_flow(args.chunks, args.repeat)
+        else:
+            r = await measure(vendor, args.chunks, args.repeat)
+        sdk = "-" if r["SDK iterator"] != r["SDK iterator"] else f"{r['SDK iterator']:.1f}"
+        print(f"{vendor:<12} {r['parse only']:>9.1f} {r['adapter']:>9.1f} {sdk:>13}")
 
 
 if __name__ == "__main__":

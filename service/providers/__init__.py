@@ -16,6 +16,8 @@ KINDS: dict[str, type[Provider] | str] = {
     "openai-compatible": "service.providers.openai:OpenAICompatibleProvider",
     "anthropic": "service.providers.anthropic:AnthropicProvider",
     "bedrock": "service.providers.bedrock:BedrockProvider",
+    "gemini": "service.providers.gemini:GeminiProvider",
+    "sse-endpoint": "service.providers.sse_endpoint:SSEEndpointProvider",
 }
 
 

@@ -30,5 +30,7 @@ class Kit:
     # The raw reason of a plain answer's end.
     text_finish: str
     reasoning: bool = False
+    # Whether the provider takes tools (a generic endpoint has none to offer).
+    tools: bool = True
     # Variables to remove for the route to read only what `env` sets.
     unset: tuple[str, ...] = field(default=())
