@@ -52,7 +52,6 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers import http1
 from service.providers.base import MIB, TEXT_ONLY, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.framing import ERROR_PREFIX, EXCEPTION_PREFIX, EventStreamDecoder, Framing
 from service.providers.upstream import (
@@ -452,7 +451,7 @@ class BedrockProvider(HTTPProvider):
             cache_ttls=tuple(_CACHE_TTLS) if o.prompt_cache else (),
             response_formats=frozenset(ResponseFormatType) if o.structured_output else TEXT_ONLY,
         )
-        self.client = http1.http_client(httpx2.AsyncClient, self.settings.base_url, o.max_connections)
+        self.client = self.settings.http_client(httpx2.AsyncClient)
         self._credentials: Any = None
         self._credentials_lock = asyncio.Lock()
         if not token:

@@ -55,7 +55,6 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers import http1
 from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.upstream import (
     STATUS_CODES,
@@ -474,7 +473,7 @@ class GeminiProvider(HTTPProvider):
             prompt_caching=PromptCaching.AUTOMATIC,
             response_formats=frozenset(ResponseFormatType),
         )
-        self.client = http1.http_client(httpx2.AsyncClient, origin, o.max_connections)
+        self.client = self.settings.http_client(httpx2.AsyncClient)
 
     def _parser(self, request: GenerationRequest) -> StreamParser:
         return StreamParser(self.kind)

@@ -26,7 +26,6 @@ import orjson
 from service.config import ConfigError, RouteConfig
 from service.errors import GatewayError, register_secret
 from service.events import Finished, FinishReason, GenerationRequest, ProviderEvent, Role, TextDelta, Usage
-from service.providers import http1
 from service.providers.base import bounds, read_options
 from service.providers.upstream import (
     DEFAULT_ERRORS,
@@ -321,7 +320,7 @@ class SSEEndpointProvider(HTTPProvider):
             read_timeout=o.read_timeout_seconds,
             max_connections=o.max_connections,
         )
-        self.client = http1.http_client(httpx2.AsyncClient, origin, o.max_connections)
+        self.client = self.settings.http_client(httpx2.AsyncClient)
 
     def request_body(self, request: GenerationRequest) -> bytes:
         body: bytes = orjson.dumps(render(self.template, _inputs(request, self.route.model)))
