@@ -346,3 +346,150 @@ async def test_no_key_in_any_log_with_debug_logging_on(
     for secret in kit.secrets(fake):
         assert secret not in caplog.text
         assert all(secret not in str(o) for o in outputs)
+
+
+# --- The simulated model: no upstream, the same shapes -----------------------------------------
+# It has no wire to fake, so it is scripted through its route options instead; what a caller sees
+# must be what every vendor above gives: the same events in the same order, the same finishes,
+# usage reported, faults as terminal errors, and a hang-up that stops generating.
+
+SIM_FAST = {"first_token_ms": 0.0, "tokens_per_second": 0.0, "answer_tokens": 12}
+# Paced so that no two deltas arrive together (a fast stream's deltas may be coalesced).
+SIM_PACED = {"first_token_ms": 0.0, "tokens_per_second": 100.0, "answer_tokens": 12}
+# The simulated model calls, unforced, a tool the prompt names.
+TOOL_PROMPT = "What is the weather in Paris? Use get_weather or lookup."
+
+
+def shape(messages: list[pb.GenerateResponse]) -> list[str]:
+    """The event kinds with repeats collapsed: what a caller's code branches on."""
+    out: list[str] = []
+    for kind in kinds(messages):
+        if not out or out[-1] != kind:
+            out.append(kind)
+    return out
+
+
+@pytest.fixture
+async def sim(start_server: Any) -> Running:
+    fault = SIM_PACED | {"fail_after_chunks": 2}
+    running: Running = await start_server(
+        routes={
+            "plain": {"provider": "simulated", "model": "sim-1", "options": SIM_FAST},
+            "slow": {
+                "provider": "simulated",
+                "model": "sim-1",
+                "options": {"first_token_ms": 0.0, "tokens_per_second": 50.0},
+            },
+            "failing": {"provider": "simulated", "model": "sim-1", "options": fault},
+            "stalling": {
+                "provider": "simulated",
+                "model": "sim-1",
+                "options": SIM_PACED | {"stall_after_chunks": 2, "stall_seconds": 0.2},
+            },
+        }
+    )
+    return running
+
+
+async def test_simulated_text(sim: Running) -> None:
+    messages, code, _ = await collect(sim.stub.Generate(request(model="plain")))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    assert shape(messages) == ["start", "text_delta", "finish"]
+    assert messages[0].start.provider == "simulated"
+    finish = messages[-1].finish
+    assert (finish.reason, finish.raw_reason) == (pb.FINISH_REASON_STOP, "stop")
+    assert finish.usage.source == pb.USAGE_SOURCE_PROVIDER
+    assert finish.usage.input_tokens > 0 and finish.usage.output_tokens >= len(messages) - 2
+    assert finish.timing.HasField("time_to_first_token")
+
+
+async def test_simulated_tool_call(sim: Running) -> None:
+    tools = [pb.Tool(name="get_weather")]
+    messages, code, _ = await collect(sim.stub.Generate(request(model="plain", text=TOOL_PROMPT, tools=tools)))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    assert shape(messages) == ["start", "tool_call_delta", "finish"]
+    deltas = [m.tool_call_delta for m in messages if m.HasField("tool_call_delta")]
+    assert {d.index for d in deltas} == {0} and deltas[0].id and deltas[0].name == "get_weather"
+    assert not any(d.id for d in deltas[1:])
+    assert isinstance(json.loads("".join(d.arguments_delta for d in deltas)), dict)
+    assert (messages[-1].finish.reason, messages[-1].finish.raw_reason) == (pb.FINISH_REASON_TOOL_CALLS, "tool_calls")
+
+
+async def test_simulated_reasoning(sim: Running) -> None:
+    call = sim.stub.Generate(request(model="plain", reasoning=pb.ReasoningOptions(budget_tokens=8)))
+    messages, code, _ = await collect(call)
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    assert shape(messages) == ["start", "reasoning_delta", "text_delta", "finish"]
+    thinking = [m.reasoning_delta for m in messages if m.HasField("reasoning_delta")]
+    assert "".join(r.text for r in thinking).strip() and thinking[-1].signature
+    assert messages[-1].finish.usage.reasoning_tokens >= len(thinking) - 1 > 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "neutral", "raw"),
+    [
+        ({}, "STOP", "stop"),
+        ({"max_output_tokens": 3}, "LENGTH", "length"),
+        ({"stop_sequences": ["the"]}, "STOP_SEQUENCE", "stop_sequence"),
+        ({"tools": [pb.Tool(name="lookup")]}, "TOOL_CALLS", "tool_calls"),
+    ],
+)
+async def test_simulated_finish_reasons(sim: Running, fields: dict[str, Any], neutral: str, raw: str) -> None:
+    messages, code, _ = await collect(sim.stub.Generate(request(model="plain", text=TOOL_PROMPT, **fields)))
+    assert code == grpc.StatusCode.OK
+    assert_well_formed(messages)
+    finish = messages[-1].finish
+    assert (finish.reason, finish.raw_reason) == (finish_reason(neutral), raw)
+    if neutral == "STOP_SEQUENCE":
+        assert finish.stop_sequence == "the" and "the" not in text_of(messages)
+
+
+async def test_simulated_mid_stream_fault_ends_in_a_terminal_error(sim: Running) -> None:
+    messages, code, _ = await collect(sim.stub.Generate(request(model="failing")))
+    assert_well_formed(messages)
+    assert kinds(messages) == ["start", "text_delta", "text_delta", "error"]
+    error = messages[-1].error
+    assert (error.code, error.retryable, error.last_sequence) == (pb.ERROR_CODE_PROVIDER_UNAVAILABLE, True, 3)
+    assert error.provider == "simulated" and code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_simulated_stall_ends_in_a_timeout(sim: Running) -> None:
+    messages, code, _ = await collect(sim.stub.Generate(request(model="stalling"), timeout=10))
+    assert_well_formed(messages)
+    assert kinds(messages) == ["start", "text_delta", "text_delta", "error"]
+    assert messages[-1].error.code == pb.ERROR_CODE_PROVIDER_TIMEOUT and code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_simulated_cancel_stops_generating(sim: Running) -> None:
+    supervisor = sim.server.gateway.supervisor
+    call = sim.stub.Generate(request(model="slow"))
+    seen = 0
+    async for message in call:
+        seen += message.HasField("text_delta")
+        if seen == 3:
+            break
+    assert supervisor.active
+    cancelled_at = time.monotonic()
+    call.cancel()
+    await asyncio.wait_for(supervisor.idle.wait(), timeout=2.0)
+    assert not supervisor.active and time.monotonic() - cancelled_at < 0.2
+
+
+async def test_every_provider_streams_the_shapes_the_simulated_model_does(
+    sim: Running, gateway: Running, fake: FakeServer, kit: Kit
+) -> None:
+    """The same request, from a vendor through its fake and from the simulated model: one shape."""
+    fake.enqueue(StreamReply(text=["Hel", "lo"]))
+    vendor, _, _ = await collect(gateway.stub.Generate(request(model="plain")))
+    simulated, _, _ = await collect(sim.stub.Generate(request(model="plain")))
+    assert shape(vendor) == shape(simulated) == ["start", "text_delta", "finish"]
+    if kit.tools:
+        tools = [pb.Tool(name="get_weather")]
+        fake.enqueue(StreamReply(text=[], tool_calls=[ToolCallScript("call_1", "get_weather", ['{"city": "Paris"}'])]))
+        vendor, _, _ = await collect(gateway.stub.Generate(request(model="plain", tools=tools)))
+        simulated, _, _ = await collect(sim.stub.Generate(request(model="plain", text=TOOL_PROMPT, tools=tools)))
+        assert shape(vendor) == shape(simulated) == ["start", "tool_call_delta", "finish"]
+        assert vendor[-1].finish.reason == simulated[-1].finish.reason == pb.FINISH_REASON_TOOL_CALLS
