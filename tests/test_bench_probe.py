@@ -100,3 +100,11 @@ def test_loadgen_start_shapes_complete_every_stream(shape: str) -> None:
             upstream.terminate()
             upstream.wait(10)
     assert f'"starts": "{shape}"' in report and '"bad": 0' in report, report
+
+
+def test_base_memory_reports_each_configuration() -> None:
+    report = run_probe("base_memory.py", "--kinds", "openai,sse-endpoint", "--settle", "0.3")
+    rows = dict(re.findall(r"^(\S+)\s+([\d.]+)\s+[+-][\d.]+$", report, flags=re.MULTILINE))
+    assert set(rows) == {"simulated", "openai", "sse-endpoint", "every-provider"}, report
+    # The openai SDK is imported only by the server that has an openai route.
+    assert float(rows["openai"]) > float(rows["simulated"]) + 5, report
