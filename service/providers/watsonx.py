@@ -435,6 +435,9 @@ class IAMToken:
         try:
             response = await self.client.post(self.url, content=self._form, headers=headers, timeout=limits)
         except httpx2.HTTPError as exc:
+            refused = untrusted(self.provider, exc, "IAM")
+            if refused is not None:
+                raise refused from None
             error = transport_error(self.provider, exc, started=False)
             raise GatewayError(
                 error.code,
@@ -479,6 +482,22 @@ def _lifetime(body: dict[str, Any]) -> float:
         if left > 0:
             return float(left)
     return 3600.0
+
+
+def untrusted(provider: str, exc: httpx2.HTTPError, service: str) -> GatewayError | None:
+    """A connection refused because the server's certificate did not verify: the server's own
+    configuration (options.ca_bundle_file), or someone in the way; retrying changes neither."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return GatewayError(
+        ErrorCode.PROVIDER_AUTH_FAILED,
+        f"the TLS certificate of {service} could not be verified; options.ca_bundle_file names the CAs "
+        "to trust (verification is never turned off)",
+        provider=provider,
+    )
 
 
 def _ssl_context(route: RouteConfig, ca_bundle_file: str) -> ssl.SSLContext:
@@ -591,7 +610,13 @@ class WatsonxProvider(HTTPProvider):
         token = await self.iam.get(timeout) if self.iam is not None else self.token
         headers = self.headers | {"authorization": f"Bearer {token}"}
         sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
-        response = await self.client.send(sent, stream=True)
+        try:
+            response = await self.client.send(sent, stream=True)
+        except httpx2.ConnectError as exc:
+            refused = untrusted(self.kind, exc, "watsonx")
+            if refused is not None:
+                raise refused from None
+            raise
         try:
             if response.status_code != 200:
                 raw = await response.aread()
