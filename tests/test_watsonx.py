@@ -516,3 +516,21 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_the_readme_example_routes_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```toml watsonx\n", 1)[1].split("```", 1)[0]
+    # The CA file has to exist: the fake's stands in for the cluster's.
+    block = block.replace("/etc/ssl/cpd-ca.pem", CA_FILE)
+    monkeypatch.setenv("WATSONX_APIKEY", "readme-watsonx-apikey-0001")
+    monkeypatch.setenv("WATSONX_TOKEN", "readme-watsonx-token-0001")
+    routes = build_routes(tomllib.loads(block)["routes"], "README")
+    made = {name: WatsonxProvider(route) for name, route in routes.items()}
+    project, deployment = made["granite"], made["granite-deployed"]
+    assert project.url.startswith("https://us-south.ml.cloud.ibm.com/ml/v1/text/chat_stream?version=")
+    assert project.iam is not None and project.iam.url == "https://iam.cloud.ibm.com/identity/token"
+    assert deployment.url.startswith("https://cpd.example.com/ml/v1/deployments/YOUR_DEPLOYMENT_ID/text/chat_stream")
+    assert deployment.iam is None and deployment.options.ca_bundle_file == CA_FILE
