@@ -15,7 +15,8 @@ as a provider delivers them, so that only client-side work is measured. For each
 Bedrock's body is AWS event-stream framing (one message per read), replayed the same way. The
 generic `sse-endpoint` (seed 003's flow shape, tests/fakes/flow.py) has no SDK: its SDK column is "-".
 For Gemini the SDK column is google-genai's `aio.models.generate_content_stream` over the same bytes
-(httpx2 through a replaying transport: it then takes httpx2 rather than aiohttp).
+(httpx2 through a replaying transport: it then takes httpx2 rather than aiohttp). For watsonx it is
+ibm-watsonx-ai's own chat stream loop over the same bytes (see `measure_watsonx`: a lower bound).
 
     .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
 
@@ -32,6 +33,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -45,10 +47,11 @@ from fakes.flow import OPTIONS as FLOW_OPTIONS
 from fakes.flow import FakeFlow, flow_url
 from fakes.gemini import FakeGemini
 from fakes.server import RequestContext
+from fakes.watsonx import FakeWatsonx
 
 from service.config import build_routes
 from service.events import ChatMessage, GenerationRequest, Role
-from service.providers import bedrock, create_provider, gemini, sse_endpoint
+from service.providers import bedrock, create_provider, gemini, sse_endpoint, watsonx
 from service.providers.anthropic import AnthropicProvider, EventParser
 from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
@@ -313,6 +316,81 @@ async def measure_gemini(chunks: int, repeat: int) -> dict[str, float]:
     return results
 
 
+async def measure_watsonx(chunks: int, repeat: int) -> dict[str, float]:
+    """watsonx: the adapter over the fake's exact frames, and the SDK's own chat stream loop
+    (`_agenerate_chat_stream_with_url`: legacy httpx's `aiter_lines`, then `json.loads` per data
+    line) over the same bytes. The SDK loop runs on a model object built without its `APIClient`
+    (whose construction makes network calls) and without its rate-limit/retry wrapper around
+    `httpx.AsyncClient.stream`: a lower bound of the SDK's cost."""
+    import httpx
+    from ibm_watsonx_ai.foundation_models.inference.fm_model_inference import FMModelInference
+
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    context = RequestContext({"model_id": "m"}, {}, "bench")
+    pieces = [frame.data for frame in FakeWatsonx()._render_stream(reply, context).frames]
+    os.environ["BENCH_PARSE_KEY"] = KEY
+    options = {"url": "https://127.0.0.1:9", "project_id": "p", "auth": "token", "token_env": "BENCH_PARSE_KEY"}
+    route = build_routes({"r": {"provider": "watsonx", "model": "m", "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, watsonx.WatsonxProvider)
+    await provider.client.aclose()
+    provider.client = replaying_client(pieces)
+
+    async def parse_only() -> int:
+        decoder, parser = SSEDecoder(), watsonx.ChatStreamParser("watsonx")
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+
+        async def stream() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=stream())
+
+    legacy = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+    async def headers() -> dict[str, str]:
+        return {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+    model: Any = FMModelInference.__new__(FMModelInference)
+    model.model_id, model.params = "m", None
+    model._client = SimpleNamespace(
+        default_project_id="p",
+        default_space_id=None,
+        _aget_headers=headers,
+        _params=lambda **_: {"version": "2025-02-11"},
+    )
+    model._async_stream_with_retry = legacy.stream
+
+    async def sdk_iterator() -> int:
+        async for _ in model._agenerate_chat_stream_with_url(
+            messages=MESSAGES, params=None, chat_stream_url="https://127.0.0.1:9/ml/v1/text/chat_stream"
+        ):
+            pass
+        return len(pieces)
+
+    results = {
+        "parse only": await cpu_per_chunk(parse_only, repeat),
+        "adapter": await cpu_per_chunk(adapter, repeat),
+        "SDK iterator": await cpu_per_chunk(sdk_iterator, repeat),
+    }
+    await legacy.aclose()
+    await provider.aclose()
+    return results
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
@@ -320,11 +398,13 @@ async def main() -> None:
     args = parser.parse_args()
     print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
     print(f"{'vendor':<12} {'parse only':>9} {'adapter':>9} {'SDK iterator':>13}")
-    for vendor in ("openai", "anthropic", "bedrock", "gemini", "sse-endpoint"):
+    for vendor in ("openai", "anthropic", "bedrock", "gemini", "watsonx", "sse-endpoint"):
         if vendor == "bedrock":
             r = await measure_bedrock(args.chunks, args.repeat)
         elif vendor == "gemini":
             r = await measure_gemini(args.chunks, args.repeat)
+        elif vendor == "watsonx":
+            r = await measure_watsonx(args.chunks, args.repeat)
         elif vendor == "sse-endpoint":
             r = await measure_flow(args.chunks, args.repeat)
         else:

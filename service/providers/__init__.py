@@ -17,6 +17,7 @@ KINDS: dict[str, type[Provider] | str] = {
     "anthropic": "service.providers.anthropic:AnthropicProvider",
     "bedrock": "service.providers.bedrock:BedrockProvider",
     "gemini": "service.providers.gemini:GeminiProvider",
+    "watsonx": "service.providers.watsonx:WatsonxProvider",
     "sse-endpoint": "service.providers.sse_endpoint:SSEEndpointProvider",
 }
 

@@ -1,0 +1,655 @@
+"""IBM watsonx.ai chat: `POST {url}/ml/v1/text/chat_stream?version=...` for a foundation model in a
+project or a space, or `{url}/ml/v1/deployments/{id}/text/chat_stream?version=...` for a deployment,
+with an IAM access token (exchanged for an API key, cached, refreshed before it expires) or a fixed
+bearer token (a Cloud Pak for Data token).
+
+The `ibm-watsonx-ai` SDK (the `tokenwire[watsonx]` extra, imported when a watsonx route is
+configured) gives the endpoints: the chat and deployment paths, the API version it is released
+with, the IAM token endpoint and its form. Nothing is sent through it, for what its HTTP does here:
+`max_retries=0` still sends 4 requests on a 401/500/503 (its httpx transport retries again), a 429
+gets 11; with `verify` unset an untrusted certificate falls back to no verification, process-wide;
+its IAM authenticator is bound to an `APIClient`, whose construction blocks on network calls (a
+token, service lookups); every HTTP error is one `WMLClientError` with the status only in its text;
+and its stream iterator does not notice a stream that ends without a finish reason. So the token
+exchange and the chat request go through tokenwire's own transport, with the route's CA bundle (or
+the system's trust) always verified, one request per attempt, and the body read raw through the
+shared read loop.
+
+The chat stream is OpenAI-like server-sent events: `data:` chunks with `choices[0].delta` (content,
+reasoning_content, tool_calls) and `finish_reason`, usage in the last chunk; a failure inside the
+stream is an `event: error` frame whose data is watsonx's error body (`{"errors": [{"code",
+"message"}], "status_code"}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.resources
+import os
+import ssl
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import orjson
+
+from service.config import ConfigError, RouteConfig
+from service.errors import ErrorCode, GatewayError, invalid_request, register_secret
+from service.events import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Part,
+    PartKind,
+    ProviderEvent,
+    ReasoningDelta,
+    ResponseFormatType,
+    Role,
+    Source,
+    TextDelta,
+    ToolCallDelta,
+    ToolChoiceMode,
+    Usage,
+)
+from service.providers import http1
+from service.providers.base import MIB, Capabilities, bounds, media, read_options
+from service.providers.openai import effort_for_budget
+from service.providers.upstream import (
+    STATUS_CODES,
+    ErrorTable,
+    HTTPProvider,
+    HTTPSettings,
+    loads,
+    provider_text,
+    status_error,
+    token_count,
+    transport_error,
+    truncated,
+)
+
+# Every finish reason watsonx documents for chat (TextChatResultChoice), plus OpenAI's
+# content_filter that its OpenAI-compatible models may pass on. "error" is not here: a generation
+# that ended in an error is a failure, not a finish (see ChatStreamParser.finish).
+FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    # The request's (or the service's) time limit for the generation.
+    "time_limit": FinishReason.OTHER,
+    "cancelled": FinishReason.CANCELLED,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+# watsonx's error codes (`errors[0].code`), in error bodies and `event: error` frames.
+ERRORS = ErrorTable(
+    stream_types={
+        "internal_error": ErrorCode.PROVIDER_UNAVAILABLE,
+        "internal_server_error": ErrorCode.PROVIDER_UNAVAILABLE,
+        "service_unavailable": ErrorCode.PROVIDER_UNAVAILABLE,
+        "model_unavailable": ErrorCode.PROVIDER_UNAVAILABLE,
+        "downstream_request_failed": ErrorCode.PROVIDER_UNAVAILABLE,
+        "too_many_requests": ErrorCode.PROVIDER_RATE_LIMITED,
+        "rate_limit_exceeded": ErrorCode.PROVIDER_RATE_LIMITED,
+        "token_quota_reached": ErrorCode.PROVIDER_RATE_LIMITED,
+        "request_timeout": ErrorCode.PROVIDER_TIMEOUT,
+        "invalid_input_argument": ErrorCode.PROVIDER_REJECTED_REQUEST,
+        "json_validation_error": ErrorCode.PROVIDER_REJECTED_REQUEST,
+        "invalid_request_entity": ErrorCode.PROVIDER_REJECTED_REQUEST,
+        "model_not_supported": ErrorCode.PROVIDER_REJECTED_REQUEST,
+        "authentication_token_expired": ErrorCode.PROVIDER_AUTH_FAILED,
+        "authorization_rejected": ErrorCode.PROVIDER_AUTH_FAILED,
+        "user_authorization_failed": ErrorCode.PROVIDER_AUTH_FAILED,
+    },
+    statuses={**STATUS_CODES, 499: ErrorCode.PROVIDER_UNAVAILABLE},
+)
+# IAM answers an API key it does not know with 400 (BXNIM0415E): the server's credentials, not the request.
+_IAM_ERRORS = ErrorTable(statuses={**STATUS_CODES, 400: ErrorCode.PROVIDER_AUTH_FAILED})
+# Vision models (Llama 3.2 vision, Granite vision, Pixtral) take images as base64 data: URLs only.
+_IMAGES = media(dict.fromkeys(("image/png", "image/jpeg"), frozenset({Source.DATA})), 4 * MIB)
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+_IAM_CLOUD = "https://iam.cloud.ibm.com"
+_IAM_TEST = "https://iam.test.cloud.ibm.com"
+# A token is refreshed once this share of its lifetime is left (at most 5 minutes before its end).
+_REFRESH_SHARE = 0.2
+_REFRESH_MAX_SECONDS = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class WatsonxOptions:
+    """A watsonx route's options (`[routes.NAME.options]`)."""
+
+    # The service's base URL: a region's (https://us-south.ml.cloud.ibm.com) or a Cloud Pak for Data cluster's.
+    url: str = ""
+    # Where the model runs: a project or a space (the route's `model` is its model id), or a
+    # deployment (the route's `model` is then informational).
+    project_id: str = ""
+    space_id: str = ""
+    deployment_id: str = ""
+    # The `version=` date of the API; empty: the one the SDK is released with.
+    api_version: str = ""
+    # "iam": an IBM Cloud API key exchanged for IAM tokens; "token": a bearer token as it is (CPD).
+    auth: str = bounds("iam", choices=("iam", "token"))
+    api_key_env: str = "WATSONX_APIKEY"
+    token_env: str = "WATSONX_TOKEN"
+    # The IAM service; empty: IBM Cloud's (its test IAM for the SDK's non-production URLs).
+    iam_url: str = ""
+    # PEM file of the CAs to trust for the service and IAM; empty: the system's trust. Never off.
+    ca_bundle_file: str = ""
+    max_tokens_field: str = bounds("max_tokens", choices=_MAX_TOKENS_FIELDS)
+    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
+    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
+    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
+    keepalive_expiry_seconds: float = bounds(http1.KEEPALIVE_EXPIRY, minimum=0.0)
+    max_connection_age_seconds: float = bounds(http1.MAX_CONNECTION_AGE, minimum=0.0)
+    dns_ttl_seconds: float = bounds(http1.DNS_TTL, minimum=0.0)
+
+
+def _b64(data: bytes | None) -> str:
+    assert data is not None
+    return base64.b64encode(data).decode("ascii")
+
+
+def _text_of(message: ChatMessage, where: str) -> str:
+    """A message that takes text only (system, assistant, tool): its parts must all be text."""
+    if not message.parts:
+        return message.text
+    for j, part in enumerate(message.parts):
+        if part.kind is not PartKind.TEXT:
+            raise invalid_request(
+                f"{where}.parts[{j}].{part.kind.value}",
+                f"watsonx takes {part.kind.value} parts in user messages only",
+            )
+    return "".join(p.text for p in message.parts)
+
+
+def _user_part(part: Part) -> dict[str, Any]:
+    if part.kind is PartKind.TEXT:
+        return {"type": "text", "text": part.text}
+    # Validation let through only what _IMAGES takes: inline PNG or JPEG.
+    return {"type": "image_url", "image_url": {"url": f"data:{part.media_type};base64,{_b64(part.data)}"}}
+
+
+def _message(message: ChatMessage, where: str) -> dict[str, Any]:
+    role = message.role
+    if role is Role.USER:
+        content: Any = [_user_part(p) for p in message.parts] if message.parts else message.text
+        return {"role": "user", "content": content}
+    if role is Role.TOOL:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": _text_of(message, where)}
+    if role is Role.ASSISTANT:
+        out: dict[str, Any] = {"role": "assistant"}
+        text = _text_of(message, where)
+        if text or not message.tool_calls:
+            out["content"] = text
+        if message.tool_calls:
+            # Earlier reasoning is not sent back: the chat API has no field for it.
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json or "{}"},
+                }
+                for call in message.tool_calls
+            ]
+        return out
+    return {"role": "system", "content": _text_of(message, where)}
+
+
+def request_body(
+    request: GenerationRequest, *, scope: dict[str, str], max_tokens_field: str = "max_tokens"
+) -> dict[str, Any]:
+    """The chat_stream body. `scope`: `model_id` and `project_id` or `space_id`; empty for a
+    deployment (its path names it). Generation options only when the caller set them."""
+    body: dict[str, Any] = {
+        **scope,
+        "messages": [_message(m, f"messages[{i}]") for i, m in enumerate(request.messages)],
+    }
+    if request.max_output_tokens is not None:
+        body[max_tokens_field] = request.max_output_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop_sequences:
+        body["stop"] = list(request.stop_sequences)
+    if request.seed is not None:
+        body["seed"] = request.seed
+    choice = request.tool_choice
+    if request.tools:
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    **({"description": tool.description} if tool.description else {}),
+                    "parameters": tool.parameters or {"type": "object", "properties": {}},
+                },
+            }
+            for tool in request.tools
+        ]
+        if choice.mode is ToolChoiceMode.NAMED:
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            # watsonx keeps the modes apart from a named choice.
+            body["tool_choice_option"] = choice.mode.value
+    elif choice.mode is ToolChoiceMode.NAMED:
+        raise invalid_request("tool_choice", "a named tool choice needs tools")
+    effort = request.reasoning_effort
+    if effort is None and request.reasoning_budget_tokens is not None:
+        effort = effort_for_budget(request.reasoning_budget_tokens)
+    if effort is not None:
+        body["reasoning_effort"] = effort.value
+        body["include_reasoning"] = True
+    fmt = request.response_format
+    if fmt is not None and fmt.type is not ResponseFormatType.TEXT:
+        if fmt.type is ResponseFormatType.JSON_SCHEMA:
+            schema: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema, "strict": fmt.strict}
+            if fmt.description:
+                schema["description"] = fmt.description
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        else:
+            body["response_format"] = {"type": "json_object"}
+    return body
+
+
+def _first_error(body: object) -> tuple[dict[str, Any], int | None]:
+    """watsonx's error body -> (its first error, for error_detail; the status_code it states)."""
+    if not isinstance(body, dict):
+        return {}, None
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+    status = body.get("status_code")
+    return first, status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def in_stream_error(provider: str, body: object) -> GatewayError:
+    """An `event: error` frame (or an error body as a chunk): classified by its code, else by the
+    status it states."""
+    first, status = _first_error(body)
+    raw_code = first.get("code")
+    kind = raw_code if isinstance(raw_code, str) else ""
+    code = ERRORS.stream_types.get(kind)
+    if code is None:
+        code = ERRORS.status_code(status) if status is not None else ErrorCode.PROVIDER_ERROR
+    message = f"the provider sent an error event ({kind or 'untyped'}) in its stream"
+    text = first.get("message")
+    if code is ErrorCode.PROVIDER_REJECTED_REQUEST and isinstance(text, str) and text:
+        message += f": {provider_text(text)}"
+    return GatewayError(code, message, provider=provider, provider_http_status=status or 0)
+
+
+def usage_from(raw: dict[str, Any]) -> Usage:
+    prompt = raw.get("prompt_tokens_details")
+    completion = raw.get("completion_tokens_details")
+    return Usage(
+        input_tokens=token_count(raw.get("prompt_tokens")),
+        output_tokens=token_count(raw.get("completion_tokens")),
+        cache_read_input_tokens=token_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+        reasoning_tokens=token_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
+    )
+
+
+class ChatStreamParser:
+    """chat_stream chunks -> neutral events. Only choice 0 is read (the gateway asks for one)."""
+
+    __slots__ = ("calls", "done", "finish_reason", "kind", "model", "out", "request_id", "usage")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.out: list[ProviderEvent] = []
+        self.done = False
+        self.request_id = ""
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.model = ""
+        self.calls = 0
+
+    def handle(self, name: bytes, data: bytes) -> None:
+        if name == b"error":
+            try:
+                body: object = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                body = None
+            raise in_stream_error(self.kind, body)
+        if data == b"[DONE]":
+            self.done = True
+            return
+        chunk = loads(data, self.kind)
+        if "errors" in chunk:
+            raise in_stream_error(self.kind, chunk)
+        if not self.request_id:
+            chunk_id = chunk.get("id")
+            if isinstance(chunk_id, str):
+                self.request_id = chunk_id
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage_from(usage)
+            model = chunk.get("model_id") or chunk.get("model")
+            if isinstance(model, str):
+                self.model = model
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                self._choice(choice)
+        # Usage comes with the finish reason or in a chunk of its own after it: the answer is
+        # whole once both are in (or the body ends).
+        if self.finish_reason is not None and self.usage is not None:
+            self.done = True
+
+    def _choice(self, choice: dict[str, Any]) -> None:
+        out = self.out
+        delta = choice.get("delta")
+        if delta:
+            reasoning = delta.get("reasoning_content")
+            if reasoning and isinstance(reasoning, str):
+                out.append(ReasoningDelta(reasoning))
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                out.append(TextDelta(content))
+            for position, call in enumerate(delta.get("tool_calls") or ()):
+                function = call.get("function") or {}
+                piece = ToolCallDelta(
+                    index=call.get("index", position),
+                    id=call.get("id") or "",
+                    name=function.get("name") or "",
+                    arguments=function.get("arguments") or "",
+                )
+                if not (
+                    type(piece.index) is int
+                    and 0 <= piece.index < 2**31
+                    and isinstance(piece.id, str)
+                    and isinstance(piece.name, str)
+                    and isinstance(piece.arguments, str)
+                ):
+                    raise TypeError("tool call delta")
+                if piece.id or piece.name:
+                    self.calls += 1
+                if piece.id or piece.name or piece.arguments:
+                    out.append(piece)
+        reason = choice.get("finish_reason")
+        if reason:
+            if not isinstance(reason, str):
+                raise TypeError("finish_reason")
+            self.finish_reason = reason
+
+    def finish(self) -> Finished:
+        raw = self.finish_reason
+        if raw is None:
+            raise truncated(self.kind)
+        if raw == "error":
+            # watsonx's own "Error encountered": the answer is not whole, whatever came before.
+            raise GatewayError(
+                ErrorCode.PROVIDER_UNAVAILABLE,
+                "the provider ended its stream with finish_reason 'error'",
+                provider=self.kind,
+            )
+        reason = FINISH_REASONS.get(raw, FinishReason.OTHER)
+        if reason is FinishReason.STOP and self.calls:
+            reason = FinishReason.TOOL_CALLS
+        return Finished(
+            reason=reason,
+            raw_reason=raw,
+            usage=self.usage,
+            provider_request_id=self.request_id,
+            provider_model=self.model,
+        )
+
+
+class IAMToken:
+    """An IAM access token for an API key: fetched on first use, reused, and fetched again once
+    little of its lifetime is left. One exchange at a time: concurrent streams wait for it."""
+
+    def __init__(self, provider: str, client: httpx2.AsyncClient, url: str, api_key: str) -> None:
+        self.provider = provider
+        self.client = client
+        self.url = url
+        self._form = urllib.parse.urlencode(
+            {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": api_key}
+        ).encode()
+        self._token = ""
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+        # Exchanges made (for tests and logs: a cached token makes none).
+        self.exchanges = 0
+
+    async def get(self, limits: httpx2.Timeout) -> str:
+        if self._token and time.monotonic() < self._refresh_at:
+            return self._token
+        async with self._lock:
+            if not self._token or time.monotonic() >= self._refresh_at:
+                await self._exchange(limits)
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """The service refused `token` (expired early, revoked): the next request fetches a new one."""
+        if self._token == token:
+            self._refresh_at = 0.0
+
+    async def _exchange(self, limits: httpx2.Timeout) -> None:
+        headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
+        self.exchanges += 1
+        try:
+            response = await self.client.post(self.url, content=self._form, headers=headers, timeout=limits)
+        except httpx2.HTTPError as exc:
+            refused = untrusted(self.provider, exc, "IAM")
+            if refused is not None:
+                raise refused from None
+            error = transport_error(self.provider, exc, started=False)
+            raise GatewayError(
+                error.code,
+                f"IAM token exchange: {error.message}",
+                retry_after=error.retry_after,
+                provider=self.provider,
+            ) from None
+        try:
+            body: Any = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        if response.status_code != 200:
+            # IAM's body ({"errorCode": "BXNIM0415E", "errorMessage": ...}) is not passed on: it
+            # describes the server's key.
+            error = status_error(self.provider, response.status_code, response.headers, None, _IAM_ERRORS)
+            raise GatewayError(
+                error.code,
+                f"IAM token exchange: {error.message}",
+                retry_after=error.retry_after,
+                provider=self.provider,
+                provider_http_status=response.status_code,
+            )
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise GatewayError(
+                ErrorCode.PROVIDER_PROTOCOL_ERROR, "IAM answered without an access token", provider=self.provider
+            )
+        register_secret(token)
+        lifetime = _lifetime(body)
+        self._token = token
+        self._refresh_at = time.monotonic() + lifetime - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+
+
+def _lifetime(body: dict[str, Any]) -> float:
+    """Seconds the token lives: `expires_in`, else `expiration` (epoch seconds), else IAM's hour."""
+    expires_in = body.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+        return float(expires_in)
+    expiration = body.get("expiration")
+    if isinstance(expiration, int | float) and not isinstance(expiration, bool):
+        left = expiration - time.time()
+        if left > 0:
+            return float(left)
+    return 3600.0
+
+
+def untrusted(provider: str, exc: httpx2.HTTPError, service: str) -> GatewayError | None:
+    """A connection refused because the server's certificate did not verify: the server's own
+    configuration (options.ca_bundle_file), or someone in the way; retrying changes neither."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    return GatewayError(
+        ErrorCode.PROVIDER_AUTH_FAILED,
+        f"the TLS certificate of {service} could not be verified; options.ca_bundle_file names the CAs "
+        "to trust (verification is never turned off)",
+        provider=provider,
+    )
+
+
+def _ssl_context(route: RouteConfig, ca_bundle_file: str) -> ssl.SSLContext:
+    """A verifying context: the route's CA bundle, or the system's trust. Never one that does not verify."""
+    if not ca_bundle_file:
+        return httpx2.create_ssl_context()
+    try:
+        context = ssl.create_default_context(cafile=ca_bundle_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"[routes.{route.name}] options.ca_bundle_file could not be read as PEM certificates: {type(exc).__name__}"
+        ) from None
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    return context
+
+
+def _client(settings: HTTPSettings, context: ssl.SSLContext) -> httpx2.AsyncClient:
+    """tokenwire's transport (as `HTTPSettings.http_client` builds it) with the route's TLS trust;
+    httpx2's own, verifying with the same context, when an environment proxy applies."""
+    limits = httpx2.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=settings.keepalive_expiry,
+    )
+    if http1.proxied(settings.base_url):
+        return httpx2.AsyncClient(limits=limits, verify=context)
+    transport = http1.Transport(
+        max_connections=settings.max_connections,
+        ssl_context=context,
+        keepalive_expiry=settings.keepalive_expiry,
+        max_connection_age=settings.max_connection_age,
+        dns_ttl=settings.dns_ttl,
+    )
+    return httpx2.AsyncClient(limits=limits, transport=transport)
+
+
+class WatsonxProvider(HTTPProvider):
+    """A watsonx.ai foundation model in a project or space (the route's `model` is its model id,
+    `ibm/granite-3-8b-instruct`), or a deployment (options.deployment_id)."""
+
+    kind = "watsonx"
+    supports_tools = True
+    supports_reasoning = True
+    errors = ERRORS
+    request_id_header = "x-global-transaction-id"
+
+    def __init__(self, route: RouteConfig) -> None:
+        super().__init__(route)
+        self.options = o = read_options(WatsonxOptions, route)
+        try:
+            from ibm_watsonx_ai import href_definitions as hrefs
+        except ImportError:
+            raise ConfigError(
+                f"[routes.{route.name}] provider 'watsonx' needs the ibm-watsonx-ai SDK: "
+                "pip install 'tokenwire[watsonx]'"
+            ) from None
+        name = f"[routes.{route.name}]"
+        url = o.url.rstrip("/")
+        if not url:
+            raise ConfigError(f"{name} options.url is required (e.g. https://us-south.ml.cloud.ibm.com)")
+        if not url.startswith("https://"):
+            raise ConfigError(f"{name} options.url must be an https:// URL (watsonx is served over TLS only)")
+        placements = [k for k in ("project_id", "space_id", "deployment_id") if getattr(o, k)]
+        if len(placements) != 1:
+            raise ConfigError(f"{name} exactly one of options.project_id, space_id or deployment_id is required")
+        version = o.api_version or _sdk_api_version()
+        query = "?" + urllib.parse.urlencode({"version": version})
+        if o.deployment_id:
+            deployment = urllib.parse.quote(o.deployment_id, safe="")
+            self.url = hrefs.FM_DEPLOYMENT_CHAT_STREAM.format(url, deployment) + query
+            self.scope: dict[str, str] = {}
+        else:
+            self.url = hrefs.FM_CHAT.format(url, "chat_stream") + query
+            self.scope = {"model_id": route.model}
+            self.scope["project_id" if o.project_id else "space_id"] = o.project_id or o.space_id
+        self.settings = HTTPSettings(
+            base_url=url,
+            api_key="",
+            connect_timeout=o.connect_timeout_seconds,
+            read_timeout=o.read_timeout_seconds,
+            max_connections=o.max_connections,
+            keepalive_expiry=o.keepalive_expiry_seconds,
+            max_connection_age=o.max_connection_age_seconds,
+            dns_ttl=o.dns_ttl_seconds,
+        )
+        self.client = _client(self.settings, _ssl_context(route, o.ca_bundle_file))
+        self.iam: IAMToken | None = None
+        self.token = ""
+        if o.auth == "iam":
+            key = _secret_env(name, o.api_key_env, "the IBM Cloud API key", "api_key_env")
+            iam_base = o.iam_url.rstrip("/") or (_IAM_CLOUD if url in hrefs.PROD_SVT_URL else _IAM_TEST)
+            if not iam_base.startswith("https://"):
+                raise ConfigError(f"{name} options.iam_url must be an https:// URL")
+            self.iam = IAMToken(self.kind, self.client, hrefs.IAM_TOKEN_URL.format(iam_base), key)
+        else:
+            self.token = _secret_env(name, o.token_env, "the bearer token", "token_env")
+        self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        self.capabilities = Capabilities(images=_IMAGES, response_formats=frozenset(ResponseFormatType))
+
+    def _parser(self, request: GenerationRequest) -> ChatStreamParser:
+        return ChatStreamParser(self.kind)
+
+    def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
+        return self._post(request)
+
+    @asynccontextmanager
+    async def _post(self, request: GenerationRequest) -> AsyncIterator[httpx2.Response]:
+        body = orjson.dumps(request_body(request, scope=self.scope, max_tokens_field=self.options.max_tokens_field))
+        timeout = self.settings.timeout(request)
+        token = await self.iam.get(timeout) if self.iam is not None else self.token
+        headers = self.headers | {"authorization": f"Bearer {token}"}
+        sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
+        try:
+            response = await self.client.send(sent, stream=True)
+        except httpx2.ConnectError as exc:
+            refused = untrusted(self.kind, exc, "watsonx")
+            if refused is not None:
+                raise refused from None
+            raise
+        try:
+            if response.status_code != 200:
+                raw = await response.aread()
+                try:
+                    error: Any = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    error = None
+                first, _ = _first_error(error)
+                if response.status_code == 401 and self.iam is not None:
+                    self.iam.invalidate(token)
+                raise status_error(self.kind, response.status_code, response.headers, first, ERRORS)
+            yield response
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _secret_env(name: str, env: str, what: str, option: str) -> str:
+    value = os.environ.get(env, "") if env else ""
+    if not value:
+        raise ConfigError(
+            f"{name} environment variable {env or '(none)'} is not set; it holds {what} "
+            f"(change the variable's name with options.{option})"
+        )
+    register_secret(value)
+    return value
+
+
+def _sdk_api_version() -> str:
+    """The API version the installed SDK is released with (its own default for `version=`)."""
+    try:
+        return importlib.resources.files("ibm_watsonx_ai.utils").joinpath("API_VERSION_PARAM").read_text().strip()
+    except (OSError, ModuleNotFoundError):
+        return "2025-02-11"

@@ -1,0 +1,536 @@
+"""The watsonx adapter's own checks, against its TLS fake (tests/fakes/watsonx.py): the IAM token
+cached and refreshed, one request per attempt, TLS verification that cannot be turned off, the
+deployment and project URLs and bodies, `event: error` frames, the request mapping, and the SDK
+imported only for a watsonx route. End to end it runs in tests/test_conformance.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from fakes.replies import StatusReply, StreamReply, Usage
+from fakes.watsonx import CA_FILE, DEPLOYMENT_ID, PROJECT_ID, FakeWatsonx
+
+from service.config import ConfigError, build_routes
+from service.errors import ErrorCode, GatewayError
+from service.events import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Part,
+    PartKind,
+    ProviderEvent,
+    ReasoningDelta,
+    ReasoningEffort,
+    ResponseFormat,
+    ResponseFormatType,
+    Role,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceMode,
+    ToolSpec,
+)
+from service.providers import create_provider
+from service.providers.watsonx import ChatStreamParser, WatsonxProvider, request_body
+
+KEY_ENV = "TOKENWIRE_TEST_WATSONX_APIKEY"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def req(*messages: ChatMessage, **fields: Any) -> GenerationRequest:
+    if not messages:
+        messages = (ChatMessage(Role.USER, "Hi"),)
+    return GenerationRequest(stream_id="s", route="r", upstream_model="ibm/granite", messages=messages, **fields)
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeWatsonx]:
+    async with FakeWatsonx() as server:
+        monkeypatch.setenv(KEY_ENV, server.api_key)
+        yield server
+
+
+def provider(fake: FakeWatsonx, **options: Any) -> WatsonxProvider:
+    base = {
+        "url": fake.base_url,
+        "iam_url": fake.base_url,
+        "project_id": PROJECT_ID,
+        "ca_bundle_file": CA_FILE,
+        "api_key_env": KEY_ENV,
+        "read_timeout_seconds": 2.0,
+    }
+    spec = {"provider": "watsonx", "model": "ibm/granite-3-8b-instruct", "options": base | options}
+    made = create_provider(build_routes({"r": spec}, "test")["r"])
+    assert isinstance(made, WatsonxProvider)
+    return made
+
+
+async def run(p: WatsonxProvider, request: GenerationRequest | None = None) -> list[ProviderEvent]:
+    return [event async for event in p.stream(request or req())]
+
+
+async def failure(p: WatsonxProvider, request: GenerationRequest | None = None) -> GatewayError:
+    with pytest.raises(GatewayError) as caught:
+        await run(p, request)
+    return caught.value
+
+
+# --- IAM tokens -----------------------------------------------------------------------------
+
+
+async def test_the_token_is_cached_then_refreshed_before_it_expires(fake: FakeWatsonx) -> None:
+    fake.token_lifetime = 1.0  # refreshed once 0.2 s of it is left
+    p = provider(fake)
+    try:
+        for _ in range(3):
+            assert isinstance((await run(p))[-1], Finished)
+        assert len(fake.iam_requests) == 1
+        await asyncio.sleep(0.85)
+        assert isinstance((await run(p))[-1], Finished)
+        assert len(fake.iam_requests) == 2
+    finally:
+        await p.aclose()
+    tokens = [r.headers["authorization"] for r in fake.requests]
+    assert tokens[0] == tokens[2] != tokens[3]
+    form = fake.iam_requests[0].body
+    assert form == {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": fake.api_key}
+
+
+async def test_concurrent_streams_share_one_exchange(fake: FakeWatsonx) -> None:
+    p = provider(fake)
+    try:
+        results = await asyncio.gather(*(run(p) for _ in range(5)))
+    finally:
+        await p.aclose()
+    assert all(isinstance(r[-1], Finished) for r in results)
+    assert len(fake.iam_requests) == 1
+
+
+async def test_a_token_the_service_refuses_is_exchanged_again_next_time(fake: FakeWatsonx) -> None:
+    p = provider(fake)
+    try:
+        await run(p)
+        fake.tokens.clear()  # revoked: the fake no longer knows it
+        err = await failure(p)
+        assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 401
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    assert len(fake.iam_requests) == 2 and len(fake.requests) == 3
+
+
+async def test_a_key_iam_refuses_is_an_auth_failure_that_names_no_key(fake: FakeWatsonx) -> None:
+    fake.refused_keys.add(fake.api_key)
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 400
+    assert "IAM" in err.message and fake.api_key not in err.message
+    assert fake.requests == [] and len(fake.iam_requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(500, ErrorCode.PROVIDER_UNAVAILABLE), (429, ErrorCode.PROVIDER_RATE_LIMITED)]
+)
+async def test_an_iam_failure_is_one_request(fake: FakeWatsonx, status: int, code: ErrorCode) -> None:
+    fake.iam_failures.append(status)
+    p = provider(fake)
+    try:
+        err = await failure(p)
+        assert err.code is code and len(fake.iam_requests) == 1 and fake.requests == []
+        assert isinstance((await run(p))[-1], Finished)  # the next attempt exchanges again
+    finally:
+        await p.aclose()
+
+
+# --- One request per attempt -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        (StatusReply(500), ErrorCode.PROVIDER_UNAVAILABLE),
+        (StatusReply(503), ErrorCode.PROVIDER_UNAVAILABLE),
+        (StatusReply(401), ErrorCode.PROVIDER_AUTH_FAILED),
+        (StatusReply(429, headers={"retry-after": "7"}), ErrorCode.PROVIDER_RATE_LIMITED),
+        (StatusReply(404, message="Model 'x' is not supported"), ErrorCode.PROVIDER_REJECTED_REQUEST),
+    ],
+)
+async def test_each_attempt_is_one_request(fake: FakeWatsonx, reply: Any, code: ErrorCode) -> None:
+    fake.enqueue(reply)
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is code
+    assert len(fake.requests) == 1, "something retried on its own"
+    if code is ErrorCode.PROVIDER_RATE_LIMITED:
+        assert err.retry_after == 7.0
+    if isinstance(reply, StatusReply) and reply.status == 404:
+        assert "does not know this model" in err.message
+
+
+async def test_a_400_passes_on_watsonx_text(fake: FakeWatsonx) -> None:
+    fake.enqueue(StatusReply(400, message="The input tokens exceed the model's maximum of 8192"))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_REJECTED_REQUEST
+    assert "invalid_input_argument" in err.message and "8192" in err.message
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+async def test_verification_is_on_with_the_system_trust_and_fails_clearly(fake: FakeWatsonx) -> None:
+    p = provider(fake, ca_bundle_file="")
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED
+    assert "certificate of IAM could not be verified" in err.message
+    assert fake.iam_requests == [] and fake.requests == []
+
+
+async def test_a_bundle_of_another_ca_is_refused_too(fake: FakeWatsonx, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    # The token comes from a trusted IAM; the service's certificate is then the one refused.
+    p = provider(fake, ca_bundle_file=str(other), auth="token", token_env=KEY_ENV)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and "certificate of watsonx" in err.message
+    assert fake.requests == []
+
+
+def test_the_transport_context_verifies(fake: FakeWatsonx) -> None:
+    import ssl
+
+    p = provider(fake)
+    context = p.client._transport._ssl_context  # type: ignore[attr-defined]
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_an_unreadable_bundle_is_a_config_error(fake: FakeWatsonx) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write("not a certificate")
+        f.flush()
+        with pytest.raises(ConfigError, match="ca_bundle_file"):
+            provider(fake, ca_bundle_file=f.name)
+    with pytest.raises(ConfigError, match="ca_bundle_file"):
+        provider(fake, ca_bundle_file="/nonexistent/ca.pem")
+
+
+# --- URLs and bodies -------------------------------------------------------------------------
+
+
+async def test_a_deployment_route_posts_to_the_deployment(fake: FakeWatsonx, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENWIRE_TEST_WATSONX_TOKEN", fake.cpd_token)
+    p = provider(
+        fake, project_id="", deployment_id=DEPLOYMENT_ID, auth="token", token_env="TOKENWIRE_TEST_WATSONX_TOKEN"
+    )
+    try:
+        events = await run(p)
+    finally:
+        await p.aclose()
+    assert isinstance(events[-1], Finished)
+    sent = fake.requests[0]
+    assert sent.path == f"/ml/v1/deployments/{DEPLOYMENT_ID}/text/chat_stream"
+    assert sent.query["version"] == p.url.rpartition("version=")[2] and sent.query["version"][:2] == "20"
+    assert not {"model_id", "project_id", "space_id"} & set(sent.body)
+    assert sent.headers["authorization"] == f"Bearer {fake.cpd_token}" and fake.iam_requests == []
+
+
+async def test_a_project_and_a_space_route(fake: FakeWatsonx) -> None:
+    for options, scope in (
+        ({}, {"project_id": PROJECT_ID}),
+        ({"project_id": "", "space_id": "sp-1"}, {"space_id": "sp-1"}),
+    ):
+        p = provider(fake, api_version="2025-02-11", **options)
+        try:
+            await run(p)
+        finally:
+            await p.aclose()
+        sent = fake.requests[-1]
+        assert sent.path == "/ml/v1/text/chat_stream" and sent.query == {"version": "2025-02-11"}
+        assert {k: sent.body[k] for k in ("model_id", *scope)} == {"model_id": "ibm/granite-3-8b-instruct", **scope}
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"url": ""}, "options.url is required"),
+        ({"url": "http://127.0.0.1:1"}, "https://"),
+        ({"space_id": "sp"}, "exactly one of"),
+        ({"project_id": ""}, "exactly one of"),
+        ({"api_key_env": "TOKENWIRE_TEST_UNSET_VARIABLE"}, "TOKENWIRE_TEST_UNSET_VARIABLE is not set"),
+        ({"auth": "password"}, "options.auth"),
+        ({"verify": False}, "unknown option"),
+    ],
+)
+def test_config_errors(fake: FakeWatsonx, options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        provider(fake, **options)
+
+
+def test_the_request_mapping() -> None:
+    png = b"\x89PNG\r\n"
+    request = req(
+        ChatMessage(Role.SYSTEM, "Be brief."),
+        ChatMessage(
+            Role.USER, parts=(Part(PartKind.TEXT, text="Look:"), Part(PartKind.IMAGE, media_type="image/png", data=png))
+        ),
+        ChatMessage(Role.ASSISTANT, tool_calls=(ToolCall("c1", "lookup", '{"q": "x"}'),)),
+        ChatMessage(Role.TOOL, "found", tool_call_id="c1"),
+        max_output_tokens=100,
+        temperature=0.5,
+        top_p=0.9,
+        stop_sequences=("END",),
+        seed=7,
+        tools=(ToolSpec("lookup", "Looks up", {"type": "object", "properties": {"q": {"type": "string"}}}),),
+        tool_choice=ToolChoice(ToolChoiceMode.NAMED, "lookup"),
+        response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, name="answer", schema={"type": "object"}),
+    )
+    body = request_body(request, scope={"model_id": "m", "project_id": "p"})
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "found"},
+    ]
+    assert {k: body[k] for k in ("model_id", "project_id", "max_tokens", "temperature", "top_p", "stop", "seed")} == {
+        "model_id": "m",
+        "project_id": "p",
+        "max_tokens": 100,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "stop": ["END"],
+        "seed": 7,
+    }
+    assert body["tools"][0]["function"]["name"] == "lookup"
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "lookup"}}
+    assert "tool_choice_option" not in body
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": False},
+    }
+
+
+def test_unset_options_are_not_sent_and_modes_are_tool_choice_options() -> None:
+    body = request_body(req(), scope={})
+    assert set(body) == {"messages"}
+    tools = (ToolSpec("f"),)
+    body = request_body(
+        req(tools=tools, tool_choice=ToolChoice(ToolChoiceMode.REQUIRED), reasoning_effort=ReasoningEffort.HIGH),
+        scope={},
+        max_tokens_field="max_completion_tokens",
+    )
+    assert body["tool_choice_option"] == "required" and "tool_choice" not in body
+    assert body["reasoning_effort"] == "high" and body["include_reasoning"] is True
+    fmt = ResponseFormat(ResponseFormatType.JSON_OBJECT)
+    assert request_body(req(response_format=fmt), scope={})["response_format"] == {"type": "json_object"}
+    assert request_body(req(max_output_tokens=5), scope={}, max_tokens_field="max_completion_tokens") == {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_completion_tokens": 5,
+    }
+
+
+def test_media_outside_user_messages_and_unsupported_media_are_refused(fake: FakeWatsonx) -> None:
+    image = Part(PartKind.IMAGE, media_type="image/png", data=b"x")
+    with pytest.raises(GatewayError, match=r"messages\[0\]\.parts\[0\]\.image") as caught:
+        request_body(req(ChatMessage(Role.SYSTEM, parts=(image,))), scope={})
+    assert caught.value.code is ErrorCode.INVALID_REQUEST
+    p = provider(fake)
+    pdf = Part(PartKind.DOCUMENT, media_type="application/pdf", data=b"%PDF")
+    by_url = Part(PartKind.IMAGE, media_type="image/png", url="https://example.com/a.png")
+    gif = Part(PartKind.IMAGE, media_type="image/gif", data=b"GIF8")
+    for part, where in ((pdf, "document"), (by_url, "image.url"), (gif, "image.media_type")):
+        refusal = p.capabilities.refusal(req(ChatMessage(Role.USER, parts=(part,))), "r")
+        assert refusal is not None and refusal.code is ErrorCode.INVALID_REQUEST
+        assert f"messages[0].parts[0].{where}" in refusal.message
+    assert p.capabilities.refusal(req(ChatMessage(Role.USER, parts=(image,))), "r") is None
+
+
+async def test_an_image_reaches_the_fake_as_a_data_url(fake: FakeWatsonx) -> None:
+    p = provider(fake)
+    image = Part(PartKind.IMAGE, media_type="image/jpeg", data=b"\xff\xd8\xff")
+    try:
+        await run(p, req(ChatMessage(Role.USER, parts=(Part(PartKind.TEXT, text="What is it?"), image))))
+    finally:
+        await p.aclose()
+    assert fake.rejections == []
+    assert fake.requests[0].body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+
+
+# --- The stream ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error_type", "code"),
+    [
+        ("internal_error", ErrorCode.PROVIDER_UNAVAILABLE),
+        ("too_many_requests", ErrorCode.PROVIDER_RATE_LIMITED),
+        ("invalid_input_argument", ErrorCode.PROVIDER_REJECTED_REQUEST),
+        ("authentication_token_expired", ErrorCode.PROVIDER_AUTH_FAILED),
+    ],
+)
+async def test_an_error_event_is_mapped(fake: FakeWatsonx, error_type: str, code: ErrorCode) -> None:
+    fake.enqueue(
+        StreamReply(text=["a", "b"], fault="error_event", fault_after=1, error_type=error_type, error_message="boom")
+    )
+    p = provider(fake)
+    seen: list[ProviderEvent] = []
+
+    async def consume() -> None:
+        async for event in p.stream(req()):
+            seen.append(event)
+
+    try:
+        with pytest.raises(GatewayError) as caught:
+            await consume()
+    finally:
+        await p.aclose()
+    assert seen == [TextDelta("a")]
+    assert caught.value.code is code and error_type in caught.value.message
+    assert ("boom" in caught.value.message) == (code is ErrorCode.PROVIDER_REJECTED_REQUEST)
+
+
+def test_an_error_event_of_an_unknown_code_is_classified_by_its_status() -> None:
+    parser = ChatStreamParser("watsonx")
+    with pytest.raises(GatewayError) as caught:
+        parser.handle(b"error", b'{"errors": [{"code": "something_new", "message": "x"}], "status_code": 503}')
+    assert caught.value.code is ErrorCode.PROVIDER_UNAVAILABLE and caught.value.provider_http_status == 503
+    with pytest.raises(GatewayError) as caught:
+        ChatStreamParser("watsonx").handle(b"error", b"not json")
+    assert caught.value.code is ErrorCode.PROVIDER_ERROR
+
+
+def chunk(choice: dict[str, Any] | None = None, **extra: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps({"id": "chat-1", "model_id": "m", **({"choices": [choice]} if choice else {}), **extra})
+
+
+def test_reasoning_tool_calls_and_usage_after_the_finish() -> None:
+    parser = ChatStreamParser("watsonx")
+    parser.handle(b"message", chunk({"index": 0, "delta": {"role": "assistant", "reasoning_content": "hmm"}}))
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    parser.handle(b"message", chunk({"index": 0, "delta": {"tool_calls": [call]}}))
+    parser.handle(
+        b"message", chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}})
+    )
+    parser.handle(b"message", chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))
+    assert not parser.done  # usage may follow in a chunk of its own
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 0}}
+    parser.handle(b"message", chunk(usage=usage))
+    assert parser.done
+    assert parser.out == [
+        ReasoningDelta("hmm"),
+        ToolCallDelta(index=0, id="c1", name="f", arguments=""),
+        ToolCallDelta(index=0, arguments="{}"),
+    ]
+    finished = parser.finish()
+    # A model that ends its tool calls with "stop" still ended them with tool calls.
+    assert (finished.reason, finished.raw_reason) == (FinishReason.TOOL_CALLS, "stop")
+    assert finished.usage is not None
+    assert (finished.usage.input_tokens, finished.usage.output_tokens, finished.usage.cache_read_input_tokens) == (
+        9,
+        4,
+        0,
+    )
+    assert finished.provider_request_id == "chat-1" and finished.provider_model == "m"
+
+
+async def test_finish_reason_error_is_a_failure_not_a_finish(fake: FakeWatsonx) -> None:
+    fake.enqueue(StreamReply(text=["partial"], finish="error"))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_UNAVAILABLE and "finish_reason 'error'" in err.message
+
+
+async def test_no_usage_and_no_finish_is_truncated(fake: FakeWatsonx) -> None:
+    fake.enqueue(
+        StreamReply(
+            text=["a"], usage=Usage(3, 1), rewrite=lambda i, data: b"" if b'finish_reason":"stop' in data else data
+        )
+    )
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
+
+
+# --- Packaging -------------------------------------------------------------------------------
+
+
+def test_the_sdk_is_imported_only_for_a_watsonx_route() -> None:
+    script = """
+import os, sys
+from service.config import build_routes
+from service.providers import create_provider
+create_provider(build_routes({"r": {"provider": "simulated", "model": "sim"}}, "t")["r"])
+assert "ibm_watsonx_ai" not in sys.modules and "service.providers.watsonx" not in sys.modules
+os.environ["K"] = "fake-watsonx-apikey-for-import-test"
+options = {"url": "https://127.0.0.1:9", "iam_url": "https://127.0.0.1:9", "project_id": "p", "api_key_env": "K"}
+create_provider(build_routes({"w": {"provider": "watsonx", "model": "m", "options": options}}, "t")["w"])
+assert "ibm_watsonx_ai" in sys.modules
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATSONX")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_the_readme_example_routes_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```toml watsonx\n", 1)[1].split("```", 1)[0]
+    # The CA file has to exist: the fake's stands in for the cluster's.
+    block = block.replace("/etc/ssl/cpd-ca.pem", CA_FILE)
+    monkeypatch.setenv("WATSONX_APIKEY", "readme-watsonx-apikey-0001")
+    monkeypatch.setenv("WATSONX_TOKEN", "readme-watsonx-token-0001")
+    routes = build_routes(tomllib.loads(block)["routes"], "README")
+    made = {name: WatsonxProvider(route) for name, route in routes.items()}
+    project, deployment = made["granite"], made["granite-deployed"]
+    assert project.url.startswith("https://us-south.ml.cloud.ibm.com/ml/v1/text/chat_stream?version=")
+    assert project.iam is not None and project.iam.url == "https://iam.cloud.ibm.com/identity/token"
+    assert deployment.url.startswith("https://cpd.example.com/ml/v1/deployments/YOUR_DEPLOYMENT_ID/text/chat_stream")
+    assert deployment.iam is None and deployment.options.ca_bundle_file == CA_FILE
