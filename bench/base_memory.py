@@ -55,6 +55,10 @@ ROUTES: dict[str, str] = {
         f'options = {{ url = "{NOWHERE}/flow", api_key_env = "FLOW_KEY", text_pointer = "/chunk", '
         'end_event = "end" }\n'
     ),
+    "watsonx": (
+        'provider = "watsonx"\nmodel = "ibm/granite-3-8b-instruct"\n'
+        'options = { url = "https://127.0.0.1:9", project_id = "placeholder-project" }\n'
+    ),
 }
 
 
