@@ -18,6 +18,7 @@ KINDS: dict[str, type[Provider] | str] = {
     "bedrock": "service.providers.bedrock:BedrockProvider",
     "gemini": "service.providers.gemini:GeminiProvider",
     "sse-endpoint": "service.providers.sse_endpoint:SSEEndpointProvider",
+    "replicate": "service.providers.replicate:ReplicateProvider",
 }
 
 
