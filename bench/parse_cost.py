@@ -327,7 +327,7 @@ def replicate_answer(method: str, path: str, pieces: list[bytes]) -> tuple[int, 
     own = f"{_REPLICATE_BASE}/v1/predictions/bench"
     if method == "POST":
         urls = {"get": own, "cancel": f"{own}/cancel", "stream": f"{_REPLICATE_BASE}/v1/streams/bench"}
-        prediction = {"id": "bench", "model": REPLICATE_MODEL, "status": "starting", "urls": urls}
+        prediction = {"id": "bench", "model": REPLICATE_MODEL, "version": "v", "status": "starting", "urls": urls}
         return 201, {"content-type": "application/json"}, orjson.dumps(prediction)
     if path.startswith("/v1/streams/"):
         return 200, {"content-type": "text/event-stream"}, pieces
