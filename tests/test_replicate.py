@@ -229,8 +229,9 @@ def test_the_decoder_keeps_ids_across_chunks_crlf_and_a_bom() -> None:
 def test_an_event_without_an_id_or_a_stream_without_done_never_looks_finished() -> None:
     _, error = decode(b"event: output\ndata: Hi\n\nevent: done\ndata: {}\n\n")
     assert isinstance(error, GatewayError) and error.code is ErrorCode.PROVIDER_PROTOCOL_ERROR
-    _, error = decode(b"event: output\nid: 1\ndata: Hi\n\n")
+    _, error = decode(b"event: output\nid: 1:7\ndata: Hi\n\n")
     assert isinstance(error, GatewayError) and error.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
+    assert "last event id 1:7" in error.message
     got, finished = decode(b'event: output\nid: 1\ndata: Hi\n\nevent: done\nid: 2\ndata: {"reason": "later"}\n\n')
     assert got == "Hi" and (finished.reason, finished.raw_reason) == (FinishReason.OTHER, "later")
 
@@ -326,6 +327,18 @@ async def test_without_metrics_usage_is_unknown_and_the_gateway_marks_it_estimat
     assert code == grpc.StatusCode.OK
     usage = messages[-1].finish.usage
     assert usage.source == pb.USAGE_SOURCE_ESTIMATED and usage.output_tokens > 0 and usage.input_tokens > 0
+
+
+async def test_the_prediction_is_read_again_until_it_settles(fake: FakeReplicate) -> None:
+    fake.enqueue(StreamReply(usage=Usage(input_tokens=4, output_tokens=3)))
+    fake.unsettled_gets = 2
+    p = provider(fake.base_url)
+    events, error = await run(p)
+    await p.aclose()
+    finished = events[-1]
+    assert error is None and isinstance(finished, Finished) and finished.usage is not None
+    assert (finished.usage.input_tokens, finished.usage.output_tokens) == (4, 3)
+    assert len(fake.gets) == 3
 
 
 async def test_fetch_usage_off_reads_no_prediction(fake: FakeReplicate) -> None:

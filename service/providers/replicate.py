@@ -8,8 +8,9 @@ One attempt is three steps, all through tokenwire's own transport (`service.prov
    `Accept: text/event-stream` and `Cache-Control: no-store`; its body is read raw by the shared
    read loop (`HTTPProvider`), through the decoder here (`EventDecoder`, which keeps the `id:` of
    each event: the shared SSE decoder drops ids, and blank output tokens);
-3. after `done`, one bounded `GET` of `urls.get` for the prediction's `metrics` (token counts:
-   Replicate reports usage nowhere else), unless `fetch_usage = false`. Counts it does not report
+3. after `done`, a bounded `GET` of `urls.get` (again every 0.1 s while the prediction has not
+   settled) for its `metrics` (token counts: Replicate reports usage nowhere else), unless
+   `fetch_usage = false`. Counts it does not report
    are left unknown, and the gateway then estimates them from the text and marks them estimated.
 
 Events: `output` is text (raw, not JSON; several `data:` lines are one token with line breaks);
@@ -72,7 +73,7 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, register_secret
+from service.errors import ErrorCode, GatewayError, register_secret, stream_truncated
 from service.events import (
     EventStream,
     Finished,
@@ -95,7 +96,6 @@ from service.providers.upstream import (
     provider_text,
     status_error,
     token_count,
-    truncated,
 )
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
@@ -105,6 +105,9 @@ _REPLICATE_STREAM_DOMAINS = (".replicate.com", ".replicate.net")
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 # Prediction statuses that mean it did not succeed (the prediction's own word after `done`).
 _FAILED_STATUSES = frozenset({"failed", "canceled", "aborted"})
+# Statuses of a prediction that has not settled yet: its metrics are still to come.
+_UNSETTLED_STATUSES = frozenset({"starting", "processing"})
+_SETTLE_POLL_SECONDS = 0.1
 
 ERRORS = ErrorTable(
     statuses={
@@ -315,7 +318,10 @@ class StreamParser:
     def finish(self) -> Finished:
         raw = self.raw_reason
         if raw is None:
-            raise truncated(self.kind)
+            last = self.last_id.decode("utf-8", "replace")[:64] or "none"
+            raise stream_truncated(
+                self.kind, f"the provider's stream ended before its done event (last event id {last})"
+            )
         return Finished(
             reason=FinishReason.STOP if raw == "done" else FinishReason.OTHER,
             raw_reason=raw,
@@ -648,24 +654,31 @@ class ReplicateProvider(HTTPProvider):
         )
 
     async def _read_prediction(self, attempt: _Attempt, request: GenerationRequest) -> Mapping[str, Any] | None:
+        """The prediction once it has settled (its metrics come with its final status), read
+        again every 0.1 s while it is still starting or processing; None when it cannot be read
+        within `usage_timeout_seconds` (and the caller's deadline)."""
         limit = self.options.usage_timeout_seconds
         if request.deadline is not None:
             limit = min(limit, request.deadline - time.monotonic())
         if limit <= 0:
             return None
         headers = {k: v for k, v in self.headers.items() if k != "content-type"}
+        latest: dict[str, Any] | None = None
         try:
             async with asyncio.timeout(limit):
-                response = await self.client.get(attempt.get_url, headers=headers, timeout=limit)
-        except (TimeoutError, httpx2.HTTPError):
-            return None
-        if response.status_code != 200:
-            return None
-        try:
-            value = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            return None
-        return value if isinstance(value, dict) else None
+                while True:
+                    response = await self.client.get(attempt.get_url, headers=headers, timeout=limit)
+                    if response.status_code != 200:
+                        return latest
+                    value = orjson.loads(response.content)
+                    if not isinstance(value, dict):
+                        return latest
+                    latest = value
+                    if value.get("status") not in _UNSETTLED_STATUSES:
+                        return latest
+                    await asyncio.sleep(_SETTLE_POLL_SECONDS)
+        except (TimeoutError, httpx2.HTTPError, orjson.JSONDecodeError):
+            return latest
 
     def _cancel_later(self, attempt: _Attempt) -> None:
         if not attempt.cancel_url:

@@ -14,7 +14,8 @@
   the caller leave" reads the same as for the other fakes.
 - `POST {urls.cancel}`: recorded in `cancels` (with the time it arrived); `GET {urls.get}`: the
   prediction with its `metrics` (`input_token_count`, `output_token_count`, and a model-recorded
-  `cached_input_token_count` when the script has cached tokens), recorded in `gets`.
+  `cached_input_token_count` when the script has cached tokens), recorded in `gets`; for the
+  first `unsettled_gets` it is still `processing`, without metrics.
 
 Errors are problem details: `{"title", "detail", "status"}`. `requests` holds the creates only:
 one attempt is one prediction.
@@ -101,6 +102,8 @@ class FakeReplicate(FakeServer):
         self.final_status: str | None = None
         # Whether the create answers with a stream URL (a model that cannot stream has none).
         self.streaming = True
+        # How many GETs of a prediction still see it processing (no metrics) after its stream.
+        self.unsettled_gets = 0
 
     @property
     def base_url(self) -> str:
@@ -226,6 +229,10 @@ class FakeReplicate(FakeServer):
                 found.status = "canceled"
         elif prediction is not None and not prediction["cancel"] and incoming.method == "GET":
             self.gets.append(found.id)
+            if self.unsettled_gets > 0 and found.status == "succeeded":
+                self.unsettled_gets -= 1
+                body = orjson.dumps(self._prediction_json(found) | {"status": "processing", "metrics": {}})
+                return await self._execute(conn, record, self._json_plan(200, body, found.id, keep_alive))
         else:
             return await self._execute(conn, record, self._error_plan(405, "", "Method not allowed", keep_alive))
         body = orjson.dumps(self._prediction_json(found))
