@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator
@@ -451,3 +453,20 @@ def test_the_readme_example_routes_start(monkeypatch: pytest.MonkeyPatch) -> Non
         "llama": "/v1/models/meta/meta-llama-3-70b-instruct/predictions",
         "pinned": "/v1/predictions",
     }
+
+
+def test_the_sdk_is_imported_only_when_a_replicate_route_is_built() -> None:
+    script = (
+        "import os, sys\n"
+        "from service.config import build_routes\n"
+        "from service.providers import create_provider\n"
+        "import service.providers.replicate\n"
+        "before = 'replicate' in sys.modules\n"
+        f"os.environ[{ENV!r}] = 'r8_lazy-import-token-0001'\n"
+        f"table = {{'provider': 'replicate', 'model': 'a/b', 'options': {{'api_key_env': {ENV!r}}}}}\n"
+        "route = build_routes({'r': table}, 't')['r']\n"
+        "create_provider(route)\n"
+        "print(before, 'replicate' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"]
