@@ -17,6 +17,9 @@ generic `sse-endpoint` (seed 003's flow shape, tests/fakes/flow.py) has no SDK: 
 For Gemini the SDK column is google-genai's `aio.models.generate_content_stream` over the same bytes
 (httpx2 through a replaying transport: it then takes httpx2 rather than aiohttp). For watsonx it is
 ibm-watsonx-ai's own chat stream loop over the same bytes (see `measure_watsonx`: a lower bound).
+For Replicate the three steps (create, stream, the prediction's metrics) are replayed, and its SDK
+column is replicate's `AsyncClient.async_stream` over the same bytes (legacy httpx through a
+replaying transport; its default `use_file_output`).
 
     .venv/bin/python bench/parse_cost.py --chunks 2000 --repeat 5
 
@@ -39,6 +42,7 @@ from typing import Any
 import anthropic
 import httpx2
 import openai
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fakes import FakeAnthropic, FakeOpenAI, StreamReply
@@ -46,12 +50,14 @@ from fakes.bedrock import FakeBedrock
 from fakes.flow import OPTIONS as FLOW_OPTIONS
 from fakes.flow import FakeFlow, flow_url
 from fakes.gemini import FakeGemini
+from fakes.replicate import MODEL as REPLICATE_MODEL
+from fakes.replicate import FakeReplicate
 from fakes.server import RequestContext
 from fakes.watsonx import FakeWatsonx
 
 from service.config import build_routes
 from service.events import ChatMessage, GenerationRequest, Role
-from service.providers import bedrock, create_provider, gemini, sse_endpoint, watsonx
+from service.providers import bedrock, create_provider, gemini, replicate, sse_endpoint, watsonx
 from service.providers.anthropic import AnthropicProvider, EventParser
 from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
@@ -391,6 +397,83 @@ async def measure_watsonx(chunks: int, repeat: int) -> dict[str, float]:
     return results
 
 
+_REPLICATE_BASE = "http://127.0.0.1:9"
+
+
+def replicate_answer(method: str, path: str, pieces: list[bytes]) -> tuple[int, dict[str, str], Any]:
+    """What Replicate answers at each of a streamed prediction's three steps, from memory."""
+    own = f"{_REPLICATE_BASE}/v1/predictions/bench"
+    if method == "POST":
+        urls = {"get": own, "cancel": f"{own}/cancel", "stream": f"{_REPLICATE_BASE}/v1/streams/bench"}
+        prediction = {"id": "bench", "model": REPLICATE_MODEL, "version": "v", "status": "starting", "urls": urls}
+        return 201, {"content-type": "application/json"}, orjson.dumps(prediction)
+    if path.startswith("/v1/streams/"):
+        return 200, {"content-type": "text/event-stream"}, pieces
+    metrics = {"input_token_count": 6, "output_token_count": len(pieces)}
+    body = {"id": "bench", "model": REPLICATE_MODEL, "status": "succeeded", "metrics": metrics}
+    return 200, {"content-type": "application/json"}, orjson.dumps(body)
+
+
+async def measure_replicate(chunks: int, repeat: int) -> dict[str, float]:
+    import httpx
+    from replicate.client import Client
+
+    reply = StreamReply(text=[f" word{i}" for i in range(chunks)])
+    context = RequestContext({}, {"model": REPLICATE_MODEL}, "bench")
+    pieces = [frame.data for frame in FakeReplicate()._render_stream(reply, context).frames]
+    os.environ["BENCH_PARSE_KEY"] = KEY
+    options = {"base_url": _REPLICATE_BASE, "api_key_env": "BENCH_PARSE_KEY"}
+    route = build_routes({"r": {"provider": "replicate", "model": REPLICATE_MODEL, "options": options}}, "bench")["r"]
+    provider = create_provider(route)
+    assert isinstance(provider, replicate.ReplicateProvider)
+
+    async def replay() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    async def ours(request: httpx2.Request) -> httpx2.Response:
+        await request.aread()
+        status, headers, body = replicate_answer(request.method, request.url.path, pieces)
+        return httpx2.Response(status, headers=headers, content=replay() if body is pieces else body)
+
+    async def theirs(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        status, headers, body = replicate_answer(request.method, request.url.path, pieces)
+        return httpx.Response(status, headers=headers, content=replay() if body is pieces else body)
+
+    await provider.client.aclose()
+    provider.client = httpx2.AsyncClient(transport=httpx2.MockTransport(ours))
+
+    async def parse_only() -> int:
+        decoder, parser = replicate.EventDecoder(), replicate.StreamParser("replicate")
+        for piece in pieces:
+            for name, data in decoder.feed(piece):
+                parser.handle(name, data)
+                parser.out.clear()
+        parser.finish()
+        return len(pieces)
+
+    async def adapter() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return len(pieces)
+
+    sdk = Client(api_token=KEY, base_url=_REPLICATE_BASE, transport=httpx.MockTransport(theirs))
+
+    async def sdk_iterator() -> int:
+        async for _ in await sdk.async_stream(REPLICATE_MODEL, input={"prompt": "Tell me about streaming."}):
+            pass
+        return len(pieces)
+
+    results = {
+        "parse only": await cpu_per_chunk(parse_only, repeat),
+        "adapter": await cpu_per_chunk(adapter, repeat),
+        "SDK iterator": await cpu_per_chunk(sdk_iterator, repeat),
+    }
+    await provider.aclose()
+    return results
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=2000, help="text deltas per response (default 2000)")
@@ -398,9 +481,11 @@ async def main() -> None:
     args = parser.parse_args()
     print(f"CPU per chunk, µs (median of {args.repeat} responses of {args.chunks} text deltas)")
     print(f"{'vendor':<12} {'parse only':>9} {'adapter':>9} {'SDK iterator':>13}")
-    for vendor in ("openai", "anthropic", "bedrock", "gemini", "watsonx", "sse-endpoint"):
+    for vendor in ("openai", "anthropic", "bedrock", "gemini", "watsonx", "sse-endpoint", "replicate"):
         if vendor == "bedrock":
             r = await measure_bedrock(args.chunks, args.repeat)
+        elif vendor == "replicate":
+            r = await measure_replicate(args.chunks, args.repeat)
         elif vendor == "gemini":
             r = await measure_gemini(args.chunks, args.repeat)
         elif vendor == "watsonx":

@@ -22,6 +22,7 @@ from fakes import bedrock as fake_bedrock_module
 from fakes import flow as fake_flow_module
 from fakes import gemini as fake_gemini_module
 from fakes import openai as fake_openai_module
+from fakes import replicate as fake_replicate_module
 from fakes import watsonx as fake_watsonx_module
 from fakes.kit import Kit
 from fakes.replies import ResetReply, StatusReply, StreamReply, ToolCallScript, Usage
@@ -40,6 +41,7 @@ KITS: list[Kit] = [
     fake_gemini_module.VERTEX_KIT,
     fake_watsonx_module.KIT,
     fake_watsonx_module.DEPLOYMENT_KIT,
+    fake_replicate_module.KIT,
 ]
 TIMEOUTS = {"read_timeout_seconds": 1.0, "connect_timeout_seconds": 1.0}
 

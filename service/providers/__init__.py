@@ -19,6 +19,7 @@ KINDS: dict[str, type[Provider] | str] = {
     "gemini": "service.providers.gemini:GeminiProvider",
     "watsonx": "service.providers.watsonx:WatsonxProvider",
     "sse-endpoint": "service.providers.sse_endpoint:SSEEndpointProvider",
+    "replicate": "service.providers.replicate:ReplicateProvider",
 }
 
 
