@@ -59,6 +59,9 @@ ROUTES: dict[str, str] = {
         'provider = "watsonx"\nmodel = "ibm/granite-3-8b-instruct"\n'
         'options = { url = "https://127.0.0.1:9", project_id = "placeholder-project" }\n'
     ),
+    "replicate": (
+        f'provider = "replicate"\nmodel = "meta/meta-llama-3-8b-instruct"\noptions = {{ base_url = "{NOWHERE}" }}\n'
+    ),
 }
 
 
