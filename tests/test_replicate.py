@@ -154,6 +154,25 @@ def test_which_hosts_a_url_may_point_to(monkeypatch: pytest.MonkeyPatch) -> None
     assert proxy.allows("http://10.0.0.6:81/x") and not proxy.allows("http://streams.internal/x")
 
 
+async def test_a_caller_who_leaves_during_the_create_has_the_prediction_cancelled(fake: FakeReplicate) -> None:
+    fake.create_delay = 0.3
+    p = provider(fake.base_url)
+    task = asyncio.create_task(run(p))
+    await fake.wait_requests(1)
+    left_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - left_at < 0.1, "the caller waited for the create"
+    for _ in range(200):
+        if fake.cancels:
+            break
+        await asyncio.sleep(0.01)
+    await p.aclose()
+    assert [c[0] for c in fake.cancels] == list(fake.predictions) and len(fake.cancels) == 1
+    assert fake.streams == [], "the stream of a prediction nobody reads was opened"
+
+
 async def test_a_model_that_cannot_stream_is_rejected_and_its_prediction_cancelled(fake: FakeReplicate) -> None:
     fake.streaming = False
     p = provider(fake.base_url)

@@ -33,7 +33,7 @@ Cancel: when the caller leaves, or the stream fails in any way before `done` or 
 event, the stream's connection is closed and `urls.cancel` is POSTed in the background (bounded by
 `cancel_timeout_seconds`; the caller's cancel never waits for it), so that the prediction stops
 running and billing. A caller that leaves while the prediction is being created (before its id
-is known) cannot have it cancelled.
+is known) has it cancelled as soon as the create's answer names it.
 
 SSRF and the key: the stream, get and cancel URLs come from Replicate's answer, and the key goes
 with them. Each is followed only when its origin is the API base's, or (https only) a host in
@@ -64,7 +64,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -580,16 +580,22 @@ class ReplicateProvider(HTTPProvider):
                 await response.aclose()
 
     async def _create(self, request: GenerationRequest, attempt: _Attempt, limits: httpx2.Timeout) -> str:
-        """Creates the prediction; returns its stream URL."""
+        """Creates the prediction; returns its stream URL.
+
+        The create runs in a task of its own: a caller who leaves while Replicate is still
+        creating the prediction does not wait for it, but the prediction it creates is cancelled
+        as soon as its answer names it (bounded by `cancel_timeout_seconds`).
+        """
         body = orjson.dumps(self.request_body(request))
         sent = self.client.build_request(
             "POST", self.base + self.create_path, content=body, headers=self.headers, timeout=limits
         )
-        response = await self.client.send(sent, stream=True)
+        creating = asyncio.get_running_loop().create_task(self._post(sent))
         try:
-            raw = await response.aread()
-        finally:
-            await response.aclose()
+            response, raw = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            self._track(self._cancel_once_created(creating))
+            raise
         if response.status_code not in (200, 201):
             raise self._status_error(response, raw)
         prediction = loads(raw, self.kind)
@@ -615,6 +621,40 @@ class ReplicateProvider(HTTPProvider):
                 provider=self.kind,
             )
         return stream
+
+    async def _post(self, sent: httpx2.Request) -> tuple[httpx2.Response, bytes]:
+        response = await self.client.send(sent, stream=True)
+        try:
+            return response, await response.aread()
+        finally:
+            await response.aclose()
+
+    async def _cancel_once_created(self, creating: asyncio.Task[tuple[httpx2.Response, bytes]]) -> None:
+        """Cancels the prediction a create whose caller has left goes on to make."""
+        try:
+            async with asyncio.timeout(self.options.cancel_timeout_seconds):
+                response, raw = await creating
+        except Exception:  # no prediction to cancel: the create failed or timed out
+            creating.cancel()
+            return
+        if response.status_code not in (200, 201):
+            return
+        try:
+            prediction = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        prediction_id = prediction.get("id") if isinstance(prediction, dict) else None
+        if not isinstance(prediction_id, str) or not prediction_id:
+            return
+        urls = prediction.get("urls")
+        own = f"{self.base}/v1/predictions/{urllib.parse.quote(prediction_id, safe='')}"
+        url = self._allowed(urls.get("cancel")) if isinstance(urls, dict) else ""
+        await self._cancel(url or f"{own}/cancel")
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.cancels.tasks.add(task)
+        task.add_done_callback(self.cancels.tasks.discard)
 
     def _allowed(self, url: object) -> str:
         return url if isinstance(url, str) and self.origins.allows(url) else ""
@@ -684,9 +724,7 @@ class ReplicateProvider(HTTPProvider):
         if not attempt.cancel_url:
             return
         attempt.parser.terminal = True  # one cancel per prediction
-        task = asyncio.get_running_loop().create_task(self._cancel(attempt.cancel_url))
-        self.cancels.tasks.add(task)
-        task.add_done_callback(self.cancels.tasks.discard)
+        self._track(self._cancel(attempt.cancel_url))
 
     async def _cancel(self, url: str) -> None:
         limit = self.options.cancel_timeout_seconds

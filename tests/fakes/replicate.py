@@ -23,6 +23,7 @@ one attempt is one prediction.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import string
@@ -104,6 +105,8 @@ class FakeReplicate(FakeServer):
         self.streaming = True
         # How many GETs of a prediction still see it processing (no metrics) after its stream.
         self.unsettled_gets = 0
+        # Seconds the create takes before it answers (the prediction exists once it has).
+        self.create_delay = 0.0
 
     @property
     def base_url(self) -> str:
@@ -210,6 +213,8 @@ class FakeReplicate(FakeServer):
         stream = _STREAM_PATH.match(path)
         prediction = _PREDICTION_PATH.match(path)
         if stream is None and prediction is None:
+            if self.create_delay and incoming.method == "POST":
+                await asyncio.sleep(self.create_delay)
             return await super()._respond(conn, incoming)
         keep_alive = "close" not in incoming.headers.get("connection", "").lower()
         record = RecordedRequest(incoming.method, path, {}, incoming.headers, None, incoming.received_at)
