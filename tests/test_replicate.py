@@ -146,6 +146,11 @@ def test_which_hosts_a_url_may_point_to(monkeypatch: pytest.MonkeyPatch) -> None
     assert not own.allows("https://replicate.com.evil.example/x")
     assert not own.allows("https://user@stream.replicate.com/x")
     assert not own.allows("https://169.254.169.254/latest/meta-data")
+    assert own.allows("https://STREAM.replicate.com:443/v1/files/abc")
+    assert not own.allows("https://stream.replicate.com:8443/v1/files/abc"), "another port"
+    assert not own.allows("https://evil.example\\x.replicate.com/x"), "hosts the parsers read apart"
+    assert not own.allows("https://stream.replicate.com/v1/\tfiles"), "a URL the transport refuses"
+    assert not own.allows("https://stream.replicate.com /x")
     proxy = provider("http://10.0.0.5:8080", stream_hosts="streams.internal, .cdn.example, http://10.0.0.6:81").origins
     assert proxy.allows("http://10.0.0.5:8080/v1/streams/x")
     assert not proxy.allows("http://10.0.0.5:8081/v1/streams/x")
@@ -164,6 +169,7 @@ async def test_a_caller_who_leaves_during_the_create_has_the_prediction_cancelle
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - left_at < 0.1, "the caller waited for the create"
+    assert fake.cancels == [] and len(fake.predictions) == 1, "the create had not been answered yet"
     for _ in range(200):
         if fake.cancels:
             break
@@ -253,8 +259,15 @@ def test_an_event_without_an_id_or_a_stream_without_done_never_looks_finished() 
     _, error = decode(b"event: output\nid: 1:7\ndata: Hi\n\n")
     assert isinstance(error, GatewayError) and error.code is ErrorCode.PROVIDER_STREAM_TRUNCATED
     assert "last event id 1:7" in error.message
-    got, finished = decode(b'event: output\nid: 1\ndata: Hi\n\nevent: done\nid: 2\ndata: {"reason": "later"}\n\n')
-    assert got == "Hi" and (finished.reason, finished.raw_reason) == (FinishReason.OTHER, "later")
+    # A reason Replicate does not document is no success (`failed`, `aborted`, one yet to come).
+    for reason in (b"failed", b"aborted", b"later"):
+        got, error = decode(
+            b'event: output\nid: 1\ndata: Hi\n\nevent: done\nid: 2\ndata: {"reason": "' + reason + b'"}\n\n'
+        )
+        assert got == "Hi" and isinstance(error, GatewayError) and error.code is ErrorCode.PROVIDER_ERROR
+        assert reason.decode() in error.message
+    got, finished = decode(b"event: output\nid: 1\ndata: Hi\n\nevent: done\nid: 2\ndata: {}\n\n")
+    assert got == "Hi" and (finished.reason, finished.raw_reason) == (FinishReason.STOP, "done")
 
 
 async def test_done_but_the_prediction_says_failed_is_an_error(fake: FakeReplicate) -> None:
@@ -489,3 +502,35 @@ def test_the_sdk_is_imported_only_when_a_replicate_route_is_built() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_a_stop_sequence_with_a_comma_is_refused_when_they_go_as_one_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "r8_unit-test-token-0001")
+    options = provider("https://api.replicate.com").options
+    with pytest.raises(GatewayError) as refused:
+        build_input(ask(stop_sequences=("a,b",)), options)
+    assert refused.value.code is ErrorCode.INVALID_REQUEST and "comma" in refused.value.message
+    assert build_input(ask(stop_sequences=("a", "b")), options)["stop_sequences"] == "a,b"
+    listed = provider("https://api.replicate.com", stop_format="list").options
+    assert build_input(ask(stop_sequences=("a,b",)), listed)["stop_sequences"] == ["a,b"]
+
+
+def test_options_that_cannot_work_are_refused_when_the_server_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "r8_unit-test-token-0001")
+    with pytest.raises(ConfigError, match="prompt_field"):
+        provider("https://api.replicate.com", prompt_field="")
+    with pytest.raises(ConfigError, match=r"'\.cdn\.example', without \*"):
+        provider("https://api.replicate.com", stream_hosts="*.cdn.example")
+
+
+async def test_an_unsettled_prediction_is_read_again_less_and_less_often(fake: FakeReplicate) -> None:
+    fake.unsettled_gets = 4
+    fake.enqueue(StreamReply(text=["Hi"], usage=Usage(input_tokens=3, output_tokens=1)))
+    p = provider(fake.base_url, usage_timeout_seconds=5.0)
+    events, error = await run(p)
+    await p.aclose()
+    assert error is None and isinstance(events[-1], Finished) and events[-1].usage is not None
+    assert len(fake.gets) == 5
+    gaps = [b - a for a, b in zip(fake.get_times, fake.get_times[1:], strict=False)]
+    # Each wait is at least the one it is meant to be: 0.1 s, then doubling up to 0.8 s.
+    assert all(gap >= 0.095 * min(2**i, 8) for i, gap in enumerate(gaps)), gaps

@@ -73,7 +73,7 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, register_secret, stream_truncated
+from service.errors import ErrorCode, GatewayError, invalid_request, register_secret, stream_truncated
 from service.events import (
     EventStream,
     Finished,
@@ -107,7 +107,9 @@ _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 _FAILED_STATUSES = frozenset({"failed", "canceled", "aborted"})
 # Statuses of a prediction that has not settled yet: its metrics are still to come.
 _UNSETTLED_STATUSES = frozenset({"starting", "processing"})
+# The first wait between two reads of an unsettled prediction, doubled each time up to the cap.
 _SETTLE_POLL_SECONDS = 0.1
+_SETTLE_POLL_MAX_SECONDS = 0.8
 
 ERRORS = ErrorTable(
     statuses={
@@ -141,7 +143,7 @@ class ReplicateOptions:
     seed_field: str = "seed"
     # Stop sequences as one comma-separated string (Llama's inputs) or as a list.
     stop_format: str = bounds("comma", choices=("comma", "list"))
-    # After `done`, read the prediction's metrics for its token counts (one GET, bounded).
+    # After `done`, read the prediction's metrics for its token counts (bounded by the timeout).
     fetch_usage: bool = True
     usage_timeout_seconds: float = bounds(2.0, minimum=0.05, maximum=60.0)
     # The metrics that hold the counts: a model may record its own (cog's record_metric).
@@ -302,7 +304,16 @@ class StreamParser:
                 raise _failed(self.kind, "was canceled at the provider before it completed")
             if reason == "error":
                 raise _failed(self.kind, "failed at the provider (its stream ended with reason error)")
-            self.raw_reason = reason if isinstance(reason, str) and reason else "done"
+            if reason:
+                # Only a done without a reason is a success; a reason Replicate has not
+                # documented may be another way of failing, and a stream never looks finished
+                # unless it is.
+                raise GatewayError(
+                    ErrorCode.PROVIDER_ERROR,
+                    f"the prediction's stream ended with reason {provider_text(str(reason), 64)!r}, not a success",
+                    provider=self.kind,
+                )
+            self.raw_reason = "done"
             self.done = True
         elif event == b"error":
             self.terminal = True
@@ -323,7 +334,7 @@ class StreamParser:
                 self.kind, f"the provider's stream ended before its done event (last event id {last})"
             )
         return Finished(
-            reason=FinishReason.STOP if raw == "done" else FinishReason.OTHER,
+            reason=FinishReason.STOP,
             raw_reason=raw,
             provider_request_id=self.prediction_id,
         )
@@ -363,8 +374,14 @@ def build_input(request: GenerationRequest, o: ReplicateOptions) -> dict[str, An
         (o.top_p_field, request.top_p),
         (o.seed_field, request.seed),
     ]
-    if request.stop_sequences:
+    if request.stop_sequences and o.stop_field:
         stops = list(request.stop_sequences)
+        if o.stop_format == "comma" and any("," in stop for stop in stops):
+            # One comma-separated string cannot hold a comma: it would be two other sequences.
+            raise invalid_request(
+                "stop_sequences",
+                "this route passes stop sequences as one comma-separated string; a sequence cannot contain a comma",
+            )
         optional.append((o.stop_field, ",".join(stops) if o.stop_format == "comma" else stops))
     for name, value in optional:
         if name and value is not None:
@@ -391,6 +408,9 @@ class _Origins:
     https_suffixes: tuple[str, ...]
 
     def allows(self, url: str) -> bool:
+        # What urlsplit and the transport could read as two different hosts: never followed.
+        if any(c in url for c in "\\ ") or not url.isprintable():
+            return False
         try:
             parts = urllib.parse.urlsplit(url)
             port = parts.port
@@ -426,6 +446,11 @@ def _origins(o: ReplicateOptions, route: str) -> _Origins:
             if not entry.startswith(("http://", "https://")):
                 raise ConfigError(f"[routes.{route}] options.stream_hosts: {entry!r} is not an http(s) origin")
             exact.add(_origin_key(entry))
+        elif "*" in entry:
+            raise ConfigError(
+                f"[routes.{route}] options.stream_hosts: {entry!r}: write a domain and its subdomains as "
+                f"{'.' + entry.lstrip('*.')!r}, without *"
+            )
         elif entry.startswith("."):
             suffixes.append(entry)
         elif "/" in entry or ":" in entry:
@@ -473,6 +498,10 @@ class ReplicateProvider(HTTPProvider):
             ) from None
         if not o.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"[routes.{route.name}] options.base_url must be an http:// or https:// URL")
+        if not o.prompt_field:
+            raise ConfigError(
+                f"[routes.{route.name}] options.prompt_field names the input the prompt goes in: it cannot be empty"
+            )
         self.base = o.base_url.rstrip("/")
         model = route.model
         version = o.version
@@ -564,7 +593,14 @@ class ReplicateProvider(HTTPProvider):
                 )
             headers = self.headers | {"accept": "text/event-stream", "cache-control": "no-store"}
             del headers["content-type"]
-            sent = self.client.build_request("GET", stream_url, headers=headers, timeout=timeout)
+            try:
+                sent = self.client.build_request("GET", stream_url, headers=headers, timeout=timeout)
+            except httpx2.InvalidURL:
+                raise GatewayError(
+                    ErrorCode.PROVIDER_PROTOCOL_ERROR,
+                    "the provider's stream URL is not a valid URL",
+                    provider=self.kind,
+                ) from None
             response = await self.client.send(sent, stream=True)
             if response.status_code != 200:
                 raw = await response.aread()
@@ -632,7 +668,9 @@ class ReplicateProvider(HTTPProvider):
     async def _cancel_once_created(self, creating: asyncio.Task[tuple[httpx2.Response, bytes]]) -> None:
         """Cancels the prediction a create whose caller has left goes on to make."""
         try:
-            async with asyncio.timeout(self.options.cancel_timeout_seconds):
+            # As long as the create itself may take: a prediction it makes must not be left running.
+            o = self.options
+            async with asyncio.timeout(o.connect_timeout_seconds + o.read_timeout_seconds):
                 response, raw = await creating
         except Exception:  # no prediction to cancel: the create failed or timed out
             creating.cancel()
@@ -695,7 +733,7 @@ class ReplicateProvider(HTTPProvider):
 
     async def _read_prediction(self, attempt: _Attempt, request: GenerationRequest) -> Mapping[str, Any] | None:
         """The prediction once it has settled (its metrics come with its final status), read
-        again every 0.1 s while it is still starting or processing; None when it cannot be read
+        again while it is still starting or processing (after 0.1 s, doubling up to 0.8 s); None when it cannot be read
         within `usage_timeout_seconds` (and the caller's deadline)."""
         limit = self.options.usage_timeout_seconds
         if request.deadline is not None:
@@ -704,6 +742,7 @@ class ReplicateProvider(HTTPProvider):
             return None
         headers = {k: v for k, v in self.headers.items() if k != "content-type"}
         latest: dict[str, Any] | None = None
+        pause = _SETTLE_POLL_SECONDS
         try:
             async with asyncio.timeout(limit):
                 while True:
@@ -716,8 +755,9 @@ class ReplicateProvider(HTTPProvider):
                     latest = value
                     if value.get("status") not in _UNSETTLED_STATUSES:
                         return latest
-                    await asyncio.sleep(_SETTLE_POLL_SECONDS)
-        except (TimeoutError, httpx2.HTTPError, orjson.JSONDecodeError):
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _SETTLE_POLL_MAX_SECONDS)
+        except (TimeoutError, httpx2.HTTPError, httpx2.InvalidURL, orjson.JSONDecodeError):
             return latest
 
     def _cancel_later(self, attempt: _Attempt) -> None:
@@ -733,7 +773,7 @@ class ReplicateProvider(HTTPProvider):
             async with asyncio.timeout(limit):
                 response = await self.client.post(url, headers=headers, timeout=limit)
             self.cancels.sent += response.status_code < 400
-        except (TimeoutError, httpx2.HTTPError):
+        except (TimeoutError, httpx2.HTTPError, httpx2.InvalidURL):
             # Best effort: the prediction then runs to its own end (Replicate bounds it).
             pass
 

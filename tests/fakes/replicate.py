@@ -23,7 +23,6 @@ one attempt is one prediction.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import string
@@ -96,6 +95,8 @@ class FakeReplicate(FakeServer):
         # (prediction id, time.monotonic() when it arrived)
         self.cancels: list[tuple[str, float]] = []
         self.gets: list[str] = []
+        # time.monotonic() of each GET of a prediction
+        self.get_times: list[float] = []
         self.streams: list[RecordedRequest] = []
         # Where stream URLs point; None: this fake's origin.
         self.stream_origin: str | None = None
@@ -176,7 +177,8 @@ class FakeReplicate(FakeServer):
         )
         self.predictions[prediction.id] = prediction
         payload = self._prediction_json(prediction, streaming=self.streaming and body.get("stream") is True)
-        return self._json_plan(201, orjson.dumps(payload), prediction.id, keep_alive)
+        # The prediction exists from here on, whether or not its creator is there for the answer.
+        return self._json_plan(201, orjson.dumps(payload), prediction.id, keep_alive, delay=self.create_delay)
 
     def _prediction_json(self, p: Prediction, *, streaming: bool = True) -> dict[str, Any]:
         own = f"{self.origin}/v1/predictions/{p.id}"
@@ -213,8 +215,6 @@ class FakeReplicate(FakeServer):
         stream = _STREAM_PATH.match(path)
         prediction = _PREDICTION_PATH.match(path)
         if stream is None and prediction is None:
-            if self.create_delay and incoming.method == "POST":
-                await asyncio.sleep(self.create_delay)
             return await super()._respond(conn, incoming)
         keep_alive = "close" not in incoming.headers.get("connection", "").lower()
         record = RecordedRequest(incoming.method, path, {}, incoming.headers, None, incoming.received_at)
@@ -234,6 +234,7 @@ class FakeReplicate(FakeServer):
                 found.status = "canceled"
         elif prediction is not None and not prediction["cancel"] and incoming.method == "GET":
             self.gets.append(found.id)
+            self.get_times.append(time.monotonic())
             if self.unsettled_gets > 0 and found.status == "succeeded":
                 self.unsettled_gets -= 1
                 body = orjson.dumps(self._prediction_json(found) | {"status": "processing", "metrics": {}})
