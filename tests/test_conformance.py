@@ -188,10 +188,15 @@ def _every_finish_reason() -> list[Any]:
 
 @pytest.mark.parametrize(("kit", "raw", "neutral"), _every_finish_reason(), indirect=["kit"])
 async def test_every_finish_reason_is_mapped_and_kept_raw(
-    gateway: Running, fake: FakeServer, raw: str, neutral: str
+    gateway: Running, fake: FakeServer, kit: Kit, raw: str, neutral: str
 ) -> None:
     fake.enqueue(StreamReply(finish=raw, stop_sequence="END" if neutral == "STOP_SEQUENCE" else None))
     messages, code, _ = await collect(gateway.stub.Generate(request(model="plain")))
+    if raw not in kit.finish_reasons and not kit.unknown_reason_finishes:
+        assert_well_formed(messages)
+        assert code == grpc.StatusCode.UNAVAILABLE and messages[-1].error.code == pb.ERROR_CODE_PROVIDER_ERROR
+        assert raw in messages[-1].error.message
+        return
     assert code == grpc.StatusCode.OK
     finish = messages[-1].finish
     assert (finish.reason, finish.raw_reason) == (finish_reason(neutral), raw)

@@ -32,5 +32,8 @@ class Kit:
     reasoning: bool = False
     # Whether the provider takes tools (a generic endpoint has none to offer).
     tools: bool = True
+    # Whether a finish reason the vendor has not documented ends the stream as a finish (OTHER, the
+    # raw reason kept) or, where the vendor's reasons only ever name failures, as an error.
+    unknown_reason_finishes: bool = True
     # Variables to remove for the route to read only what `env` sets.
     unset: tuple[str, ...] = field(default=())

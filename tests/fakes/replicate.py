@@ -296,6 +296,8 @@ KIT = Kit(
     secrets=lambda fake: [fake.api_key, "LEAKCANARY"],
     finish_reasons={"done": "STOP"},
     text_finish="done",
+    # A done event's reason only ever says how a prediction failed (canceled, error).
+    unknown_reason_finishes=False,
     tools=False,
     unset=("REPLICATE_API_TOKEN",),
 )
