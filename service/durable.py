@@ -99,8 +99,8 @@ CANCEL_HANDOFF_SECONDS = 1.0
 _REMOTE_READ_SLACK_SECONDS = 2.0
 # The producer's in-process tail (journals that are not in process, see `_Tail`): at most this many
 # of its last acknowledged messages, and about this many bytes (never fewer than one message).
-TAIL_MAX_MESSAGES = 256
-TAIL_MAX_BYTES = 256 * 1024
+TAIL_MAX_MESSAGES = 64
+TAIL_MAX_BYTES = 64 * 1024
 
 _STATUSES = {
     StreamStatus.RUNNING: pb.STREAM_STATUS_RUNNING,
@@ -412,8 +412,8 @@ class Follower:
                     return
                 if streams.reapable(record) and await streams.reap(record):
                     continue  # its producer is gone: the terminal Error is journaled, read it
-                if glance:
-                    continue
+                if glance or (tail is not None and not tail.closed and tail.covers(self.after)):
+                    continue  # back to the tail (a reader that was behind it has caught up)
                 try:
                     await journal.wait(self.stream_id, self.after, _WAIT_SLICE_SECONDS)
                 except JournalError:

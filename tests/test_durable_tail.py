@@ -62,6 +62,7 @@ class HeldJournal(MemoryJournal):
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.reads = 0
+        self.waits = 0
 
     async def append(
         self,
@@ -86,6 +87,10 @@ class HeldJournal(MemoryJournal):
     async def read(self, stream_id: str, after: int, limit: int) -> Batch | None:
         self.reads += 1
         return await super().read(stream_id, after, limit)
+
+    async def wait(self, stream_id: str, after: int, within: float) -> None:
+        self.waits += 1
+        await super().wait(stream_id, after, within)
 
     async def aclose(self) -> None:
         pass  # shared by the servers of a test: kept until the test ends
@@ -241,6 +246,7 @@ async def test_a_reader_behind_the_tail_reads_the_journal_and_the_tail_goes_with
     resumed, code, _ = await collect(running.stub.Resume(pb.ResumeRequest(stream_id="behind", resume_token=token)))
     assert code == grpc.StatusCode.OK
     assert journal.reads >= 1
+    assert journal.waits == 0  # caught up, it went back to the tail rather than wait on the journal
     rest, code, _ = await read_to_end(call)
     assert code == grpc.StatusCode.OK
     whole = first + rest
