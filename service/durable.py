@@ -97,6 +97,10 @@ CANCEL_HANDOFF_SECONDS = 1.0
 # A reader on another replica marks the stream read once a second (the Redis journal's
 # TOUCH_SECONDS): abandonment gives such readers this much more than the window.
 _REMOTE_READ_SLACK_SECONDS = 2.0
+# The producer's in-process tail (journals that are not in process, see `_Tail`): at most this many
+# of its last acknowledged messages, and about this many bytes (never fewer than one message).
+TAIL_MAX_MESSAGES = 64
+TAIL_MAX_BYTES = 64 * 1024
 
 _STATUSES = {
     StreamStatus.RUNNING: pb.STREAM_STATUS_RUNNING,
@@ -203,6 +207,105 @@ def _status_of(err: GatewayError) -> StreamStatus:
     return StreamStatus.CANCELLED if err.code is ErrorCode.STREAM_CANCELLED else StreamStatus.FAILED
 
 
+class _Tail:
+    """The last messages a producer appended and the journal acknowledged, for readers in its process.
+
+    A reader in the producing process whose cursor is within the tail reads here and waits on the
+    tail, instead of reading its stream back from a journal that is not in process (Redis). Only
+    acknowledged appends are pushed, in order, so a message served here is the journal's message:
+    the same bytes at the same sequence as Resume gives anywhere, and none a failed write could take
+    back. Bounded by TAIL_MAX_MESSAGES and TAIL_MAX_BYTES, dropped from the front; a reader behind
+    it reads the journal. Closed when the producer stops pushing (it ended, was fenced, lost its
+    journal): its readers then go on from the journal, which has whatever was written after it.
+    """
+
+    __slots__ = ("_head", "_held", "_waiters", "closed", "first", "last", "size", "terminal")
+
+    def __init__(self) -> None:
+        # _held[_head:] are the messages held; the ones before _head were dropped.
+        self._held: list[bytes] = []
+        self._head = 0
+        # The sequence of the first message held, and of the last one pushed (0: none yet).
+        self.first = 1
+        self.last = 0
+        self.size = 0
+        self.terminal = False
+        self.closed = False
+        self._waiters: list[asyncio.Future[bool]] = []
+
+    def __len__(self) -> int:
+        return len(self._held) - self._head
+
+    def push(self, sequence: int, payload: bytes, *, terminal: bool = False) -> None:
+        """An acknowledged append of one message at `sequence`."""
+        if self.closed:
+            return
+        if sequence != self.last + 1:
+            # Not the next one (never expected): the journal, not the tail, says what follows.
+            self.close()
+            return
+        held = self._held
+        held.append(payload)
+        self.last = sequence
+        self.size += len(payload)
+        while len(held) - self._head > TAIL_MAX_MESSAGES or (self.size > TAIL_MAX_BYTES and len(held) - self._head > 1):
+            self.size -= len(held[self._head])
+            held[self._head] = b""
+            self._head += 1
+            self.first += 1
+        if self._head >= 64 and self._head * 2 >= len(held):
+            del held[: self._head]
+            self._head = 0
+        if terminal:
+            self.terminal = self.closed = True
+        self._wake(True)
+
+    def covers(self, after: int) -> bool:
+        """Whether the messages after this cursor are here (or are the next ones to come)."""
+        return self.first - 1 <= after <= self.last
+
+    def after(self, after: int, limit: int) -> list[bytes]:
+        start = self._head + after + 1 - self.first
+        return self._held[start : start + limit]
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake(True)
+
+    def release(self) -> None:
+        self.close()
+        self._held = []
+        self._head = 0
+        self.first, self.size = self.last + 1, 0
+
+    async def wait(self, after: int, within: float) -> bool:
+        """Waits for a message after `after` or the close; False when `within` ran out first."""
+        if self.closed or self.last > after:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(within, _settle_wait, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if self._waiters:  # timed out or cancelled: still listed (a wake empties the list)
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _wake(self, value: bool) -> None:
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                _settle_wait(waiter, value)
+
+
+def _settle_wait(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
 @dataclass(slots=True, eq=False)
 class _Producer:
     """A durable generation running in this process, and the readers attached to it here."""
@@ -218,6 +321,9 @@ class _Producer:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # Its metrics, spans and its caller's quota lease (None for a producer started without one).
     watch: Watch | None = None
+    # What it appended and the journal acknowledged, for readers here (None with a journal in
+    # process, whose reads cost no more; dropped once it ended and its readers here left).
+    tail: _Tail | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +354,34 @@ class Follower:
         behind = 0
         try:
             while True:
-                batch = await streams.read(self.stream_id, self.after, _READ_BATCH)
+                tail = producer.tail if producer is not None else None
+                # Only a look at the journal, then back to the tail.
+                glance = False
+                if tail is not None and tail.covers(self.after):
+                    payloads = tail.after(self.after, _READ_BATCH)
+                    if payloads:
+                        self.after += len(payloads)
+                        if tail.terminal and self.after == tail.last:
+                            self.terminal = payloads[-1]
+                            yield payloads
+                            return
+                        yield payloads
+                        continue
+                    if not tail.closed:
+                        if await tail.wait(self.after, _WAIT_SLICE_SECONDS):
+                            continue
+                        # A whole slice without a message (heartbeats off): the journal says
+                        # whether the stream was ended elsewhere meanwhile.
+                        glance = True
+                    # Closed without its terminal: the journal has what came after.
+                # DurableStreams.read, inlined: a coroutine less per batch.
+                try:
+                    found = await journal.read(self.stream_id, self.after, _READ_BATCH)
+                except JournalError:
+                    raise journal_unavailable() from None
+                if found is None:
+                    raise not_found()
+                batch = found
                 record = batch.record
                 if record.start_failure:
                     raise _decode_failure(record.start_failure)
@@ -260,7 +393,7 @@ class Follower:
                         yield batch.payloads
                         return
                     yield batch.payloads
-                    if self.after < record.last_sequence:
+                    if self.after < record.last_sequence or glance:
                         continue
                     # Everything journaled when the batch was read has been sent: wait for more
                     # (a wait returns at once if more came meanwhile) rather than read for nothing.
@@ -277,8 +410,10 @@ class Follower:
                     last = await streams.read(self.stream_id, record.last_sequence - 1, 1)
                     self.terminal = last.payloads[-1] if last.payloads else None
                     return
-                if await streams.reap(record):
+                if streams.reapable(record) and await streams.reap(record):
                     continue  # its producer is gone: the terminal Error is journaled, read it
+                if glance or (tail is not None and not tail.closed and tail.covers(self.after)):
+                    continue  # back to the tail (a reader that was behind it has caught up)
                 try:
                     await journal.wait(self.stream_id, self.after, _WAIT_SLICE_SECONDS)
                 except JournalError:
@@ -315,10 +450,15 @@ class DurableStreams:
             if producer.flight is not None:
                 self.supervisor.end(producer.flight, producer_lost())
 
+    def reapable(self, record: StreamRecord) -> bool:
+        """Whether `reap` may have to end the stream: a running one produced by another replica
+        (False lets a reader skip the call, once a message)."""
+        return not (record.ended or not record.owner or record.stream_id in self.producers)
+
     async def reap(self, record: StreamRecord) -> bool:
         """Ends a running stream whose producer lost its lease with a terminal PRODUCER_LOST Error;
         True when the stream is ended now (by this call or by a writer that beat it)."""
-        if record.ended or not record.owner or record.stream_id in self.producers:
+        if not self.reapable(record):
             return False
         if await self.journal.owner_alive(record.owner):
             return False
@@ -382,6 +522,8 @@ class DurableStreams:
                 )
             return Follower(self, stream_id, 0)
         producer = self.producers[stream_id] = _Producer(stream_id, window)
+        if not self.journal.in_process:
+            producer.tail = _Tail()
         info = StreamInfo(
             stream_id=stream_id,
             route=route.name,
@@ -530,8 +672,12 @@ class DurableStreams:
             self.journal.reading(stream_id, -1)
             return
         producer.readers -= 1
-        if producer.readers == 0 and not producer.done.is_set():
-            self._arm_abandon(producer, producer.window)
+        if producer.readers == 0:
+            if not producer.done.is_set():
+                self._arm_abandon(producer, producer.window)
+            elif producer.tail is not None:
+                producer.tail.release()  # its last reader here left: the tail goes
+                producer.tail = None
 
     def _arm_abandon(self, producer: _Producer, delay: float) -> None:
         # One timer per producer: one armed while a check was out must not fire on its own later.
@@ -657,6 +803,12 @@ class DurableStreams:
         finally:
             if producer.abandon_timer is not None:
                 producer.abandon_timer.cancel()
+            if producer.tail is not None:
+                # Its readers here go on from the journal past what it holds; it goes with the last.
+                producer.tail.close()
+                if not producer.readers:
+                    producer.tail.release()
+                    producer.tail = None
             producer.done.set()
             if self.producers.get(stream_id) is producer:
                 del self.producers[stream_id]
@@ -686,6 +838,7 @@ class DurableStreams:
         """
         stream_id = producer.stream_id
         limits = self.config
+        tail = producer.tail
         count = 0
         size = 0
         try:
@@ -701,7 +854,7 @@ class DurableStreams:
                         count + 2 > limits.journal_max_stream_messages
                         or size + len(payload) > limits.journal_max_stream_bytes
                     ):
-                        return await self._full(stream_id, message.sequence, producer.window, "per stream")
+                        return await self._full(producer, message.sequence, "per stream")
                     try:
                         await self.journal.append(
                             stream_id,
@@ -713,7 +866,10 @@ class DurableStreams:
                             status=status,
                         )
                     except JournalFull:
-                        return await self._full(stream_id, message.sequence, producer.window, "in total")
+                        return await self._full(producer, message.sequence, "in total")
+                    # Acknowledged: readers here may have it now, and not before.
+                    if tail is not None:
+                        tail.push(message.sequence, payload, terminal=terminal)
                     count += 1
                     size += len(payload)
                     if terminal:
@@ -723,6 +879,9 @@ class DurableStreams:
             # Someone else ended the stream (a Cancel whose producer was not found, a lost lease).
             return "ENDED_ELSEWHERE"
         except JournalUnavailable as e:
+            if tail is not None:
+                # The write may yet land, or not: readers here read on from the journal.
+                tail.close()
             log.warning("stream %s: the journal could not be reached, ending the stream: %s", stream_id, e)
             await relay.aclose()
             await self._end_unreachable(stream_id)
@@ -756,19 +915,22 @@ class DurableStreams:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
-    async def _full(self, stream_id: str, sequence: int, window: float, which: str) -> str:
+    async def _full(self, producer: _Producer, sequence: int, which: str) -> str:
         err = GatewayError(
             ErrorCode.JOURNAL_FULL,
             f"the stream journal is full ({which}); the stream ended before its answer did",
         )
+        payload = _terminal_payload(sequence, err)
         with contextlib.suppress(JournalError):
             await self.journal.append(
-                stream_id,
+                producer.stream_id,
                 sequence,
-                [_terminal_payload(sequence, err)],
-                expires_at=time.time() + window,
+                [payload],
+                expires_at=time.time() + producer.window,
                 status=StreamStatus.FAILED,
             )
+            if producer.tail is not None:
+                producer.tail.push(sequence, payload, terminal=True)
         return err.code.value
 
     async def _fail_start(self, stream_id: str, err: GatewayError) -> None:

@@ -111,6 +111,10 @@ class Journal(abc.ABC):
 
     # A short name for logs and ListModels-style answers ("memory", "redis").
     name: str
+    # Whether a read is as cheap as a look at the producer's own memory (the memory journal): a
+    # journal that is not (Redis) has the producer keep an in-process tail of what it acknowledged,
+    # for readers in its process (service.durable).
+    in_process: bool = False
 
     @abc.abstractmethod
     async def create(self, record: StreamRecord) -> StreamRecord | None:

@@ -65,6 +65,7 @@ class _Stream:
 
 class MemoryJournal(Journal):
     name = "memory"
+    in_process = True
 
     def __init__(self, *, max_total_bytes: int = 512 * 1024 * 1024) -> None:
         self._streams: dict[str, _Stream] = {}
