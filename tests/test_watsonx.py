@@ -196,6 +196,47 @@ async def test_a_400_passes_on_watsonx_text(fake: FakeWatsonx) -> None:
     assert "invalid_input_argument" in err.message and "8192" in err.message
 
 
+@pytest.mark.parametrize(
+    ("status", "error_type", "code"),
+    [
+        # watsonx's code decides when the table knows it, whatever the status says.
+        (403, "token_quota_reached", ErrorCode.PROVIDER_RATE_LIMITED),
+        (400, "model_unavailable", ErrorCode.PROVIDER_UNAVAILABLE),
+        (400, "too_many_requests", ErrorCode.PROVIDER_RATE_LIMITED),
+        (500, "invalid_input_argument", ErrorCode.PROVIDER_REJECTED_REQUEST),
+        (400, "request_timeout", ErrorCode.PROVIDER_TIMEOUT),
+        (403, "authorization_rejected", ErrorCode.PROVIDER_AUTH_FAILED),
+        # A code it does not know: the status.
+        (400, "something_new", ErrorCode.PROVIDER_REJECTED_REQUEST),
+        (403, "something_new", ErrorCode.PROVIDER_AUTH_FAILED),
+        (503, "something_new", ErrorCode.PROVIDER_UNAVAILABLE),
+        (429, "something_new", ErrorCode.PROVIDER_RATE_LIMITED),
+    ],
+)
+async def test_an_error_body_is_classified_by_its_code_then_its_status(
+    fake: FakeWatsonx, status: int, error_type: str, code: ErrorCode
+) -> None:
+    fake.enqueue(StatusReply(status, error_type=error_type, message="simulated"))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is code and err.provider_http_status == status
+    assert f"HTTP {status} ({error_type})" in err.message
+    assert len(fake.requests) == 1
+
+
+def test_an_error_body_without_a_code_is_classified_by_its_status() -> None:
+    from service.providers.watsonx import http_error
+
+    assert http_error("watsonx", 400, {}, {}).code is ErrorCode.PROVIDER_REJECTED_REQUEST
+    assert http_error("watsonx", 502, {}, {"code": 7}).code is ErrorCode.PROVIDER_UNAVAILABLE
+    # 404 keeps its explanation when the code says the request is at fault.
+    err = http_error("watsonx", 404, {}, {"code": "model_not_supported", "message": "x"})
+    assert err.code is ErrorCode.PROVIDER_REJECTED_REQUEST and "does not know this model" in err.message
+
+
 # --- TLS -------------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import importlib.resources
 import os
 import ssl
@@ -265,6 +266,18 @@ def _first_error(body: object) -> tuple[dict[str, Any], int | None]:
     first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
     status = body.get("status_code")
     return first, status if isinstance(status, int) and not isinstance(status, bool) else None
+
+
+def http_error(
+    provider: str, status: int, headers: httpx2.Headers | dict[str, str], first: dict[str, Any]
+) -> GatewayError:
+    """An error status: classified by watsonx's code (`errors[0].code`, the table of in-stream
+    frames) when it knows it, else by the status; a 403 with `token_quota_reached` is a rate limit,
+    a 400 with `model_unavailable` the provider's outage, not the caller's fault."""
+    raw_code = first.get("code")
+    code = ERRORS.stream_types.get(raw_code) if isinstance(raw_code, str) else None
+    table = ERRORS if code is None else dataclasses.replace(ERRORS, statuses={**ERRORS.statuses, status: code})
+    return status_error(provider, status, headers, first, table)
 
 
 def in_stream_error(provider: str, body: object) -> GatewayError:
@@ -627,7 +640,7 @@ class WatsonxProvider(HTTPProvider):
                 first, _ = _first_error(error)
                 if response.status_code == 401 and self.iam is not None:
                     self.iam.invalidate(token)
-                raise status_error(self.kind, response.status_code, response.headers, first, ERRORS)
+                raise http_error(self.kind, response.status_code, response.headers, first)
             yield response
         finally:
             await response.aclose()
