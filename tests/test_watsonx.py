@@ -21,7 +21,7 @@ from fakes.replies import StatusReply, StreamReply, Usage
 from fakes.watsonx import CA_FILE, DEPLOYMENT_ID, PROJECT_ID, FakeWatsonx
 
 from service.config import ConfigError, build_routes
-from service.errors import ErrorCode, GatewayError
+from service.errors import ErrorCode, GatewayError, sanitize
 from service.events import (
     ChatMessage,
     Finished,
@@ -139,7 +139,8 @@ async def test_a_key_iam_refuses_is_an_auth_failure_that_names_no_key(fake: Fake
     finally:
         await p.aclose()
     assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 400
-    assert "IAM" in err.message and fake.api_key not in err.message
+    expected = "IAM issued no access token (the provider answered HTTP 400: it rejected this server's credentials)"
+    assert err.message == expected and sanitize(expected) == expected
     assert fake.requests == [] and len(fake.iam_requests) == 1
 
 
@@ -152,6 +153,8 @@ async def test_an_iam_failure_is_one_request(fake: FakeWatsonx, status: int, cod
     try:
         err = await failure(p)
         assert err.code is code and len(fake.iam_requests) == 1 and fake.requests == []
+        assert err.message.startswith(f"IAM issued no access token (the provider answered HTTP {status}: ")
+        assert "[redacted]" not in err.message
         assert isinstance((await run(p))[-1], Finished)  # the next attempt exchanges again
     finally:
         await p.aclose()

@@ -453,10 +453,7 @@ class IAMToken:
                 raise refused from None
             error = transport_error(self.provider, exc, started=False)
             raise GatewayError(
-                error.code,
-                f"IAM token exchange: {error.message}",
-                retry_after=error.retry_after,
-                provider=self.provider,
+                error.code, _iam_failed(error.message), retry_after=error.retry_after, provider=self.provider
             ) from None
         try:
             body: Any = orjson.loads(response.content)
@@ -468,7 +465,7 @@ class IAMToken:
             error = status_error(self.provider, response.status_code, response.headers, None, _IAM_ERRORS)
             raise GatewayError(
                 error.code,
-                f"IAM token exchange: {error.message}",
+                _iam_failed(error.message),
                 retry_after=error.retry_after,
                 provider=self.provider,
                 provider_http_status=response.status_code,
@@ -482,6 +479,13 @@ class IAMToken:
         lifetime = _lifetime(body)
         self._token = token
         self._refresh_at = time.monotonic() + lifetime - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+
+
+def _iam_failed(detail: str) -> str:
+    """The message of a failed exchange. Worded so that the redactor leaves it whole: "token" is
+    never followed by a word of 6 characters or more (`token failed` reads as a credential), nor
+    "token" or "key" by a colon."""
+    return f"IAM issued no access token ({detail})"
 
 
 def _lifetime(body: dict[str, Any]) -> float:
