@@ -108,6 +108,22 @@ async def test_the_token_is_cached_then_refreshed_before_it_expires(fake: FakeWa
     assert form == {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": fake.api_key}
 
 
+async def test_only_the_current_and_the_previous_token_stay_registered_as_secrets(fake: FakeWatsonx) -> None:
+    from service import errors
+
+    fake.token_lifetime = 0.3  # refreshed after 0.24 s
+    p = provider(fake)
+    try:
+        for _ in range(4):
+            assert isinstance((await run(p))[-1], Finished)
+            await asyncio.sleep(0.3)
+    finally:
+        await p.aclose()
+    issued = fake.issued
+    assert len(issued) == 4
+    assert [t in errors._KNOWN_SECRETS for t in issued] == [False, False, True, True]
+
+
 async def test_concurrent_streams_share_one_exchange(fake: FakeWatsonx) -> None:
     p = provider(fake)
     try:

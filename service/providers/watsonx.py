@@ -40,7 +40,7 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, invalid_request, register_secret
+from service.errors import ErrorCode, GatewayError, invalid_request, register_secret, unregister_secret
 from service.events import (
     ChatMessage,
     Finished,
@@ -424,6 +424,9 @@ class IAMToken:
             {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": api_key}
         ).encode()
         self._token = ""
+        # The token before it: streams that started with it may still be running. The redactor
+        # knows these two only (one token per refresh would otherwise pile up there for good).
+        self._previous = ""
         self._refresh_at = 0.0
         self._lock = asyncio.Lock()
         # Exchanges made (for tests and logs: a cached token makes none).
@@ -477,6 +480,10 @@ class IAMToken:
             )
         register_secret(token)
         lifetime = _lifetime(body)
+        if self._previous and self._previous not in (token, self._token):
+            unregister_secret(self._previous)
+        if self._token != token:
+            self._previous = self._token
         self._token = token
         self._refresh_at = time.monotonic() + lifetime - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
 
