@@ -87,6 +87,16 @@ async def failure(p: WatsonxProvider, request: GenerationRequest | None = None) 
     return caught.value
 
 
+async def exchanged(p: WatsonxProvider) -> None:
+    """Until the token exchange under way (a background refresh) has ended."""
+    assert p.iam is not None
+    for _ in range(200):
+        if p.iam._exchange is None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the exchange did not end")
+
+
 # --- IAM tokens -----------------------------------------------------------------------------
 
 
@@ -98,12 +108,15 @@ async def test_the_token_is_cached_then_refreshed_before_it_expires(fake: FakeWa
             assert isinstance((await run(p))[-1], Finished)
         assert len(fake.iam_requests) == 1
         await asyncio.sleep(0.85)
+        # In the refresh window: this stream keeps the valid token, the refresh runs beside it.
         assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
         assert len(fake.iam_requests) == 2
+        assert isinstance((await run(p))[-1], Finished)
     finally:
         await p.aclose()
     tokens = [r.headers["authorization"] for r in fake.requests]
-    assert tokens[0] == tokens[2] != tokens[3]
+    assert tokens[0] == tokens[2] == tokens[3] != tokens[4]
     form = fake.iam_requests[0].body
     assert form == {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": fake.api_key}
 
@@ -131,6 +144,57 @@ async def test_concurrent_streams_share_one_exchange(fake: FakeWatsonx) -> None:
     finally:
         await p.aclose()
     assert all(isinstance(r[-1], Finished) for r in results)
+    assert len(fake.iam_requests) == 1
+
+
+async def test_a_failed_refresh_while_the_token_is_valid_still_streams(fake: FakeWatsonx) -> None:
+    fake.token_lifetime = 1.0  # refreshed once 0.2 s of it is left
+    p = provider(fake)
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+        await asyncio.sleep(0.85)
+        fake.iam_failures.append(503)
+        assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
+        assert len(fake.iam_requests) == 2  # the refresh was tried, and failed
+        assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
+        await asyncio.sleep(0.2)  # the first token has expired now: the stream waits for a new one
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    tokens = [r.headers["authorization"] for r in fake.requests]
+    assert len(set(tokens[:3])) == 1 and tokens[3] != tokens[0]
+    assert tokens[3] == f"Bearer {fake.issued[-1]}"
+
+
+async def test_concurrent_streams_during_an_iam_outage_share_one_failed_exchange(fake: FakeWatsonx) -> None:
+    fake.iam_failures.extend([503] * 5)
+    p = provider(fake)
+    try:
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+        assert {e.code for e in errors} == {ErrorCode.PROVIDER_UNAVAILABLE}
+        assert len(fake.iam_requests) == 1, "each waiter repeated the failed exchange"
+        # The next attempt exchanges again (IAM still fails here: one request, again shared).
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+        assert len(fake.iam_requests) == 2
+    finally:
+        await p.aclose()
+    assert fake.requests == []
+
+
+async def test_a_hung_iam_is_bounded_by_its_own_timeout(fake: FakeWatsonx) -> None:
+    fake.iam_delay = 5.0
+    p = provider(fake, iam_timeout_seconds=0.3, read_timeout_seconds=30.0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+    finally:
+        await p.aclose()
+    assert loop.time() - began < 1.5, "the streams waited for IAM one after another, or for the read timeout"
+    assert {e.code for e in errors} == {ErrorCode.PROVIDER_TIMEOUT}
+    assert errors[0].message == "IAM issued no access token (no answer within options.iam_timeout_seconds)"
     assert len(fake.iam_requests) == 1
 
 

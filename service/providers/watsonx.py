@@ -27,6 +27,7 @@ import asyncio
 import base64
 import dataclasses
 import importlib.resources
+import logging
 import os
 import ssl
 import time
@@ -118,6 +119,9 @@ _IAM_TEST = "https://iam.test.cloud.ibm.com"
 # A token is refreshed once this share of its lifetime is left (at most 5 minutes before its end).
 _REFRESH_SHARE = 0.2
 _REFRESH_MAX_SECONDS = 300.0
+# After a failed refresh while the token is still valid, the next try (at most half of what is left).
+_REFRESH_RETRY_SECONDS = 5.0
+log = logging.getLogger("tokenwire.watsonx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,8 @@ class WatsonxOptions:
     token_env: str = "WATSONX_TOKEN"
     # The IAM service; empty: IBM Cloud's (its test IAM for the SDK's non-production URLs).
     iam_url: str = ""
+    # The bound of one token exchange at IAM (connecting, sending, reading), whatever the route's timeouts.
+    iam_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=120.0)
     # PEM file of the CAs to trust for the service and IAM; empty: the system's trust. Never off.
     ca_bundle_file: str = ""
     max_tokens_field: str = bounds("max_tokens", choices=_MAX_TOKENS_FIELDS)
@@ -414,12 +420,20 @@ class ChatStreamParser:
 
 class IAMToken:
     """An IAM access token for an API key: fetched on first use, reused, and fetched again once
-    little of its lifetime is left. One exchange at a time: concurrent streams wait for it."""
+    little of its lifetime is left.
 
-    def __init__(self, provider: str, client: httpx2.AsyncClient, url: str, api_key: str) -> None:
+    One exchange at a time, shared: every stream that needs a token while one is under way takes
+    that exchange's result, its token or its error (a failure is not repeated once per waiter).
+    Within the refresh window the token is still valid: the refresh runs in the background and
+    streams keep the current token; if it fails, it is tried again a little later, and the current
+    token is served until it expires. Each exchange is bounded by `timeout` seconds of its own
+    (options.iam_timeout_seconds), not by the route's read timeout."""
+
+    def __init__(self, provider: str, client: httpx2.AsyncClient, url: str, api_key: str, timeout: float) -> None:
         self.provider = provider
         self.client = client
         self.url = url
+        self.timeout = timeout
         self._form = urllib.parse.urlencode(
             {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": api_key}
         ).encode()
@@ -427,29 +441,83 @@ class IAMToken:
         # The token before it: streams that started with it may still be running. The redactor
         # knows these two only (one token per refresh would otherwise pile up there for good).
         self._previous = ""
+        # time.monotonic() instants: when to refresh, when the token stops being valid, and (after
+        # a failed early refresh) when to try again.
         self._refresh_at = 0.0
-        self._lock = asyncio.Lock()
+        self._expires_at = 0.0
+        self._retry_at = 0.0
+        self._exchange: asyncio.Task[str] | None = None
         # Exchanges made (for tests and logs: a cached token makes none).
         self.exchanges = 0
 
-    async def get(self, limits: httpx2.Timeout) -> str:
-        if self._token and time.monotonic() < self._refresh_at:
+    async def get(self, deadline: float | None = None) -> str:
+        """A valid token; `deadline` (time.monotonic()) bounds the wait for an exchange."""
+        now = time.monotonic()
+        if self._token and now < self._expires_at:
+            if now >= self._refresh_at and now >= self._retry_at and self._exchange is None:
+                self._start()
             return self._token
-        async with self._lock:
-            if not self._token or time.monotonic() >= self._refresh_at:
-                await self._exchange(limits)
-            return self._token
+        task = self._exchange or self._start()
+        if deadline is None or deadline - now >= self.timeout:
+            # The exchange ends within its own timeout.
+            return await asyncio.shield(task)
+        try:
+            async with asyncio.timeout(max(deadline - now, 0.0)):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.PROVIDER_TIMEOUT, _iam_failed("no answer before the deadline"), provider=self.provider
+            ) from None
 
     def invalidate(self, token: str) -> None:
         """The service refused `token` (expired early, revoked): the next request fetches a new one."""
-        if self._token == token:
-            self._refresh_at = 0.0
+        if token and self._token == token:
+            self._refresh_at = self._expires_at = self._retry_at = 0.0
 
-    async def _exchange(self, limits: httpx2.Timeout) -> None:
+    async def aclose(self) -> None:
+        task = self._exchange
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _start(self) -> asyncio.Task[str]:
+        task = asyncio.get_running_loop().create_task(self._fetch())
+        self._exchange = task
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Task[str]) -> None:
+        if self._exchange is task:
+            self._exchange = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        now = time.monotonic()
+        left = self._expires_at - now
+        if self._token and left > 0:
+            # An early refresh failed: the token still serves; try again later, not per stream.
+            self._retry_at = now + min(_REFRESH_RETRY_SECONDS, left / 2)
+            log.warning(
+                "watsonx: refreshing the IAM access token failed (%s); the current one serves for %.0f s more",
+                error.message if isinstance(error, GatewayError) else type(error).__name__,
+                left,
+            )
+
+    async def _fetch(self) -> str:
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
         self.exchanges += 1
+        sent_at = time.monotonic()
         try:
-            response = await self.client.post(self.url, content=self._form, headers=headers, timeout=limits)
+            async with asyncio.timeout(self.timeout):
+                response = await self.client.post(self.url, content=self._form, headers=headers, timeout=self.timeout)
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.PROVIDER_TIMEOUT,
+                _iam_failed("no answer within options.iam_timeout_seconds"),
+                provider=self.provider,
+            ) from None
         except httpx2.HTTPError as exc:
             refused = untrusted(self.provider, exc, "IAM")
             if refused is not None:
@@ -485,7 +553,11 @@ class IAMToken:
         if self._token != token:
             self._previous = self._token
         self._token = token
-        self._refresh_at = time.monotonic() + lifetime - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+        # Counted from when the request left: the token may have been issued a moment before the answer.
+        self._expires_at = sent_at + lifetime
+        self._refresh_at = self._expires_at - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+        self._retry_at = 0.0
+        return token
 
 
 def _iam_failed(detail: str) -> str:
@@ -615,7 +687,9 @@ class WatsonxProvider(HTTPProvider):
             iam_base = o.iam_url.rstrip("/") or (_IAM_CLOUD if url in hrefs.PROD_SVT_URL else _IAM_TEST)
             if not iam_base.startswith("https://"):
                 raise ConfigError(f"{name} options.iam_url must be an https:// URL")
-            self.iam = IAMToken(self.kind, self.client, hrefs.IAM_TOKEN_URL.format(iam_base), key)
+            self.iam = IAMToken(
+                self.kind, self.client, hrefs.IAM_TOKEN_URL.format(iam_base), key, o.iam_timeout_seconds
+            )
         else:
             self.token = _secret_env(name, o.token_env, "the bearer token", "token_env")
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -631,7 +705,7 @@ class WatsonxProvider(HTTPProvider):
     async def _post(self, request: GenerationRequest) -> AsyncIterator[httpx2.Response]:
         body = orjson.dumps(request_body(request, scope=self.scope, max_tokens_field=self.options.max_tokens_field))
         timeout = self.settings.timeout(request)
-        token = await self.iam.get(timeout) if self.iam is not None else self.token
+        token = await self.iam.get(request.deadline) if self.iam is not None else self.token
         headers = self.headers | {"authorization": f"Bearer {token}"}
         sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
         try:
@@ -657,6 +731,8 @@ class WatsonxProvider(HTTPProvider):
             await response.aclose()
 
     async def aclose(self) -> None:
+        if self.iam is not None:
+            await self.iam.aclose()
         await self.client.aclose()
 
 

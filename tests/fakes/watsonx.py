@@ -91,6 +91,8 @@ class FakeWatsonx(FakeServer):
         self.iam_requests: list[RecordedRequest] = []
         # Statuses IAM answers, one per exchange, before it issues tokens again.
         self.iam_failures: list[int] = []
+        # Seconds IAM takes to send its answer's body (its head goes at once): a slow or hung IAM.
+        self.iam_delay = 0.0
         self._query: dict[str, str] = {}
         self._deployment = ""
 
@@ -128,7 +130,8 @@ class FakeWatsonx(FakeServer):
         if self.iam_failures:
             status = self.iam_failures.pop(0)
             body = orjson.dumps({"errorCode": "BXNIM0000E", "errorMessage": "simulated IAM failure"})
-            return await self._execute(conn, record, self._json_plan(status, body, request_id, True))
+            plan = self._json_plan(status, body, request_id, True, delay=self.iam_delay)
+            return await self._execute(conn, record, plan)
         key = form.get("apikey", "")
         if form.get("grant_type") != _GRANT or not key or key in self.refused_keys:
             body = orjson.dumps(
@@ -151,7 +154,7 @@ class FakeWatsonx(FakeServer):
                 "scope": "ibm openid",
             }
         )
-        return await self._execute(conn, record, self._json_plan(200, body, request_id, True))
+        return await self._execute(conn, record, self._json_plan(200, body, request_id, True, delay=self.iam_delay))
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
