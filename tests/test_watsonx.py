@@ -198,17 +198,52 @@ async def test_a_hung_iam_is_bounded_by_its_own_timeout(fake: FakeWatsonx) -> No
     assert len(fake.iam_requests) == 1
 
 
-async def test_a_token_the_service_refuses_is_exchanged_again_next_time(fake: FakeWatsonx) -> None:
+async def test_a_cached_token_the_service_refuses_is_exchanged_and_the_request_sent_again(fake: FakeWatsonx) -> None:
     p = provider(fake)
     try:
         await run(p)
         fake.tokens.clear()  # revoked: the fake no longer knows it
+        assert isinstance((await run(p))[-1], Finished)
+        assert len(fake.iam_requests) == 2 and len(fake.requests) == 3
+        assert [r.status for r in fake.requests[1:]] == [401, 200]
+        assert fake.requests[1].headers["authorization"] != fake.requests[2].headers["authorization"]
+        # Credentials the service refuses (the new token too): one resend only, then the failure.
+        fake.enqueue(StatusReply(401))
         err = await failure(p)
         assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 401
+        assert len(fake.iam_requests) == 3 and len(fake.requests) == 5
         assert isinstance((await run(p))[-1], Finished)
     finally:
         await p.aclose()
-    assert len(fake.iam_requests) == 2 and len(fake.requests) == 3
+    assert len(fake.iam_requests) == 4 and len(fake.requests) == 6
+
+
+async def test_a_fresh_token_the_service_refuses_is_not_sent_again(fake: FakeWatsonx) -> None:
+    fake.enqueue(StatusReply(401))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED
+    assert len(fake.iam_requests) == 1 and len(fake.requests) == 1
+
+
+async def test_an_expired_token_error_in_the_stream_drops_the_token(fake: FakeWatsonx) -> None:
+    p = provider(fake)
+    try:
+        await run(p)
+        fake.enqueue(
+            StreamReply(text=["a", "b"], fault="error_event", fault_after=1, error_type="authentication_token_expired")
+        )
+        err = await failure(p)
+        assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and "authentication_token_expired" in err.message
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    assert len(fake.iam_requests) == 2
+    tokens = [r.headers["authorization"] for r in fake.requests]
+    assert tokens[0] == tokens[1] != tokens[2]
 
 
 async def test_a_key_iam_refuses_is_an_auth_failure_that_names_no_key(fake: FakeWatsonx) -> None:

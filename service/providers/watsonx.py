@@ -286,6 +286,14 @@ def http_error(
     return status_error(provider, status, headers, first, table)
 
 
+class TokenExpired(GatewayError):
+    """watsonx's `authentication_token_expired` (in an `event: error` frame or an error body): the
+    access token the request carried is no longer good, whatever its cached lifetime says."""
+
+
+_TOKEN_EXPIRED = "authentication_token_expired"
+
+
 def in_stream_error(provider: str, body: object) -> GatewayError:
     """An `event: error` frame (or an error body as a chunk): classified by its code, else by the
     status it states."""
@@ -299,7 +307,8 @@ def in_stream_error(provider: str, body: object) -> GatewayError:
     text = first.get("message")
     if code is ErrorCode.PROVIDER_REJECTED_REQUEST and isinstance(text, str) and text:
         message += f": {provider_text(text)}"
-    return GatewayError(code, message, provider=provider, provider_http_status=status or 0)
+    kind_of = TokenExpired if kind == _TOKEN_EXPIRED else GatewayError
+    return kind_of(code, message, provider=provider, provider_http_status=status or 0)
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
@@ -450,20 +459,21 @@ class IAMToken:
         # Exchanges made (for tests and logs: a cached token makes none).
         self.exchanges = 0
 
-    async def get(self, deadline: float | None = None) -> str:
-        """A valid token; `deadline` (time.monotonic()) bounds the wait for an exchange."""
+    async def get(self, deadline: float | None = None) -> tuple[str, bool]:
+        """A valid token, and whether it came from the cache (False: this call waited for the
+        exchange that issued it). `deadline` (time.monotonic()) bounds the wait for an exchange."""
         now = time.monotonic()
         if self._token and now < self._expires_at:
             if now >= self._refresh_at and now >= self._retry_at and self._exchange is None:
                 self._start()
-            return self._token
+            return self._token, True
         task = self._exchange or self._start()
         if deadline is None or deadline - now >= self.timeout:
             # The exchange ends within its own timeout.
-            return await asyncio.shield(task)
+            return await asyncio.shield(task), False
         try:
             async with asyncio.timeout(max(deadline - now, 0.0)):
-                return await asyncio.shield(task)
+                return await asyncio.shield(task), False
         except TimeoutError:
             raise GatewayError(
                 ErrorCode.PROVIDER_TIMEOUT, _iam_failed("no answer before the deadline"), provider=self.provider
@@ -705,16 +715,33 @@ class WatsonxProvider(HTTPProvider):
     async def _post(self, request: GenerationRequest) -> AsyncIterator[httpx2.Response]:
         body = orjson.dumps(request_body(request, scope=self.scope, max_tokens_field=self.options.max_tokens_field))
         timeout = self.settings.timeout(request)
-        token = await self.iam.get(request.deadline) if self.iam is not None else self.token
-        headers = self.headers | {"authorization": f"Bearer {token}"}
-        sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
-        try:
-            response = await self.client.send(sent, stream=True)
-        except httpx2.ConnectError as exc:
-            refused = untrusted(self.kind, exc, "watsonx")
-            if refused is not None:
-                raise refused from None
-            raise
+        token = self.token
+        cached = False
+        response: httpx2.Response | None = None
+        # A cached IAM token the service refuses (revoked, expired early, a clock that stood still
+        # while the machine slept) is dropped, and the request sent once more with a new one:
+        # nothing has reached the caller yet. A token fresh from IAM that is refused fails at once.
+        for resend in (False, True):
+            if self.iam is not None:
+                token, cached = await self.iam.get(request.deadline)
+            if resend:
+                timeout = self.settings.timeout(request)
+            headers = self.headers | {"authorization": f"Bearer {token}"}
+            sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
+            try:
+                response = await self.client.send(sent, stream=True)
+            except httpx2.ConnectError as exc:
+                refused = untrusted(self.kind, exc, "watsonx")
+                if refused is not None:
+                    raise refused from None
+                raise
+            if response.status_code != 401 or self.iam is None:
+                break
+            self.iam.invalidate(token)
+            if resend or not cached:
+                break
+            await response.aclose()
+        assert response is not None
         try:
             if response.status_code != 200:
                 raw = await response.aread()
@@ -723,10 +750,13 @@ class WatsonxProvider(HTTPProvider):
                 except orjson.JSONDecodeError:
                     error = None
                 first, _ = _first_error(error)
-                if response.status_code == 401 and self.iam is not None:
-                    self.iam.invalidate(token)
                 raise http_error(self.kind, response.status_code, response.headers, first)
-            yield response
+            try:
+                yield response
+            except TokenExpired:
+                if self.iam is not None:
+                    self.iam.invalidate(token)
+                raise
         finally:
             await response.aclose()
 
