@@ -452,6 +452,56 @@ def test_config_errors(fake: FakeWatsonx, options: dict[str, Any], problem: str)
         provider(fake, **options)
 
 
+def iam_of(url: str, monkeypatch: pytest.MonkeyPatch, **options: Any) -> str:
+    """The IAM token URL a route on `url` would use (nothing is sent)."""
+    monkeypatch.setenv(KEY_ENV, "fake-watsonx-apikey-for-iam-choice")
+    spec = {"url": url, "project_id": PROJECT_ID, "api_key_env": KEY_ENV, **options}
+    route = build_routes({"r": {"provider": "watsonx", "model": "m", "options": spec}}, "test")["r"]
+    p = WatsonxProvider(route)
+    assert p.iam is not None
+    return p.iam.url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://us-south.ml.cloud.ibm.com",
+        "https://US-SOUTH.ml.cloud.ibm.com",
+        "https://eu-de.ML.Cloud.IBM.com/",
+        "https://us-south.ml.cloud.ibm.com:443",
+        "https://us-south.ml.cloud.ibm.com.",
+        "https://jp-tok.ml.cloud.ibm.com.:443//",
+    ],
+)
+def test_ibm_cloud_urls_take_ibm_clouds_iam_however_spelled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert iam_of(url, monkeypatch) == "https://iam.cloud.ibm.com/identity/token"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cpd.example.com",  # a Cloud Pak for Data cluster with the default auth = "iam"
+        "https://us-south.ml.cloud.ibm.com:8443",
+        "https://mars-1.ml.cloud.ibm.com",  # a region newer than the SDK, or a typo
+        "https://us-south.ml.cloud.ibm.com/v2",
+    ],
+)
+def test_an_unknown_url_needs_iam_url_and_never_gets_the_test_iam(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"\[routes\.r\] options\.iam_url is required") as caught:
+        iam_of(url, monkeypatch)
+    assert "test" not in str(caught.value)
+    assert iam_of(url, monkeypatch, iam_url="https://iam.example.com/") == "https://iam.example.com/identity/token"
+
+
+def test_normalized_url() -> None:
+    from service.providers.watsonx import normalized_url
+
+    assert normalized_url("HTTPS://Us-South.ML.cloud.ibm.com.:443/") == "https://us-south.ml.cloud.ibm.com"
+    assert normalized_url("https://h.example:8443/a/") == "https://h.example:8443/a"
+    for odd in ("https://user@h.example", "https://h.example:bad", "https://h.example/?a=1", "https://h.example#x"):
+        assert normalized_url(odd) == "", odd
+
+
 def test_the_request_mapping() -> None:
     png = b"\x89PNG\r\n"
     request = req(

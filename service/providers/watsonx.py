@@ -115,7 +115,6 @@ _IAM_ERRORS = ErrorTable(statuses={**STATUS_CODES, 400: ErrorCode.PROVIDER_AUTH_
 _IMAGES = media(dict.fromkeys(("image/png", "image/jpeg"), frozenset({Source.DATA})), 4 * MIB)
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _IAM_CLOUD = "https://iam.cloud.ibm.com"
-_IAM_TEST = "https://iam.test.cloud.ibm.com"
 # A token is refreshed once this share of its lifetime is left (at most 5 minutes before its end).
 _REFRESH_SHARE = 0.2
 _REFRESH_MAX_SECONDS = 300.0
@@ -141,7 +140,8 @@ class WatsonxOptions:
     auth: str = bounds("iam", choices=("iam", "token"))
     api_key_env: str = "WATSONX_APIKEY"
     token_env: str = "WATSONX_TOKEN"
-    # The IAM service; empty: IBM Cloud's (its test IAM for the SDK's non-production URLs).
+    # The IAM service; empty: IBM Cloud's, for a `url` among the SDK's IBM Cloud URLs (compared
+    # whatever its case, default port, trailing slash or dot). Required for any other `url`.
     iam_url: str = ""
     # The bound of one token exchange at IAM (connecting, sending, reading), whatever the route's timeouts.
     iam_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=120.0)
@@ -694,7 +694,7 @@ class WatsonxProvider(HTTPProvider):
         self.token = ""
         if o.auth == "iam":
             key = _secret_env(name, o.api_key_env, "the IBM Cloud API key", "api_key_env")
-            iam_base = o.iam_url.rstrip("/") or (_IAM_CLOUD if url in hrefs.PROD_SVT_URL else _IAM_TEST)
+            iam_base = o.iam_url.rstrip("/") or _default_iam(name, url, hrefs.PROD_SVT_URL)
             if not iam_base.startswith("https://"):
                 raise ConfigError(f"{name} options.iam_url must be an https:// URL")
             self.iam = IAMToken(
@@ -764,6 +764,36 @@ class WatsonxProvider(HTTPProvider):
         if self.iam is not None:
             await self.iam.aclose()
         await self.client.aclose()
+
+
+def normalized_url(url: str) -> str:
+    """A base URL in one spelling, to compare: scheme and host lower-cased, the host without a
+    trailing dot, no default port (443 for https), no trailing slash; "" when it does not parse, or
+    has user info, a query or a fragment (no base URL of the SDK's has them)."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").rstrip(".")
+    if not host or parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        return ""
+    default = {"https": 443, "http": 80}.get(scheme)
+    netloc = host if port is None or port == default else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _default_iam(name: str, url: str, production: list[str]) -> str:
+    """IBM Cloud's IAM, for a service URL among the SDK's IBM Cloud ones (`PROD_SVT_URL`), however
+    it is spelled. Any other URL needs options.iam_url: the SDK's fallback, IBM's *test* IAM, would
+    receive the production API key for a typo or a region newer than the SDK."""
+    if normalized_url(url) in {normalized_url(u) for u in production}:
+        return _IAM_CLOUD
+    raise ConfigError(
+        f"{name} options.iam_url is required: options.url is not one of the IBM Cloud watsonx URLs the "
+        f"installed ibm-watsonx-ai SDK knows, so which IAM should receive the API key cannot be told; set "
+        f'iam_url = "{_IAM_CLOUD}" for IBM Cloud, or use auth = "token" (a Cloud Pak for Data token)'
+    )
 
 
 def _secret_env(name: str, env: str, what: str, option: str) -> str:
