@@ -390,6 +390,77 @@ def test_the_transport_context_verifies(fake: FakeWatsonx) -> None:
     assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
 
 
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback that tunnels to loopback only, recording each target."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> ConnectProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            method, target, _ = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0].decode().split(" ")
+            host, _, port = target.rpartition(":")
+            if method != "CONNECT" or host not in ("127.0.0.1", "localhost"):
+                writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                return
+            self.targets.append(target)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(port))
+            self._writers.append(up_writer)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await source.read(65536):
+                        sink.write(data)
+                        await sink.drain()
+                finally:
+                    sink.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ConnectProxy]:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    async with ConnectProxy() as server:
+        monkeypatch.setenv("HTTPS_PROXY", server.url)
+        yield server
+
+
+async def test_the_proxy_decision_covers_the_iam_host(
+    fake: FakeWatsonx, proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service is exempt (NO_PROXY), IAM is not: IAM must be reached through the proxy.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    port = fake.base_url.rpartition(":")[2]
+    p = provider(fake, iam_url=f"https://localhost:{port}")
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    assert proxy.targets == [f"localhost:{port}"]
+    assert len(fake.iam_requests) == 1 and len(fake.requests) == 1
+
+
 def test_an_unreadable_bundle_is_a_config_error(fake: FakeWatsonx) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
         f.write("not a certificate")

@@ -620,15 +620,17 @@ def _ssl_context(route: RouteConfig, ca_bundle_file: str) -> ssl.SSLContext:
     return context
 
 
-def _client(settings: HTTPSettings, context: ssl.SSLContext) -> httpx2.AsyncClient:
+def _client(settings: HTTPSettings, context: ssl.SSLContext, urls: tuple[str, ...]) -> httpx2.AsyncClient:
     """tokenwire's transport (as `HTTPSettings.http_client` builds it) with the route's TLS trust;
-    httpx2's own, verifying with the same context, when an environment proxy applies."""
+    httpx2's own, verifying with the same context, when an environment proxy applies to any of
+    `urls` (the service's and IAM's): httpx2 then decides per host, NO_PROXY included, so neither
+    the service nor IAM is reached directly when the environment says it needs the proxy."""
     limits = httpx2.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
         keepalive_expiry=settings.keepalive_expiry,
     )
-    if http1.proxied(settings.base_url):
+    if any(http1.proxied(u) for u in urls):
         return httpx2.AsyncClient(limits=limits, verify=context)
     transport = http1.Transport(
         max_connections=settings.max_connections,
@@ -689,19 +691,21 @@ class WatsonxProvider(HTTPProvider):
             max_connection_age=o.max_connection_age_seconds,
             dns_ttl=o.dns_ttl_seconds,
         )
-        self.client = _client(self.settings, _ssl_context(route, o.ca_bundle_file))
         self.iam: IAMToken | None = None
         self.token = ""
+        key = iam_token_url = ""
         if o.auth == "iam":
             key = _secret_env(name, o.api_key_env, "the IBM Cloud API key", "api_key_env")
             iam_base = o.iam_url.rstrip("/") or _default_iam(name, url, hrefs.PROD_SVT_URL)
             if not iam_base.startswith("https://"):
                 raise ConfigError(f"{name} options.iam_url must be an https:// URL")
-            self.iam = IAMToken(
-                self.kind, self.client, hrefs.IAM_TOKEN_URL.format(iam_base), key, o.iam_timeout_seconds
-            )
+            iam_token_url = hrefs.IAM_TOKEN_URL.format(iam_base)
         else:
             self.token = _secret_env(name, o.token_env, "the bearer token", "token_env")
+        context = _ssl_context(route, o.ca_bundle_file)
+        self.client = _client(self.settings, context, (url, iam_token_url) if iam_token_url else (url,))
+        if iam_token_url:
+            self.iam = IAMToken(self.kind, self.client, iam_token_url, key, o.iam_timeout_seconds)
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
         self.capabilities = Capabilities(images=_IMAGES, response_formats=frozenset(ResponseFormatType))
 
