@@ -1,7 +1,8 @@
 """The watsonx adapter's own checks, against its TLS fake (tests/fakes/watsonx.py): the IAM token
-cached and refreshed, one request per attempt, TLS verification that cannot be turned off, the
-deployment and project URLs and bodies, `event: error` frames, the request mapping, and the SDK
-imported only for a watsonx route. End to end it runs in tests/test_conformance.py."""
+cached and refreshed, one request per attempt, TLS verification that cannot be turned off (through an
+environment proxy too), the deployment and project URLs and bodies, `event: error` frames, the
+request mapping, and the SDK imported only for a watsonx route. End to end it runs in
+tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -382,14 +383,6 @@ async def test_a_bundle_of_another_ca_is_refused_too(fake: FakeWatsonx, tmp_path
     assert fake.requests == []
 
 
-def test_the_transport_context_verifies(fake: FakeWatsonx) -> None:
-    import ssl
-
-    p = provider(fake)
-    context = p.client._transport._ssl_context  # type: ignore[attr-defined]
-    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
-
-
 class ConnectProxy:
     """An HTTP CONNECT proxy on loopback that tunnels to loopback only, recording each target."""
 
@@ -444,6 +437,29 @@ async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ConnectProxy]:
     async with ConnectProxy() as server:
         monkeypatch.setenv("HTTPS_PROXY", server.url)
         yield server
+
+
+async def test_through_an_environment_proxy_tls_is_still_verified(
+    fake: FakeWatsonx, proxy: ConnectProxy, tmp_path: Path
+) -> None:
+    p = provider(fake)
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    origin = fake.base_url.removeprefix("https://")
+    assert proxy.targets and set(proxy.targets) == {origin}, "the requests did not go through the proxy"
+    # A bundle of another CA: the tunnel opens, the certificate is refused (and the system's trust
+    # would refuse the fake's CA too: the route's bundle is what made the first stream work).
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    p = provider(fake, ca_bundle_file=str(other))
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and "certificate of IAM could not be verified" in err.message
+    assert len(fake.iam_requests) == 1
 
 
 async def test_the_proxy_decision_covers_the_iam_host(
