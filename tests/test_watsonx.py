@@ -176,6 +176,7 @@ async def test_concurrent_streams_during_an_iam_outage_share_one_failed_exchange
         errors = await asyncio.gather(*(failure(p) for _ in range(5)))
         assert {e.code for e in errors} == {ErrorCode.PROVIDER_UNAVAILABLE}
         assert len(fake.iam_requests) == 1, "each waiter repeated the failed exchange"
+        assert len({id(e) for e in errors}) == 5  # each its own copy of the one failure
         # The next attempt exchanges again (IAM still fails here: one request, again shared).
         errors = await asyncio.gather(*(failure(p) for _ in range(5)))
         assert len(fake.iam_requests) == 2
@@ -197,6 +198,21 @@ async def test_a_hung_iam_is_bounded_by_its_own_timeout(fake: FakeWatsonx) -> No
     assert {e.code for e in errors} == {ErrorCode.PROVIDER_TIMEOUT}
     assert errors[0].message == "IAM issued no access token (no answer within options.iam_timeout_seconds)"
     assert len(fake.iam_requests) == 1
+
+
+async def test_the_wait_for_iam_ends_at_the_callers_deadline(fake: FakeWatsonx) -> None:
+    import time
+
+    fake.iam_delay = 5.0
+    p = provider(fake, iam_timeout_seconds=10.0)
+    began = time.monotonic()
+    try:
+        errors = await asyncio.gather(*(failure(p, req(deadline=began + 0.3)) for _ in range(3)))
+    finally:
+        await p.aclose()
+    assert time.monotonic() - began < 1.5
+    assert [e.message for e in errors] == ["IAM issued no access token (no answer before the deadline)"] * 3
+    assert {e.code for e in errors} == {ErrorCode.PROVIDER_TIMEOUT} and len(fake.iam_requests) == 1
 
 
 async def test_a_cached_token_the_service_refuses_is_exchanged_and_the_request_sent_again(fake: FakeWatsonx) -> None:

@@ -468,15 +468,25 @@ class IAMToken:
                 self._start()
             return self._token, True
         task = self._exchange or self._start()
-        if deadline is None or deadline - now >= self.timeout:
-            # The exchange ends within its own timeout.
-            return await asyncio.shield(task), False
         try:
+            if deadline is None or deadline - now >= self.timeout:
+                # The exchange ends within its own timeout.
+                return await asyncio.shield(task), False
             async with asyncio.timeout(max(deadline - now, 0.0)):
                 return await asyncio.shield(task), False
         except TimeoutError:
             raise GatewayError(
                 ErrorCode.PROVIDER_TIMEOUT, _iam_failed("no answer before the deadline"), provider=self.provider
+            ) from None
+        except GatewayError as shared:
+            # Every waiter raises its own copy: one exception object raised by many tasks would
+            # collect all their tracebacks.
+            raise GatewayError(
+                shared.code,
+                shared.message,
+                retry_after=shared.retry_after,
+                provider=shared.provider,
+                provider_http_status=shared.provider_http_status,
             ) from None
 
     def invalidate(self, token: str) -> None:
