@@ -57,7 +57,8 @@ ROUTES: dict[str, str] = {
     ),
     "watsonx": (
         'provider = "watsonx"\nmodel = "ibm/granite-3-8b-instruct"\n'
-        'options = { url = "https://127.0.0.1:9", project_id = "placeholder-project" }\n'
+        'options = { url = "https://127.0.0.1:9", iam_url = "https://127.0.0.1:9", '
+        'project_id = "placeholder-project" }\n'
     ),
     "replicate": (
         f'provider = "replicate"\nmodel = "meta/meta-llama-3-8b-instruct"\noptions = {{ base_url = "{NOWHERE}" }}\n'

@@ -177,6 +177,12 @@ def register_secret(value: str) -> None:
         _KNOWN_SECRETS.add(value)
 
 
+def unregister_secret(value: str) -> None:
+    """Undoes `register_secret` for a credential this process no longer holds (a short-lived
+    token that a new one replaced), so the set stays bounded."""
+    _KNOWN_SECRETS.discard(value)
+
+
 # Characters a terminal or a log parser acts on: C0 controls but tab and LF (a log line's
 # traceback needs its lines), DEL and the C1 controls (U+009B is a one-character ESC [).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -1,7 +1,8 @@
 """The watsonx adapter's own checks, against its TLS fake (tests/fakes/watsonx.py): the IAM token
-cached and refreshed, one request per attempt, TLS verification that cannot be turned off, the
-deployment and project URLs and bodies, `event: error` frames, the request mapping, and the SDK
-imported only for a watsonx route. End to end it runs in tests/test_conformance.py."""
+cached and refreshed, one request per attempt, TLS verification that cannot be turned off (through an
+environment proxy too), the deployment and project URLs and bodies, `event: error` frames, the
+request mapping, and the SDK imported only for a watsonx route. End to end it runs in
+tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fakes.replies import StatusReply, StreamReply, Usage
 from fakes.watsonx import CA_FILE, DEPLOYMENT_ID, PROJECT_ID, FakeWatsonx
 
 from service.config import ConfigError, build_routes
-from service.errors import ErrorCode, GatewayError
+from service.errors import ErrorCode, GatewayError, sanitize
 from service.events import (
     ChatMessage,
     Finished,
@@ -87,6 +88,16 @@ async def failure(p: WatsonxProvider, request: GenerationRequest | None = None) 
     return caught.value
 
 
+async def exchanged(p: WatsonxProvider) -> None:
+    """Until the token exchange under way (a background refresh) has ended."""
+    assert p.iam is not None
+    for _ in range(200):
+        if p.iam._exchange is None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the exchange did not end")
+
+
 # --- IAM tokens -----------------------------------------------------------------------------
 
 
@@ -98,14 +109,33 @@ async def test_the_token_is_cached_then_refreshed_before_it_expires(fake: FakeWa
             assert isinstance((await run(p))[-1], Finished)
         assert len(fake.iam_requests) == 1
         await asyncio.sleep(0.85)
+        # In the refresh window: this stream keeps the valid token, the refresh runs beside it.
         assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
         assert len(fake.iam_requests) == 2
+        assert isinstance((await run(p))[-1], Finished)
     finally:
         await p.aclose()
     tokens = [r.headers["authorization"] for r in fake.requests]
-    assert tokens[0] == tokens[2] != tokens[3]
+    assert tokens[0] == tokens[2] == tokens[3] != tokens[4]
     form = fake.iam_requests[0].body
     assert form == {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": fake.api_key}
+
+
+async def test_only_the_current_and_the_previous_token_stay_registered_as_secrets(fake: FakeWatsonx) -> None:
+    from service import errors
+
+    fake.token_lifetime = 0.3  # refreshed after 0.24 s
+    p = provider(fake)
+    try:
+        for _ in range(4):
+            assert isinstance((await run(p))[-1], Finished)
+            await asyncio.sleep(0.3)
+    finally:
+        await p.aclose()
+    issued = fake.issued
+    assert len(issued) == 4
+    assert [t in errors._KNOWN_SECRETS for t in issued] == [False, False, True, True]
 
 
 async def test_concurrent_streams_share_one_exchange(fake: FakeWatsonx) -> None:
@@ -118,17 +148,119 @@ async def test_concurrent_streams_share_one_exchange(fake: FakeWatsonx) -> None:
     assert len(fake.iam_requests) == 1
 
 
-async def test_a_token_the_service_refuses_is_exchanged_again_next_time(fake: FakeWatsonx) -> None:
+async def test_a_failed_refresh_while_the_token_is_valid_still_streams(fake: FakeWatsonx) -> None:
+    fake.token_lifetime = 1.0  # refreshed once 0.2 s of it is left
+    p = provider(fake)
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+        await asyncio.sleep(0.85)
+        fake.iam_failures.append(503)
+        assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
+        assert len(fake.iam_requests) == 2  # the refresh was tried, and failed
+        assert isinstance((await run(p))[-1], Finished)
+        await exchanged(p)
+        await asyncio.sleep(0.2)  # the first token has expired now: the stream waits for a new one
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    tokens = [r.headers["authorization"] for r in fake.requests]
+    assert len(set(tokens[:3])) == 1 and tokens[3] != tokens[0]
+    assert tokens[3] == f"Bearer {fake.issued[-1]}"
+
+
+async def test_concurrent_streams_during_an_iam_outage_share_one_failed_exchange(fake: FakeWatsonx) -> None:
+    fake.iam_failures.extend([503] * 5)
+    p = provider(fake)
+    try:
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+        assert {e.code for e in errors} == {ErrorCode.PROVIDER_UNAVAILABLE}
+        assert len(fake.iam_requests) == 1, "each waiter repeated the failed exchange"
+        assert len({id(e) for e in errors}) == 5  # each its own copy of the one failure
+        # The next attempt exchanges again (IAM still fails here: one request, again shared).
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+        assert len(fake.iam_requests) == 2
+    finally:
+        await p.aclose()
+    assert fake.requests == []
+
+
+async def test_a_hung_iam_is_bounded_by_its_own_timeout(fake: FakeWatsonx) -> None:
+    fake.iam_delay = 5.0
+    p = provider(fake, iam_timeout_seconds=0.3, read_timeout_seconds=30.0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        errors = await asyncio.gather(*(failure(p) for _ in range(5)))
+    finally:
+        await p.aclose()
+    assert loop.time() - began < 1.5, "the streams waited for IAM one after another, or for the read timeout"
+    assert {e.code for e in errors} == {ErrorCode.PROVIDER_TIMEOUT}
+    assert errors[0].message == "IAM issued no access token (no answer within options.iam_timeout_seconds)"
+    assert len(fake.iam_requests) == 1
+
+
+async def test_the_wait_for_iam_ends_at_the_callers_deadline(fake: FakeWatsonx) -> None:
+    import time
+
+    fake.iam_delay = 5.0
+    p = provider(fake, iam_timeout_seconds=10.0)
+    began = time.monotonic()
+    try:
+        errors = await asyncio.gather(*(failure(p, req(deadline=began + 0.3)) for _ in range(3)))
+    finally:
+        await p.aclose()
+    assert time.monotonic() - began < 1.5
+    assert [e.message for e in errors] == ["IAM issued no access token (no answer before the deadline)"] * 3
+    assert {e.code for e in errors} == {ErrorCode.PROVIDER_TIMEOUT} and len(fake.iam_requests) == 1
+
+
+async def test_a_cached_token_the_service_refuses_is_exchanged_and_the_request_sent_again(fake: FakeWatsonx) -> None:
     p = provider(fake)
     try:
         await run(p)
         fake.tokens.clear()  # revoked: the fake no longer knows it
+        assert isinstance((await run(p))[-1], Finished)
+        assert len(fake.iam_requests) == 2 and len(fake.requests) == 3
+        assert [r.status for r in fake.requests[1:]] == [401, 200]
+        assert fake.requests[1].headers["authorization"] != fake.requests[2].headers["authorization"]
+        # Credentials the service refuses (the new token too): one resend only, then the failure.
+        fake.enqueue(StatusReply(401))
         err = await failure(p)
         assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 401
+        assert len(fake.iam_requests) == 3 and len(fake.requests) == 5
         assert isinstance((await run(p))[-1], Finished)
     finally:
         await p.aclose()
-    assert len(fake.iam_requests) == 2 and len(fake.requests) == 3
+    assert len(fake.iam_requests) == 4 and len(fake.requests) == 6
+
+
+async def test_a_fresh_token_the_service_refuses_is_not_sent_again(fake: FakeWatsonx) -> None:
+    fake.enqueue(StatusReply(401))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED
+    assert len(fake.iam_requests) == 1 and len(fake.requests) == 1
+
+
+async def test_an_expired_token_error_in_the_stream_drops_the_token(fake: FakeWatsonx) -> None:
+    p = provider(fake)
+    try:
+        await run(p)
+        fake.enqueue(
+            StreamReply(text=["a", "b"], fault="error_event", fault_after=1, error_type="authentication_token_expired")
+        )
+        err = await failure(p)
+        assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and "authentication_token_expired" in err.message
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    assert len(fake.iam_requests) == 2
+    tokens = [r.headers["authorization"] for r in fake.requests]
+    assert tokens[0] == tokens[1] != tokens[2]
 
 
 async def test_a_key_iam_refuses_is_an_auth_failure_that_names_no_key(fake: FakeWatsonx) -> None:
@@ -139,7 +271,8 @@ async def test_a_key_iam_refuses_is_an_auth_failure_that_names_no_key(fake: Fake
     finally:
         await p.aclose()
     assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and err.provider_http_status == 400
-    assert "IAM" in err.message and fake.api_key not in err.message
+    expected = "IAM issued no access token (the provider answered HTTP 400: it rejected this server's credentials)"
+    assert err.message == expected and sanitize(expected) == expected
     assert fake.requests == [] and len(fake.iam_requests) == 1
 
 
@@ -152,6 +285,8 @@ async def test_an_iam_failure_is_one_request(fake: FakeWatsonx, status: int, cod
     try:
         err = await failure(p)
         assert err.code is code and len(fake.iam_requests) == 1 and fake.requests == []
+        assert err.message.startswith(f"IAM issued no access token (the provider answered HTTP {status}: ")
+        assert "[redacted]" not in err.message
         assert isinstance((await run(p))[-1], Finished)  # the next attempt exchanges again
     finally:
         await p.aclose()
@@ -196,6 +331,47 @@ async def test_a_400_passes_on_watsonx_text(fake: FakeWatsonx) -> None:
     assert "invalid_input_argument" in err.message and "8192" in err.message
 
 
+@pytest.mark.parametrize(
+    ("status", "error_type", "code"),
+    [
+        # watsonx's code decides when the table knows it, whatever the status says.
+        (403, "token_quota_reached", ErrorCode.PROVIDER_RATE_LIMITED),
+        (400, "model_unavailable", ErrorCode.PROVIDER_UNAVAILABLE),
+        (400, "too_many_requests", ErrorCode.PROVIDER_RATE_LIMITED),
+        (500, "invalid_input_argument", ErrorCode.PROVIDER_REJECTED_REQUEST),
+        (400, "request_timeout", ErrorCode.PROVIDER_TIMEOUT),
+        (403, "authorization_rejected", ErrorCode.PROVIDER_AUTH_FAILED),
+        # A code it does not know: the status.
+        (400, "something_new", ErrorCode.PROVIDER_REJECTED_REQUEST),
+        (403, "something_new", ErrorCode.PROVIDER_AUTH_FAILED),
+        (503, "something_new", ErrorCode.PROVIDER_UNAVAILABLE),
+        (429, "something_new", ErrorCode.PROVIDER_RATE_LIMITED),
+    ],
+)
+async def test_an_error_body_is_classified_by_its_code_then_its_status(
+    fake: FakeWatsonx, status: int, error_type: str, code: ErrorCode
+) -> None:
+    fake.enqueue(StatusReply(status, error_type=error_type, message="simulated"))
+    p = provider(fake)
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is code and err.provider_http_status == status
+    assert f"HTTP {status} ({error_type})" in err.message
+    assert len(fake.requests) == 1
+
+
+def test_an_error_body_without_a_code_is_classified_by_its_status() -> None:
+    from service.providers.watsonx import http_error
+
+    assert http_error("watsonx", 400, {}, {}).code is ErrorCode.PROVIDER_REJECTED_REQUEST
+    assert http_error("watsonx", 502, {}, {"code": 7}).code is ErrorCode.PROVIDER_UNAVAILABLE
+    # 404 keeps its explanation when the code says the request is at fault.
+    err = http_error("watsonx", 404, {}, {"code": "model_not_supported", "message": "x"})
+    assert err.code is ErrorCode.PROVIDER_REJECTED_REQUEST and "does not know this model" in err.message
+
+
 # --- TLS -------------------------------------------------------------------------------------
 
 
@@ -223,12 +399,98 @@ async def test_a_bundle_of_another_ca_is_refused_too(fake: FakeWatsonx, tmp_path
     assert fake.requests == []
 
 
-def test_the_transport_context_verifies(fake: FakeWatsonx) -> None:
-    import ssl
+class ConnectProxy:
+    """An HTTP CONNECT proxy on loopback that tunnels to loopback only, recording each target."""
 
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> ConnectProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            method, target, _ = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0].decode().split(" ")
+            host, _, port = target.rpartition(":")
+            if method != "CONNECT" or host not in ("127.0.0.1", "localhost"):
+                writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+                return
+            self.targets.append(target)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(port))
+            self._writers.append(up_writer)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await source.read(65536):
+                        sink.write(data)
+                        await sink.drain()
+                finally:
+                    sink.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def proxy(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ConnectProxy]:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    async with ConnectProxy() as server:
+        monkeypatch.setenv("HTTPS_PROXY", server.url)
+        yield server
+
+
+async def test_through_an_environment_proxy_tls_is_still_verified(
+    fake: FakeWatsonx, proxy: ConnectProxy, tmp_path: Path
+) -> None:
     p = provider(fake)
-    context = p.client._transport._ssl_context  # type: ignore[attr-defined]
-    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    origin = fake.base_url.removeprefix("https://")
+    assert proxy.targets and set(proxy.targets) == {origin}, "the requests did not go through the proxy"
+    # A bundle of another CA: the tunnel opens, the certificate is refused (and the system's trust
+    # would refuse the fake's CA too: the route's bundle is what made the first stream work).
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    p = provider(fake, ca_bundle_file=str(other))
+    try:
+        err = await failure(p)
+    finally:
+        await p.aclose()
+    assert err.code is ErrorCode.PROVIDER_AUTH_FAILED and "certificate of IAM could not be verified" in err.message
+    assert len(fake.iam_requests) == 1
+
+
+async def test_the_proxy_decision_covers_the_iam_host(
+    fake: FakeWatsonx, proxy: ConnectProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service is exempt (NO_PROXY), IAM is not: IAM must be reached through the proxy.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    port = fake.base_url.rpartition(":")[2]
+    p = provider(fake, iam_url=f"https://localhost:{port}")
+    try:
+        assert isinstance((await run(p))[-1], Finished)
+    finally:
+        await p.aclose()
+    assert proxy.targets == [f"localhost:{port}"]
+    assert len(fake.iam_requests) == 1 and len(fake.requests) == 1
 
 
 def test_an_unreadable_bundle_is_a_config_error(fake: FakeWatsonx) -> None:
@@ -291,6 +553,56 @@ async def test_a_project_and_a_space_route(fake: FakeWatsonx) -> None:
 def test_config_errors(fake: FakeWatsonx, options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         provider(fake, **options)
+
+
+def iam_of(url: str, monkeypatch: pytest.MonkeyPatch, **options: Any) -> str:
+    """The IAM token URL a route on `url` would use (nothing is sent)."""
+    monkeypatch.setenv(KEY_ENV, "fake-watsonx-apikey-for-iam-choice")
+    spec = {"url": url, "project_id": PROJECT_ID, "api_key_env": KEY_ENV, **options}
+    route = build_routes({"r": {"provider": "watsonx", "model": "m", "options": spec}}, "test")["r"]
+    p = WatsonxProvider(route)
+    assert p.iam is not None
+    return p.iam.url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://us-south.ml.cloud.ibm.com",
+        "https://US-SOUTH.ml.cloud.ibm.com",
+        "https://eu-de.ML.Cloud.IBM.com/",
+        "https://us-south.ml.cloud.ibm.com:443",
+        "https://us-south.ml.cloud.ibm.com.",
+        "https://jp-tok.ml.cloud.ibm.com.:443//",
+    ],
+)
+def test_ibm_cloud_urls_take_ibm_clouds_iam_however_spelled(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert iam_of(url, monkeypatch) == "https://iam.cloud.ibm.com/identity/token"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://cpd.example.com",  # a Cloud Pak for Data cluster with the default auth = "iam"
+        "https://us-south.ml.cloud.ibm.com:8443",
+        "https://mars-1.ml.cloud.ibm.com",  # a region newer than the SDK, or a typo
+        "https://us-south.ml.cloud.ibm.com/v2",
+    ],
+)
+def test_an_unknown_url_needs_iam_url_and_never_gets_the_test_iam(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"\[routes\.r\] options\.iam_url is required") as caught:
+        iam_of(url, monkeypatch)
+    assert "test" not in str(caught.value)
+    assert iam_of(url, monkeypatch, iam_url="https://iam.example.com/") == "https://iam.example.com/identity/token"
+
+
+def test_normalized_url() -> None:
+    from service.providers.watsonx import normalized_url
+
+    assert normalized_url("HTTPS://Us-South.ML.cloud.ibm.com.:443/") == "https://us-south.ml.cloud.ibm.com"
+    assert normalized_url("https://h.example:8443/a/") == "https://h.example:8443/a"
+    for odd in ("https://user@h.example", "https://h.example:bad", "https://h.example/?a=1", "https://h.example#x"):
+        assert normalized_url(odd) == "", odd
 
 
 def test_the_request_mapping() -> None:

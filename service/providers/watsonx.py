@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import importlib.resources
+import logging
 import os
 import ssl
 import time
@@ -39,7 +41,7 @@ import httpx2
 import orjson
 
 from service.config import ConfigError, RouteConfig
-from service.errors import ErrorCode, GatewayError, invalid_request, register_secret
+from service.errors import ErrorCode, GatewayError, invalid_request, register_secret, unregister_secret
 from service.events import (
     ChatMessage,
     Finished,
@@ -113,10 +115,12 @@ _IAM_ERRORS = ErrorTable(statuses={**STATUS_CODES, 400: ErrorCode.PROVIDER_AUTH_
 _IMAGES = media(dict.fromkeys(("image/png", "image/jpeg"), frozenset({Source.DATA})), 4 * MIB)
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _IAM_CLOUD = "https://iam.cloud.ibm.com"
-_IAM_TEST = "https://iam.test.cloud.ibm.com"
 # A token is refreshed once this share of its lifetime is left (at most 5 minutes before its end).
 _REFRESH_SHARE = 0.2
 _REFRESH_MAX_SECONDS = 300.0
+# After a failed refresh while the token is still valid, the next try (at most half of what is left).
+_REFRESH_RETRY_SECONDS = 5.0
+log = logging.getLogger("tokenwire.watsonx")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +140,11 @@ class WatsonxOptions:
     auth: str = bounds("iam", choices=("iam", "token"))
     api_key_env: str = "WATSONX_APIKEY"
     token_env: str = "WATSONX_TOKEN"
-    # The IAM service; empty: IBM Cloud's (its test IAM for the SDK's non-production URLs).
+    # The IAM service; empty: IBM Cloud's, for a `url` among the SDK's IBM Cloud URLs (compared
+    # whatever its case, default port, trailing slash or dot). Required for any other `url`.
     iam_url: str = ""
+    # The bound of one token exchange at IAM (connecting, sending, reading), whatever the route's timeouts.
+    iam_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=120.0)
     # PEM file of the CAs to trust for the service and IAM; empty: the system's trust. Never off.
     ca_bundle_file: str = ""
     max_tokens_field: str = bounds("max_tokens", choices=_MAX_TOKENS_FIELDS)
@@ -267,6 +274,26 @@ def _first_error(body: object) -> tuple[dict[str, Any], int | None]:
     return first, status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
+def http_error(
+    provider: str, status: int, headers: httpx2.Headers | dict[str, str], first: dict[str, Any]
+) -> GatewayError:
+    """An error status: classified by watsonx's code (`errors[0].code`, the table of in-stream
+    frames) when it knows it, else by the status; a 403 with `token_quota_reached` is a rate limit,
+    a 400 with `model_unavailable` the provider's outage, not the caller's fault."""
+    raw_code = first.get("code")
+    code = ERRORS.stream_types.get(raw_code) if isinstance(raw_code, str) else None
+    table = ERRORS if code is None else dataclasses.replace(ERRORS, statuses={**ERRORS.statuses, status: code})
+    return status_error(provider, status, headers, first, table)
+
+
+class TokenExpired(GatewayError):
+    """watsonx's `authentication_token_expired` (in an `event: error` frame or an error body): the
+    access token the request carried is no longer good, whatever its cached lifetime says."""
+
+
+_TOKEN_EXPIRED = "authentication_token_expired"
+
+
 def in_stream_error(provider: str, body: object) -> GatewayError:
     """An `event: error` frame (or an error body as a chunk): classified by its code, else by the
     status it states."""
@@ -280,7 +307,8 @@ def in_stream_error(provider: str, body: object) -> GatewayError:
     text = first.get("message")
     if code is ErrorCode.PROVIDER_REJECTED_REQUEST and isinstance(text, str) and text:
         message += f": {provider_text(text)}"
-    return GatewayError(code, message, provider=provider, provider_http_status=status or 0)
+    kind_of = TokenExpired if kind == _TOKEN_EXPIRED else GatewayError
+    return kind_of(code, message, provider=provider, provider_http_status=status or 0)
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:
@@ -401,49 +429,122 @@ class ChatStreamParser:
 
 class IAMToken:
     """An IAM access token for an API key: fetched on first use, reused, and fetched again once
-    little of its lifetime is left. One exchange at a time: concurrent streams wait for it."""
+    little of its lifetime is left.
 
-    def __init__(self, provider: str, client: httpx2.AsyncClient, url: str, api_key: str) -> None:
+    One exchange at a time, shared: every stream that needs a token while one is under way takes
+    that exchange's result, its token or its error (a failure is not repeated once per waiter).
+    Within the refresh window the token is still valid: the refresh runs in the background and
+    streams keep the current token; if it fails, it is tried again a little later, and the current
+    token is served until it expires. Each exchange is bounded by `timeout` seconds of its own
+    (options.iam_timeout_seconds), not by the route's read timeout."""
+
+    def __init__(self, provider: str, client: httpx2.AsyncClient, url: str, api_key: str, timeout: float) -> None:
         self.provider = provider
         self.client = client
         self.url = url
+        self.timeout = timeout
         self._form = urllib.parse.urlencode(
             {"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": api_key}
         ).encode()
         self._token = ""
+        # The token before it: streams that started with it may still be running. The redactor
+        # knows these two only (one token per refresh would otherwise pile up there for good).
+        self._previous = ""
+        # time.monotonic() instants: when to refresh, when the token stops being valid, and (after
+        # a failed early refresh) when to try again.
         self._refresh_at = 0.0
-        self._lock = asyncio.Lock()
+        self._expires_at = 0.0
+        self._retry_at = 0.0
+        self._exchange: asyncio.Task[str] | None = None
         # Exchanges made (for tests and logs: a cached token makes none).
         self.exchanges = 0
 
-    async def get(self, limits: httpx2.Timeout) -> str:
-        if self._token and time.monotonic() < self._refresh_at:
-            return self._token
-        async with self._lock:
-            if not self._token or time.monotonic() >= self._refresh_at:
-                await self._exchange(limits)
-            return self._token
+    async def get(self, deadline: float | None = None) -> tuple[str, bool]:
+        """A valid token, and whether it came from the cache (False: this call waited for the
+        exchange that issued it). `deadline` (time.monotonic()) bounds the wait for an exchange."""
+        now = time.monotonic()
+        if self._token and now < self._expires_at:
+            if now >= self._refresh_at and now >= self._retry_at and self._exchange is None:
+                self._start()
+            return self._token, True
+        task = self._exchange or self._start()
+        try:
+            if deadline is None or deadline - now >= self.timeout:
+                # The exchange ends within its own timeout.
+                return await asyncio.shield(task), False
+            async with asyncio.timeout(max(deadline - now, 0.0)):
+                return await asyncio.shield(task), False
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.PROVIDER_TIMEOUT, _iam_failed("no answer before the deadline"), provider=self.provider
+            ) from None
+        except GatewayError as shared:
+            # Every waiter raises its own copy: one exception object raised by many tasks would
+            # collect all their tracebacks.
+            raise GatewayError(
+                shared.code,
+                shared.message,
+                retry_after=shared.retry_after,
+                provider=shared.provider,
+                provider_http_status=shared.provider_http_status,
+            ) from None
 
     def invalidate(self, token: str) -> None:
         """The service refused `token` (expired early, revoked): the next request fetches a new one."""
-        if self._token == token:
-            self._refresh_at = 0.0
+        if token and self._token == token:
+            self._refresh_at = self._expires_at = self._retry_at = 0.0
 
-    async def _exchange(self, limits: httpx2.Timeout) -> None:
+    async def aclose(self) -> None:
+        task = self._exchange
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _start(self) -> asyncio.Task[str]:
+        task = asyncio.get_running_loop().create_task(self._fetch())
+        self._exchange = task
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Task[str]) -> None:
+        if self._exchange is task:
+            self._exchange = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        now = time.monotonic()
+        left = self._expires_at - now
+        if self._token and left > 0:
+            # An early refresh failed: the token still serves; try again later, not per stream.
+            self._retry_at = now + min(_REFRESH_RETRY_SECONDS, left / 2)
+            log.warning(
+                "watsonx: refreshing the IAM access token failed (%s); the current one serves for %.0f s more",
+                error.message if isinstance(error, GatewayError) else type(error).__name__,
+                left,
+            )
+
+    async def _fetch(self) -> str:
         headers = {"content-type": "application/x-www-form-urlencoded", "accept": "application/json"}
         self.exchanges += 1
+        sent_at = time.monotonic()
         try:
-            response = await self.client.post(self.url, content=self._form, headers=headers, timeout=limits)
+            async with asyncio.timeout(self.timeout):
+                response = await self.client.post(self.url, content=self._form, headers=headers, timeout=self.timeout)
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.PROVIDER_TIMEOUT,
+                _iam_failed("no answer within options.iam_timeout_seconds"),
+                provider=self.provider,
+            ) from None
         except httpx2.HTTPError as exc:
             refused = untrusted(self.provider, exc, "IAM")
             if refused is not None:
                 raise refused from None
             error = transport_error(self.provider, exc, started=False)
             raise GatewayError(
-                error.code,
-                f"IAM token exchange: {error.message}",
-                retry_after=error.retry_after,
-                provider=self.provider,
+                error.code, _iam_failed(error.message), retry_after=error.retry_after, provider=self.provider
             ) from None
         try:
             body: Any = orjson.loads(response.content)
@@ -455,7 +556,7 @@ class IAMToken:
             error = status_error(self.provider, response.status_code, response.headers, None, _IAM_ERRORS)
             raise GatewayError(
                 error.code,
-                f"IAM token exchange: {error.message}",
+                _iam_failed(error.message),
                 retry_after=error.retry_after,
                 provider=self.provider,
                 provider_http_status=response.status_code,
@@ -467,8 +568,23 @@ class IAMToken:
             )
         register_secret(token)
         lifetime = _lifetime(body)
+        if self._previous and self._previous not in (token, self._token):
+            unregister_secret(self._previous)
+        if self._token != token:
+            self._previous = self._token
         self._token = token
-        self._refresh_at = time.monotonic() + lifetime - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+        # Counted from when the request left: the token may have been issued a moment before the answer.
+        self._expires_at = sent_at + lifetime
+        self._refresh_at = self._expires_at - min(lifetime * _REFRESH_SHARE, _REFRESH_MAX_SECONDS)
+        self._retry_at = 0.0
+        return token
+
+
+def _iam_failed(detail: str) -> str:
+    """The message of a failed exchange. Worded so that the redactor leaves it whole: "token" is
+    never followed by a word of 6 characters or more (`token failed` reads as a credential), nor
+    "token" or "key" by a colon."""
+    return f"IAM issued no access token ({detail})"
 
 
 def _lifetime(body: dict[str, Any]) -> float:
@@ -514,15 +630,17 @@ def _ssl_context(route: RouteConfig, ca_bundle_file: str) -> ssl.SSLContext:
     return context
 
 
-def _client(settings: HTTPSettings, context: ssl.SSLContext) -> httpx2.AsyncClient:
+def _client(settings: HTTPSettings, context: ssl.SSLContext, urls: tuple[str, ...]) -> httpx2.AsyncClient:
     """tokenwire's transport (as `HTTPSettings.http_client` builds it) with the route's TLS trust;
-    httpx2's own, verifying with the same context, when an environment proxy applies."""
+    httpx2's own, verifying with the same context, when an environment proxy applies to any of
+    `urls` (the service's and IAM's): httpx2 then decides per host, NO_PROXY included, so neither
+    the service nor IAM is reached directly when the environment says it needs the proxy."""
     limits = httpx2.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
         keepalive_expiry=settings.keepalive_expiry,
     )
-    if http1.proxied(settings.base_url):
+    if any(http1.proxied(u) for u in urls):
         return httpx2.AsyncClient(limits=limits, verify=context)
     transport = http1.Transport(
         max_connections=settings.max_connections,
@@ -583,17 +701,21 @@ class WatsonxProvider(HTTPProvider):
             max_connection_age=o.max_connection_age_seconds,
             dns_ttl=o.dns_ttl_seconds,
         )
-        self.client = _client(self.settings, _ssl_context(route, o.ca_bundle_file))
         self.iam: IAMToken | None = None
         self.token = ""
+        key = iam_token_url = ""
         if o.auth == "iam":
             key = _secret_env(name, o.api_key_env, "the IBM Cloud API key", "api_key_env")
-            iam_base = o.iam_url.rstrip("/") or (_IAM_CLOUD if url in hrefs.PROD_SVT_URL else _IAM_TEST)
+            iam_base = o.iam_url.rstrip("/") or _default_iam(name, url, hrefs.PROD_SVT_URL)
             if not iam_base.startswith("https://"):
                 raise ConfigError(f"{name} options.iam_url must be an https:// URL")
-            self.iam = IAMToken(self.kind, self.client, hrefs.IAM_TOKEN_URL.format(iam_base), key)
+            iam_token_url = hrefs.IAM_TOKEN_URL.format(iam_base)
         else:
             self.token = _secret_env(name, o.token_env, "the bearer token", "token_env")
+        context = _ssl_context(route, o.ca_bundle_file)
+        self.client = _client(self.settings, context, (url, iam_token_url) if iam_token_url else (url,))
+        if iam_token_url:
+            self.iam = IAMToken(self.kind, self.client, iam_token_url, key, o.iam_timeout_seconds)
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
         self.capabilities = Capabilities(images=_IMAGES, response_formats=frozenset(ResponseFormatType))
 
@@ -607,16 +729,33 @@ class WatsonxProvider(HTTPProvider):
     async def _post(self, request: GenerationRequest) -> AsyncIterator[httpx2.Response]:
         body = orjson.dumps(request_body(request, scope=self.scope, max_tokens_field=self.options.max_tokens_field))
         timeout = self.settings.timeout(request)
-        token = await self.iam.get(timeout) if self.iam is not None else self.token
-        headers = self.headers | {"authorization": f"Bearer {token}"}
-        sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
-        try:
-            response = await self.client.send(sent, stream=True)
-        except httpx2.ConnectError as exc:
-            refused = untrusted(self.kind, exc, "watsonx")
-            if refused is not None:
-                raise refused from None
-            raise
+        token = self.token
+        cached = False
+        response: httpx2.Response | None = None
+        # A cached IAM token the service refuses (revoked, expired early, a clock that stood still
+        # while the machine slept) is dropped, and the request sent once more with a new one:
+        # nothing has reached the caller yet. A token fresh from IAM that is refused fails at once.
+        for resend in (False, True):
+            if self.iam is not None:
+                token, cached = await self.iam.get(request.deadline)
+            if resend:
+                timeout = self.settings.timeout(request)
+            headers = self.headers | {"authorization": f"Bearer {token}"}
+            sent = self.client.build_request("POST", self.url, content=body, headers=headers, timeout=timeout)
+            try:
+                response = await self.client.send(sent, stream=True)
+            except httpx2.ConnectError as exc:
+                refused = untrusted(self.kind, exc, "watsonx")
+                if refused is not None:
+                    raise refused from None
+                raise
+            if response.status_code != 401 or self.iam is None:
+                break
+            self.iam.invalidate(token)
+            if resend or not cached:
+                break
+            await response.aclose()
+        assert response is not None
         try:
             if response.status_code != 200:
                 raw = await response.aread()
@@ -625,15 +764,50 @@ class WatsonxProvider(HTTPProvider):
                 except orjson.JSONDecodeError:
                     error = None
                 first, _ = _first_error(error)
-                if response.status_code == 401 and self.iam is not None:
+                raise http_error(self.kind, response.status_code, response.headers, first)
+            try:
+                yield response
+            except TokenExpired:
+                if self.iam is not None:
                     self.iam.invalidate(token)
-                raise status_error(self.kind, response.status_code, response.headers, first, ERRORS)
-            yield response
+                raise
         finally:
             await response.aclose()
 
     async def aclose(self) -> None:
+        if self.iam is not None:
+            await self.iam.aclose()
         await self.client.aclose()
+
+
+def normalized_url(url: str) -> str:
+    """A base URL in one spelling, to compare: scheme and host lower-cased, the host without a
+    trailing dot, no default port (443 for https), no trailing slash; "" when it does not parse, or
+    has user info, a query or a fragment (no base URL of the SDK's has them)."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").rstrip(".")
+    if not host or parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        return ""
+    default = {"https": 443, "http": 80}.get(scheme)
+    netloc = host if port is None or port == default else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _default_iam(name: str, url: str, production: list[str]) -> str:
+    """IBM Cloud's IAM, for a service URL among the SDK's IBM Cloud ones (`PROD_SVT_URL`), however
+    it is spelled. Any other URL needs options.iam_url: the SDK's fallback, IBM's *test* IAM, would
+    receive the production API key for a typo or a region newer than the SDK."""
+    if normalized_url(url) in {normalized_url(u) for u in production}:
+        return _IAM_CLOUD
+    raise ConfigError(
+        f"{name} options.iam_url is required: options.url is not one of the IBM Cloud watsonx URLs the "
+        f"installed ibm-watsonx-ai SDK knows, so which IAM should receive the API key cannot be told; set "
+        f'iam_url = "{_IAM_CLOUD}" for IBM Cloud, or use auth = "token" (a Cloud Pak for Data token)'
+    )
 
 
 def _secret_env(name: str, env: str, what: str, option: str) -> str:

@@ -9,6 +9,11 @@ for `api_key`, or `cpd_token` (a Cloud Pak for Data bearer token), and answers a
 401 `authentication_token_expired`. Token exchanges are recorded in `iam_requests`, not in
 `requests`: the suite counts the model's requests.
 
+Two ways for the service to refuse a token: `tokens.clear()` revokes the tokens issued so far (a new
+one is taken), while an enqueued `StatusReply(401)` stands for credentials the service refuses
+outright: its 401 is also the answer to the next request whose token IAM issued after it (the
+adapter's one resend with a new token), without taking another reply from the queue.
+
 The stream is written as watsonx writes it: `id: N` / `event: message` / `data: {chunk}` frames, a
 chunk being `{"id", "object": "chat.completion.chunk", "model_id", "model", "created", "choices":
 [{"index": 0, "delta": {...}, "finish_reason"}]}`, the first delta with the role, tool calls as
@@ -30,10 +35,11 @@ import orjson
 import trustme
 
 from .kit import Kit
-from .replies import Reply, StreamReply
+from .replies import Reply, ResetReply, StreamReply
 from .server import (
     FakeServer,
     Frame,
+    Plan,
     RecordedRequest,
     RenderedStream,
     RequestContext,
@@ -91,7 +97,11 @@ class FakeWatsonx(FakeServer):
         self.iam_requests: list[RecordedRequest] = []
         # Statuses IAM answers, one per exchange, before it issues tokens again.
         self.iam_failures: list[int] = []
+        # Seconds IAM takes to send its answer's body (its head goes at once): a slow or hung IAM.
+        self.iam_delay = 0.0
         self._query: dict[str, str] = {}
+        # After an enqueued 401: tokens issued from this index on get one 401 more (see above).
+        self._refuse_from: int | None = None
         self._deployment = ""
 
     @property
@@ -128,7 +138,8 @@ class FakeWatsonx(FakeServer):
         if self.iam_failures:
             status = self.iam_failures.pop(0)
             body = orjson.dumps({"errorCode": "BXNIM0000E", "errorMessage": "simulated IAM failure"})
-            return await self._execute(conn, record, self._json_plan(status, body, request_id, True))
+            plan = self._json_plan(status, body, request_id, True, delay=self.iam_delay)
+            return await self._execute(conn, record, plan)
         key = form.get("apikey", "")
         if form.get("grant_type") != _GRANT or not key or key in self.refused_keys:
             body = orjson.dumps(
@@ -151,7 +162,19 @@ class FakeWatsonx(FakeServer):
                 "scope": "ibm openid",
             }
         )
-        return await self._execute(conn, record, self._json_plan(200, body, request_id, True))
+        return await self._execute(conn, record, self._json_plan(200, body, request_id, True, delay=self.iam_delay))
+
+    def _plan(self, incoming: _Incoming, path: str, body: Any, keep_alive: bool) -> Plan | ResetReply:
+        token = incoming.headers.get("authorization", "").partition(" ")[2]
+        authorized = self._authorized(incoming.headers)
+        if self._refuse_from is not None and authorized and token in list(self.tokens)[self._refuse_from :]:
+            self._refuse_from = None
+            return self._error_plan(401, "", self._unauthorized_message(), keep_alive)
+        plan = super()._plan(incoming, path, body, keep_alive)
+        if isinstance(plan, Plan) and plan.status == 401 and authorized and token in self.tokens:
+            # An enqueued 401 (the token itself was good): the credentials are refused.
+            self._refuse_from = len(self.tokens)
+        return plan
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
