@@ -93,6 +93,8 @@ def main() -> int:
         config = log_dir / "tokenwire.toml"
         config.write_text(
             f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_streams = 100000\nhttp_listen = ""\n'
+            # No metrics port: a fixed one may be taken by another server on this machine.
+            'metrics_listen = ""\n'
             f'event_loop = "{args.event_loop}"\n\n'
             '[routes.bench]\nprovider = "openai-compatible"\nmodel = "bench-model"\n'
             f'options = {{ base_url = "http://{upstream.address}/v1" }}\n'
