@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -41,14 +42,17 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import ALL_SOURCES, MIB, Capabilities, Options, PromptCaching, media
+from service.providers.base import ALL_SOURCES, MIB, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.upstream import (
     SSE_STREAM_TYPES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    checked_url,
     loads,
     post_streaming,
+    route_key,
     stream_error,
     token_count,
     truncated,
@@ -486,6 +490,20 @@ class CitingEventParser(EventParser):
         return citation
 
 
+@dataclass(frozen=True, slots=True)
+class AnthropicOptions(ConnectionOptions):
+    """An `anthropic` route's options (`[routes.NAME.options]`)."""
+
+    base_url: str = "https://api.anthropic.com"
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    # Sent when the caller sets no max_output_tokens: the API requires one.
+    max_tokens: int = bounds(4096, minimum=1, maximum=1_000_000)
+    reasoning_mode: str = bounds("budget", choices=("budget", "adaptive"))
+    # How a JSON response format is asked for: "native" structured outputs (output_config.format),
+    # or "tool", a forced tool call, for models without them.
+    structured_output: str = bounds("native", choices=_STRUCTURED_OUTPUT_MODES)
+
+
 class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
     supports_tools = True
@@ -499,15 +517,11 @@ class AnthropicProvider(HTTPProvider):
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
-        options = Options(route)
-        self.settings = HTTPSettings.read(
-            options, route, default_key_env="ANTHROPIC_API_KEY", default_base_url="https://api.anthropic.com"
-        )
-        self.default_max_tokens = options.number("max_tokens", 4096, minimum=1, maximum=1_000_000)
-        self.reasoning_mode = options.choice("reasoning_mode", "budget", ("budget", "adaptive"))
-        # How a JSON response format is asked for: "native" structured outputs (output_config.format),
-        # or "tool", a forced tool call, for models without them.
-        self.structured_output = options.choice("structured_output", "native", _STRUCTURED_OUTPUT_MODES)
+        self.options = o = read_options(AnthropicOptions, route)
+        self.settings = HTTPSettings.of(o, checked_url(route, "base_url", o.base_url), route_key(route, o.api_key_env))
+        self.default_max_tokens = o.max_tokens
+        self.reasoning_mode = o.reasoning_mode
+        self.structured_output = o.structured_output
         formats = {ResponseFormatType.TEXT, ResponseFormatType.JSON_SCHEMA}
         if self.structured_output == "tool":
             formats.add(ResponseFormatType.JSON_OBJECT)
@@ -520,7 +534,6 @@ class AnthropicProvider(HTTPProvider):
             citations=True,
             document_context=True,
         )
-        options.done()
         self.client = anthropic.AsyncAnthropic(
             api_key=self.settings.api_key,
             base_url=self.settings.base_url,

@@ -29,7 +29,7 @@ from service.config import ConfigError, RouteConfig
 from service.errors import ErrorCode, GatewayError, register_secret, sanitize, stream_truncated
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers import http1
-from service.providers.base import Options, Provider
+from service.providers.base import Provider, bounds
 from service.providers.framing import Framing, FramingError
 from service.providers.sse import SSEDecoder
 
@@ -41,58 +41,70 @@ _DRAIN_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """The options every HTTP route takes for its connections to the provider: each provider's
+    typed options (see `service.providers.base.read_options`) extend this class, and
+    `HTTPSettings.of` turns them into the route's settings."""
+
+    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
+    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
+    # Connections to the provider open at once, all kept alive for reuse: a stream holds one
+    # for its whole life, so this bounds the route's concurrent streams.
+    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
+    # The transport's pool (service/providers/http1.py): idle keep-alive expiry, connection
+    # lifetime, and how long a DNS answer is reused.
+    keepalive_expiry_seconds: float = bounds(http1.KEEPALIVE_EXPIRY, minimum=0.0)
+    max_connection_age_seconds: float = bounds(http1.MAX_CONNECTION_AGE, minimum=0.0)
+    dns_ttl_seconds: float = bounds(http1.DNS_TTL, minimum=0.0)
+
+
+def checked_url(route: RouteConfig, key: str, url: str) -> str:
+    """A route's provider URL option `key`, which must be set and be http(s)."""
+    if not url:
+        raise ConfigError(f"[routes.{route.name}] options.{key} is required for provider {route.provider!r}")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"[routes.{route.name}] options.{key} must be an http:// or https:// URL")
+    return url
+
+
+def route_key(route: RouteConfig, key_env: str, *, required: bool = True) -> str:
+    """The API key in the environment variable `key_env` ("" for none), registered as a secret."""
+    key = os.environ.get(key_env, "") if key_env else ""
+    if required and not key:
+        raise ConfigError(
+            f"[routes.{route.name}] environment variable {key_env or '(none)'} is not set; it holds the "
+            f"provider's API key (change the variable's name with options.api_key_env)"
+        )
+    if key:
+        # From here on no log line or message can carry it, whatever shape it has.
+        register_secret(key)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPSettings:
-    """A route's connection settings, read from its options."""
+    """A route's connection settings: where, with which key, and its `ConnectionOptions`."""
 
     base_url: str
     api_key: str
     connect_timeout: float
     read_timeout: float
-    # Connections to the provider open at once, all kept alive for reuse: a stream holds one
-    # for its whole life, so this bounds the route's concurrent streams.
     max_connections: int
-    # The transport's pool (service/providers/http1.py): idle keep-alive expiry, connection
-    # lifetime, and how long a DNS answer is reused.
     keepalive_expiry: float = http1.KEEPALIVE_EXPIRY
     max_connection_age: float = http1.MAX_CONNECTION_AGE
     dns_ttl: float = http1.DNS_TTL
 
     @staticmethod
-    def read(
-        options: Options,
-        route: RouteConfig,
-        *,
-        default_key_env: str,
-        key_required: bool = True,
-        default_base_url: str = "",
-        base_url_key: str = "base_url",
-    ) -> HTTPSettings:
-        base_url = options.string(base_url_key, default_base_url)
-        if not base_url:
-            raise ConfigError(
-                f"[routes.{route.name}] options.{base_url_key} is required for provider {route.provider!r}"
-            )
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"[routes.{route.name}] options.{base_url_key} must be an http:// or https:// URL")
-        key_env = options.string("api_key_env", default_key_env)
-        api_key = os.environ.get(key_env, "") if key_env else ""
-        if key_required and not api_key:
-            raise ConfigError(
-                f"[routes.{route.name}] environment variable {key_env or '(none)'} is not set; it holds the "
-                f"provider's API key (change the variable's name with options.api_key_env)"
-            )
-        if api_key:
-            # From here on no log line or message can carry it, whatever shape it has.
-            register_secret(api_key)
+    def of(options: ConnectionOptions, base_url: str, api_key: str) -> HTTPSettings:
         return HTTPSettings(
             base_url=base_url,
             api_key=api_key,
-            connect_timeout=options.number("connect_timeout_seconds", 10.0, minimum=0.1, maximum=600.0),
-            read_timeout=options.number("read_timeout_seconds", 120.0, minimum=0.1, maximum=3600.0),
-            max_connections=options.number("max_connections", 1000, minimum=1, maximum=100_000),
-            keepalive_expiry=options.number("keepalive_expiry_seconds", http1.KEEPALIVE_EXPIRY, minimum=0.0),
-            max_connection_age=options.number("max_connection_age_seconds", http1.MAX_CONNECTION_AGE, minimum=0.0),
-            dns_ttl=options.number("dns_ttl_seconds", http1.DNS_TTL, minimum=0.0),
+            connect_timeout=options.connect_timeout_seconds,
+            read_timeout=options.read_timeout_seconds,
+            max_connections=options.max_connections,
+            keepalive_expiry=options.keepalive_expiry_seconds,
+            max_connection_age=options.max_connection_age_seconds,
+            dns_ttl=options.dns_ttl_seconds,
         )
 
     def http_client(self, client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
