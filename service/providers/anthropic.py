@@ -17,6 +17,7 @@ from typing import Any
 import anthropic
 import httpx2
 import orjson
+from anthropic._models import FinalRequestOptions
 
 from service.config import RouteConfig
 from service.errors import invalid_request
@@ -49,9 +50,10 @@ from service.providers.upstream import (
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    TemplateSender,
     checked_url,
+    json_bytes,
     loads,
-    post_streaming,
     route_key,
     stream_error,
     token_count,
@@ -534,17 +536,31 @@ class AnthropicProvider(HTTPProvider):
             citations=True,
             document_context=True,
         )
+        self.transport = self.settings.transport()
         self.client = anthropic.AsyncAnthropic(
             api_key=self.settings.api_key,
             base_url=self.settings.base_url,
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=self.settings.read_timeout,
-            http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient),
+            http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient, self.transport),
             # tokenwire's own span covers the call (service/tracing.py): none of the SDK's, and
             # the trace context goes upstream only where the route's trace_upstream says so.
             open_telemetry={"traces": False, "propagation": route.trace_upstream},
         )
+        self.sender = TemplateSender(
+            self.client,
+            self.transport,
+            FinalRequestOptions,
+            credential=lambda: (self.client.api_key, self.client.auth_token),
+            dynamic=self._dynamic_auth,
+        )
+
+    def _dynamic_auth(self) -> bool:
+        """Whether the SDK adds to each request what a template cannot hold: credentials it
+        refreshes (its token cache), middleware, or the trace context (trace_upstream)."""
+        client = self.client
+        return client.custom_auth is not None or bool(client.middleware) or self.route.trace_upstream
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(
@@ -554,7 +570,7 @@ class AnthropicProvider(HTTPProvider):
             structured_output=self.structured_output,
         )
         headers = {"anthropic-beta": _FILES_BETA} if uses_files(request) else None
-        return post_streaming(self.client, "/v1/messages", body, self.settings.timeout(request), headers)
+        return self.sender.post("/v1/messages", json_bytes(body), self.settings.limits(request), headers)
 
     def _parser(self, request: GenerationRequest) -> EventParser:
         fmt = request.response_format

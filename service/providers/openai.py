@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import httpx2
 import openai
+from openai._models import FinalRequestOptions
 
 from service.config import RouteConfig
 from service.events import (
@@ -43,9 +44,10 @@ from service.providers.upstream import (
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    TemplateSender,
     checked_url,
+    json_bytes,
     loads,
-    post_streaming,
     route_key,
     stream_error,
     token_count,
@@ -69,6 +71,8 @@ _AUDIO = media(dict.fromkeys(_AUDIO_FORMATS, frozenset({Source.DATA})), 20 * MIB
 # OpenAI's explicit breakpoints keep a prefix 30 minutes, the one lifetime they offer.
 _BREAKPOINT_TTLS = (1800.0,)
 _PROMPT_CACHE_MODES = ("automatic", "breakpoints")
+# The openai SDK's ways of making credentials per request (AsyncOpenAI's and AsyncAzureOpenAI's).
+_DYNAMIC_AUTH = ("_api_key_provider", "_provider_runtime", "_workload_identity_auth", "_azure_ad_token_provider")
 
 
 def effort_for_budget(budget: int) -> ReasoningEffort:
@@ -363,7 +367,29 @@ class OpenAIProvider(HTTPProvider):
             cache_ttls=_BREAKPOINT_TTLS if self.breakpoints else (),
             response_formats=frozenset(ResponseFormatType),
         )
+        self.transport = self.settings.transport()
         self.client = self._client()
+        self.sender = TemplateSender(
+            self.client,
+            self.transport,
+            FinalRequestOptions,
+            credential=lambda: self.client.api_key,
+            dynamic=self._dynamic_auth,
+        )
+
+    def _dynamic_auth(self) -> bool:
+        """Whether the SDK makes the credentials per request (a key provider, workload identity,
+        an Azure AD token provider): then it sends every request itself."""
+        client = self.client
+        return client.custom_auth is not None or any(
+            getattr(client, name, None) is not None
+            for name in (
+                "_api_key_provider",
+                "_provider_runtime",
+                "_workload_identity_auth",
+                "_azure_ad_token_provider",
+            )
+        )
 
     def _settings(self, o: ChatOptions, route: RouteConfig) -> HTTPSettings:
         assert isinstance(o, OpenAIOptions)
@@ -377,12 +403,12 @@ class OpenAIProvider(HTTPProvider):
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient, self.transport),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(request, self.max_tokens_field, breakpoints=self.breakpoints)
-        return post_streaming(self.client, self._path(request), body, self.settings.timeout(request))
+        return self.sender.post(self._path(request), json_bytes(body), self.settings.limits(request))
 
     def _path(self, request: GenerationRequest) -> str:
         return "/chat/completions"
@@ -432,5 +458,5 @@ class AzureOpenAIProvider(OpenAIProvider):
             api_version=o.api_version,
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient, self.transport),
         )
