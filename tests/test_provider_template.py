@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import anthropic
 import httpx2
+import openai
 import pytest
 from fakes import FakeAnthropic, FakeOpenAI, StatusReply, StreamReply
 
@@ -16,6 +18,8 @@ from service.config import build_routes
 from service.errors import GatewayError
 from service.events import ChatMessage, Finished, GenerationRequest, Role
 from service.providers import create_provider
+from service.providers.anthropic import per_request_headers
+from service.providers.openai import credentials_per_request
 from service.providers.upstream import HTTPProvider, json_bytes, post_streaming
 
 pytestmark = pytest.mark.timeout(30)
@@ -183,3 +187,35 @@ async def test_many_first_requests_at_once_share_the_route(
     assert all(isinstance(events[-1], Finished) for events in results)
     assert len(p.sender._templates) == 1
     assert isinstance(p.sender._templates["/chat/completions"].url, httpx2.URL)
+
+
+async def test_credentials_the_sdk_makes_per_request_keep_the_sdk_path(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    async def key() -> str:
+        return fake_openai.api_key
+
+    async def ad_token() -> str:
+        return "an-azure-ad-token"
+
+    made = [
+        openai.AsyncOpenAI(api_key=key, base_url=fake_openai.base_url),
+        openai.AsyncAzureOpenAI(
+            azure_ad_token_provider=ad_token, azure_endpoint=fake_openai.azure_endpoint, api_version="2024-10-21"
+        ),
+    ]
+    static = openai.AsyncOpenAI(api_key="k", base_url=fake_openai.base_url)
+    try:
+        assert [credentials_per_request(c) for c in made] == [True, True]
+        assert not credentials_per_request(static)
+        assert not per_request_headers(anthropic.AsyncAnthropic(api_key="k", base_url=fake_anthropic.base_url))
+        # A route with such credentials (here: its trace context upstream) sends through the SDK.
+        p = provider("anthropic", fake_openai, fake_anthropic, trace_upstream=True)
+        try:
+            assert await p.sender.template("/v1/messages") is None
+            assert isinstance((await run(p, generation()))[-1], Finished)
+        finally:
+            await p.aclose()
+    finally:
+        for c in [*made, static]:
+            await c.close()

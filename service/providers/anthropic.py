@@ -492,6 +492,13 @@ class CitingEventParser(EventParser):
         return citation
 
 
+def per_request_headers(client: anthropic.AsyncAnthropic) -> bool:
+    """Whether the SDK adds to each request what a template cannot hold: credentials it refreshes
+    (its credential cache) or its middleware's work. (A route's trace_upstream, the trace
+    context, is the other such thing.)"""
+    return client.custom_auth is not None or bool(client.middleware)
+
+
 @dataclass(frozen=True, slots=True)
 class AnthropicOptions(ConnectionOptions):
     """An `anthropic` route's options (`[routes.NAME.options]`)."""
@@ -553,14 +560,8 @@ class AnthropicProvider(HTTPProvider):
             self.transport,
             FinalRequestOptions,
             credential=lambda: (self.client.api_key, self.client.auth_token),
-            dynamic=self._dynamic_auth,
+            dynamic=lambda: self.route.trace_upstream or per_request_headers(self.client),
         )
-
-    def _dynamic_auth(self) -> bool:
-        """Whether the SDK adds to each request what a template cannot hold: credentials it
-        refreshes (its token cache), middleware, or the trace context (trace_upstream)."""
-        client = self.client
-        return client.custom_auth is not None or bool(client.middleware) or self.route.trace_upstream
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(

@@ -303,6 +303,12 @@ class ChunkParser:
         )
 
 
+def credentials_per_request(client: openai.AsyncOpenAI) -> bool:
+    """Whether the SDK makes the credentials per request (a key provider, workload identity, an
+    Azure AD token provider): then it sends every request itself, no template."""
+    return client.custom_auth is not None or any(getattr(client, name, None) is not None for name in _DYNAMIC_AUTH)
+
+
 @dataclass(frozen=True, slots=True)
 class ChatOptions(ConnectionOptions):
     """The options every Chat Completions route takes (`[routes.NAME.options]`)."""
@@ -374,21 +380,7 @@ class OpenAIProvider(HTTPProvider):
             self.transport,
             FinalRequestOptions,
             credential=lambda: self.client.api_key,
-            dynamic=self._dynamic_auth,
-        )
-
-    def _dynamic_auth(self) -> bool:
-        """Whether the SDK makes the credentials per request (a key provider, workload identity,
-        an Azure AD token provider): then it sends every request itself."""
-        client = self.client
-        return client.custom_auth is not None or any(
-            getattr(client, name, None) is not None
-            for name in (
-                "_api_key_provider",
-                "_provider_runtime",
-                "_workload_identity_auth",
-                "_azure_ad_token_provider",
-            )
+            dynamic=lambda: credentials_per_request(self.client),
         )
 
     def _settings(self, o: ChatOptions, route: RouteConfig) -> HTTPSettings:
