@@ -9,6 +9,13 @@ The buckets above "stream start: total" are the work done before a stream's firs
     .venv/bin/python bench/start_profile.py --streams 100 --seconds 8
     .venv/bin/python bench/start_profile.py --raw bench/results/profile   # keep py-spy's raw stacks
     .venv/bin/python bench/start_profile.py --from-raw bench/results/profile   # count kept stacks again
+    .venv/bin/python bench/start_profile.py --send-cost 2000   # CPU per upstream request: template vs SDK
+
+`--send-cost N` measures one thing without py-spy or the server: the CPU this process spends on
+each of N upstream requests of an openai-compatible route, until the response's head and then to
+the end of its (one-token) body, through the route's request template and through the SDK
+(`post_streaming`), alternated twice. A CPU time of one process, so less at the mercy of a shared
+machine than a latency.
 
 Everything binds 127.0.0.1; every process it starts is stopped at the end.
 """
@@ -16,6 +23,7 @@ Everything binds 127.0.0.1; every process it starts is stopped at the end.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import shutil
 import subprocess
@@ -23,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rig import LOAD_CORE, PY, ROOT, SUT_CORE, pinned, start
@@ -101,7 +110,11 @@ def main() -> int:
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here (a directory)")
     parser.add_argument("--from-raw", type=Path, help="only count the raw stacks a run kept there (--raw)")
+    parser.add_argument("--send-cost", type=int, metavar="N", help="only measure N requests' CPU (see above)")
     args = parser.parse_args()
+    if args.send_cost:
+        asyncio.run(send_cost(args.send_cost))
+        return 0
     if args.from_raw is not None:
         kept = {shape: buckets(args.from_raw / f"profile-{shape}.txt") for shape in args.starts.split(",")}
         report(kept, f"{args.from_raw}")
@@ -147,6 +160,54 @@ def main() -> int:
             upstream.stop()
     report(results, f"{args.streams} streams, server on {args.event_loop}")
     return 0
+
+
+async def send_cost(n: int) -> None:
+    sys.path.insert(0, str(ROOT))  # this checkout's service package, whatever is installed
+    from service.config import build_routes
+    from service.events import ChatMessage, GenerationRequest, Role
+    from service.providers import create_provider
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [PY, "bench/upstream.py", "--tokens", "1", "--interval", "0"]
+        upstream = start("upstream", pinned(LOAD_CORE, argv), Path(tmp), r"on (\S+)")
+        try:
+            options = {"base_url": f"http://{upstream.address}/v1"}
+            spec = {"provider": "openai-compatible", "model": "bench-model", "options": options}
+            route = build_routes({"r": spec}, "bench")["r"]
+            request = GenerationRequest(
+                stream_id="s", route="r", upstream_model="bench-model", messages=(ChatMessage(Role.USER, "Hi."),)
+            )
+            figures: dict[str, list[tuple[float, float]]] = {}
+            for path in ("sdk", "template", "sdk", "template"):
+                provider: Any = create_provider(route)
+                if path == "sdk":
+                    provider.sender.template = _no_template
+                for _ in range(50):  # warm up: the connection, the template, the SDK's caches
+                    async with provider._send(request) as response:
+                        await response.aread()
+                head = 0.0
+                began = time.process_time()
+                for _ in range(n):
+                    sent = time.process_time()
+                    async with provider._send(request) as response:
+                        head += time.process_time() - sent
+                        await response.aread()
+                whole = time.process_time() - began
+                figures.setdefault(path, []).append((head / n * 1e6, whole / n * 1e6))
+                await provider.aclose()
+        finally:
+            upstream.stop()
+    print(f"CPU per upstream request, {n} requests, openai-compatible route (two rounds each)")
+    for path, rounds in figures.items():
+        heads = ", ".join(f"{h:.0f}" for h, _ in rounds)
+        wholes = ", ".join(f"{w:.0f}" for _, w in rounds)
+        print(f"  {path:<9} to the response head: {heads} us; whole request, body read and closed: {wholes} us")
+
+
+async def _no_template(path: str) -> None:
+    """A sender's `template` that never has one: every request goes through the SDK."""
+    return None
 
 
 def report(results: dict[str, collections.Counter[str]], about: str) -> None:
