@@ -584,16 +584,22 @@ class TemplateSender:
         self._templates: dict[str, RequestTemplate | None] = {}
 
     async def template(self, path: str) -> RequestTemplate | None:
-        """The template for POSTs to `path`; None when the SDK must send them itself."""
-        if self._transport is None or self._dynamic():
+        """The template for POSTs to `path`; None when the SDK must send them itself.
+
+        `dynamic()` is asked only when one is built: how an SDK client makes its credentials is
+        fixed when the client is made (a few µs a request saved); its key is compared every time.
+        """
+        if self._transport is None:
             return None
         credential = self._credential()
         if path in self._templates:
             known = self._templates[path]
             if known is None or known.credential == credential:
                 return known
-        first, second = [await sdk_request(self._client, self._options_class, path, t) for t in _PROBE_TIMEOUTS]
-        template = request_template(first, second, credential)
+        template = None
+        if not self._dynamic():
+            first, second = [await sdk_request(self._client, self._options_class, path, t) for t in _PROBE_TIMEOUTS]
+            template = request_template(first, second, credential)
         if len(self._templates) >= _MAX_TEMPLATES:
             self._templates.clear()
         self._templates[path] = template
