@@ -1,7 +1,8 @@
 """The provider connections: a small HTTP/1.1 client built for long streamed response bodies.
 
-The vendor SDKs still build every request and raise their own errors; this is the transport under
-their httpx2 client. It exists for what a token stream costs per chunk. httpx2's own transport
+The vendor SDKs still build each route's request and raise their own errors; this is the transport
+under their httpx2 client, and the one a route's request templates write their heads to
+(`Transport.send_head`). It exists for what a token stream costs per chunk. httpx2's own transport
 reads a body through httpcore2, h11 and anyio, with a cancel scope and a timeout set up around
 every socket read, and the relay paid for it on every chunk. Here a chunk costs one
 `data_received` callback into llhttp (httptools, C), and the reader wakes up once for whatever

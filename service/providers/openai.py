@@ -1,7 +1,8 @@
 """OpenAI Chat Completions streaming: OpenAI itself, Azure OpenAI, and OpenAI-compatible servers
 (vLLM, Ollama, LM Studio, llama.cpp's server, ...), through the official `openai` SDK.
 
-The SDK sends the request; the body is read raw (see `service.providers.upstream`). Usage is
+The SDK builds the route's request once, sent from a template after that, and the body is read
+raw (see `service.providers.upstream`). Usage is
 always requested (`stream_options.include_usage`), so it arrives in a last chunk with no choices
 before `data: [DONE]`.
 """

@@ -1,7 +1,8 @@
 """What the HTTP provider adapters share: credentials, timeouts, reading the raw event stream, and
 turning HTTP and transport failures into the error taxonomy.
 
-The vendor SDKs build and send the request (auth, headers, base URLs, their error classes); the
+The vendor SDKs build the request (auth, headers, base URLs) and make their error classes; a route
+builds its request once through its SDK and keeps it as a template (`TemplateSender`), and the
 adapters read the response body themselves, through `events`, and parse each event with orjson.
 Retries are not the SDKs' business here: every client is built with `max_retries=0`, and the
 router is the one retry owner, because only it knows the caller's deadline and the fallbacks.
