@@ -62,6 +62,7 @@ from service.providers.anthropic import AnthropicProvider, EventParser
 from service.providers.framing import EventStreamDecoder
 from service.providers.openai import ChunkParser, OpenAIProvider
 from service.providers.sse import SSEDecoder
+from service.providers.upstream import TemplateSender
 
 KEY = "bench-parse-cost-key"
 MESSAGES: Any = [{"role": "user", "content": "Tell me about streaming."}]
@@ -176,6 +177,9 @@ async def measure(vendor: str, chunks: int, repeat: int) -> dict[str, float]:
                 pass
             return len(pieces)
 
+    # The adapter sends through the replaying client as it is: a sender with no transport of its
+    # own makes no request template (that would go past the client, to the route's connections).
+    provider.sender = TemplateSender(provider.client, None, None, credential=lambda: None, dynamic=lambda: True)
     results["adapter"] = await cpu_per_chunk(adapter, repeat)
     results["SDK iterator"] = await cpu_per_chunk(sdk_iterator, repeat)
     await provider.aclose()

@@ -209,6 +209,33 @@ def test_bad_route_options_are_named(
         create_provider(routes(provider, **options))
 
 
+@pytest.mark.parametrize(
+    ("provider", "options"),
+    [
+        ("openai", {}),
+        ("azure-openai", {"endpoint": "http://127.0.0.1:9"}),
+        ("openai-compatible", {"base_url": "http://127.0.0.1:9/v1"}),
+        ("anthropic", {}),
+        ("gemini", {}),
+        ("bedrock", {"region": "us-east-1", "auth": "api-key"}),
+        ("sse-endpoint", {"url": "http://127.0.0.1:9/generate", "end_data": "[DONE]"}),
+    ],
+)
+async def test_every_http_route_takes_the_connection_options(
+    monkeypatch: pytest.MonkeyPatch, provider: str, options: dict[str, Any]
+) -> None:
+    for name in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.setenv(name, "test-key-for-config-checks")
+    monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "test-key-for-config-checks")
+    with pytest.raises(ConfigError, match=r"options\.keepalive_expiry_seconds must be from 0\.0, got -1"):
+        create_provider(routes(provider, **options, keepalive_expiry_seconds=-1))
+    pool = {"max_connections": 7, "keepalive_expiry_seconds": 5, "max_connection_age_seconds": 60, "dns_ttl_seconds": 0}
+    created: Any = create_provider(routes(provider, **options, **pool, read_timeout_seconds=9))
+    s = created.settings
+    assert (s.max_connections, s.keepalive_expiry, s.max_connection_age, s.dns_ttl, s.read_timeout) == (7, 5, 60, 0, 9)
+    await created.aclose()
+
+
 async def test_a_local_server_needs_no_key() -> None:
     provider = create_provider(routes("openai-compatible", base_url="http://127.0.0.1:9/v1"))
     assert provider.kind == "openai-compatible"

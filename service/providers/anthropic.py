@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
 import httpx2
 import orjson
+from anthropic._models import FinalRequestOptions
 
 from service.config import RouteConfig
 from service.errors import invalid_request
@@ -41,14 +43,18 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import ALL_SOURCES, MIB, Capabilities, Options, PromptCaching, media
+from service.providers.base import ALL_SOURCES, MIB, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.upstream import (
     SSE_STREAM_TYPES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    TemplateSender,
+    checked_url,
+    json_bytes,
     loads,
-    post_streaming,
+    route_key,
     stream_error,
     token_count,
     truncated,
@@ -486,6 +492,27 @@ class CitingEventParser(EventParser):
         return citation
 
 
+def per_request_headers(client: anthropic.AsyncAnthropic) -> bool:
+    """Whether the SDK adds to each request what a template cannot hold: credentials it refreshes
+    (its credential cache) or its middleware's work. (A route's trace_upstream, the trace
+    context, is the other such thing.)"""
+    return client.custom_auth is not None or bool(client.middleware)
+
+
+@dataclass(frozen=True, slots=True)
+class AnthropicOptions(ConnectionOptions):
+    """An `anthropic` route's options (`[routes.NAME.options]`)."""
+
+    base_url: str = "https://api.anthropic.com"
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    # Sent when the caller sets no max_output_tokens: the API requires one.
+    max_tokens: int = bounds(4096, minimum=1, maximum=1_000_000)
+    reasoning_mode: str = bounds("budget", choices=("budget", "adaptive"))
+    # How a JSON response format is asked for: "native" structured outputs (output_config.format),
+    # or "tool", a forced tool call, for models without them.
+    structured_output: str = bounds("native", choices=_STRUCTURED_OUTPUT_MODES)
+
+
 class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
     supports_tools = True
@@ -499,15 +526,11 @@ class AnthropicProvider(HTTPProvider):
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
-        options = Options(route)
-        self.settings = HTTPSettings.read(
-            options, route, default_key_env="ANTHROPIC_API_KEY", default_base_url="https://api.anthropic.com"
-        )
-        self.default_max_tokens = options.number("max_tokens", 4096, minimum=1, maximum=1_000_000)
-        self.reasoning_mode = options.choice("reasoning_mode", "budget", ("budget", "adaptive"))
-        # How a JSON response format is asked for: "native" structured outputs (output_config.format),
-        # or "tool", a forced tool call, for models without them.
-        self.structured_output = options.choice("structured_output", "native", _STRUCTURED_OUTPUT_MODES)
+        self.options = o = read_options(AnthropicOptions, route)
+        self.settings = HTTPSettings.of(o, checked_url(route, "base_url", o.base_url), route_key(route, o.api_key_env))
+        self.default_max_tokens = o.max_tokens
+        self.reasoning_mode = o.reasoning_mode
+        self.structured_output = o.structured_output
         formats = {ResponseFormatType.TEXT, ResponseFormatType.JSON_SCHEMA}
         if self.structured_output == "tool":
             formats.add(ResponseFormatType.JSON_OBJECT)
@@ -520,17 +543,24 @@ class AnthropicProvider(HTTPProvider):
             citations=True,
             document_context=True,
         )
-        options.done()
+        self.transport = self.settings.transport()
         self.client = anthropic.AsyncAnthropic(
             api_key=self.settings.api_key,
             base_url=self.settings.base_url,
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=self.settings.read_timeout,
-            http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient),
+            http_client=self.settings.http_client(anthropic.DefaultAsyncHttpxClient, self.transport),
             # tokenwire's own span covers the call (service/tracing.py): none of the SDK's, and
             # the trace context goes upstream only where the route's trace_upstream says so.
             open_telemetry={"traces": False, "propagation": route.trace_upstream},
+        )
+        self.sender = TemplateSender(
+            self.client,
+            self.transport,
+            FinalRequestOptions,
+            credential=lambda: (self.client.api_key, self.client.auth_token),
+            dynamic=lambda: self.route.trace_upstream or per_request_headers(self.client),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
@@ -541,7 +571,7 @@ class AnthropicProvider(HTTPProvider):
             structured_output=self.structured_output,
         )
         headers = {"anthropic-beta": _FILES_BETA} if uses_files(request) else None
-        return post_streaming(self.client, "/v1/messages", body, self.settings.timeout(request), headers)
+        return self.sender.post("/v1/messages", json_bytes(body), self.settings.limits(request), headers)
 
     def _parser(self, request: GenerationRequest) -> EventParser:
         fmt = request.response_format

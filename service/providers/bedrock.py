@@ -56,6 +56,7 @@ from service.providers.base import MIB, TEXT_ONLY, Capabilities, PromptCaching, 
 from service.providers.framing import ERROR_PREFIX, EXCEPTION_PREFIX, EventStreamDecoder, Framing
 from service.providers.upstream import (
     STATUS_CODES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
@@ -117,7 +118,7 @@ _ = MIB
 
 
 @dataclass(frozen=True, slots=True)
-class BedrockOptions:
+class BedrockOptions(ConnectionOptions):
     """A Bedrock route's options (`[routes.NAME.options]`)."""
 
     # The AWS region; empty: AWS_REGION, then AWS_DEFAULT_REGION.
@@ -130,10 +131,6 @@ class BedrockOptions:
     api_key_env: str = "AWS_BEARER_TOKEN_BEDROCK"
     # A profile of the shared AWS config for the credential chain; empty: the default chain.
     profile: str = ""
-    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
-    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
-    # Connections open at once (the pool's size): a stream holds one for its whole life.
-    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
     # How the model takes a reasoning request: "anthropic" (Claude's thinking budget), "nova"
     # (Nova's reasoningConfig effort), or "none" (reasoning requests are refused).
     reasoning: str = bounds("none", choices=("none", "anthropic", "nova"))
@@ -436,13 +433,7 @@ class BedrockProvider(HTTPProvider):
             raise ConfigError(f"[routes.{route.name}] environment variable {o.api_key_env} is not set (auth = api-key)")
         if token:
             register_secret(token)
-        self.settings = HTTPSettings(
-            base_url=endpoint.rstrip("/"),
-            api_key=token,
-            connect_timeout=o.connect_timeout_seconds,
-            read_timeout=o.read_timeout_seconds,
-            max_connections=o.max_connections,
-        )
+        self.settings = HTTPSettings.of(o, endpoint.rstrip("/"), token)
         self.path = f"/model/{urllib.parse.quote(route.model, safe='')}/converse-stream"
         self.capabilities = Capabilities(
             images=_IMAGES,

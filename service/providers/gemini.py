@@ -58,6 +58,7 @@ from service.events import (
 from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.upstream import (
     STATUS_CODES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
@@ -135,7 +136,7 @@ _DEVELOPER_URL = "https://generativelanguage.googleapis.com/"
 
 
 @dataclass(frozen=True, slots=True)
-class GeminiOptions:
+class GeminiOptions(ConnectionOptions):
     """A Gemini route's options (`[routes.NAME.options]`)."""
 
     # "developer": the Gemini Developer API with a key; "vertex": Vertex AI.
@@ -149,9 +150,6 @@ class GeminiOptions:
     project: str = ""
     location: str = ""
     credentials_file: str = ""
-    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
-    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
-    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
 
 
 def _b64(data: bytes | None) -> str:
@@ -458,13 +456,7 @@ class GeminiProvider(HTTPProvider):
         self.headers = {k.lower(): v for k, v in built.headers.items()} | {"accept": "text/event-stream"}
         parts = urllib.parse.urlsplit(self.url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        self.settings = HTTPSettings(
-            base_url=origin,
-            api_key=key,
-            connect_timeout=o.connect_timeout_seconds,
-            read_timeout=o.read_timeout_seconds,
-            max_connections=o.max_connections,
-        )
+        self.settings = HTTPSettings.of(o, origin, key)
         self.capabilities = Capabilities(
             images=_IMAGES,
             documents=_DOCUMENTS,

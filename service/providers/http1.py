@@ -1,7 +1,8 @@
 """The provider connections: a small HTTP/1.1 client built for long streamed response bodies.
 
-The vendor SDKs still build every request and raise their own errors; this is the transport under
-their httpx2 client. It exists for what a token stream costs per chunk. httpx2's own transport
+The vendor SDKs still build each route's request and raise their own errors; this is the transport
+under their httpx2 client, and the one a route's request templates write their heads to
+(`Transport.send_head`). It exists for what a token stream costs per chunk. httpx2's own transport
 reads a body through httpcore2, h11 and anyio, with a cancel scope and a timeout set up around
 every socket read, and the relay paid for it on every chunk. Here a chunk costs one
 `data_received` callback into llhttp (httptools, C), and the reader wakes up once for whatever
@@ -37,7 +38,7 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import httptools
@@ -59,7 +60,8 @@ BODY = "tokenwire.body"
 # join it to the request's head).
 WRITE_SLICE = 256 * 1024
 
-_Origin = tuple[bytes, bytes, int]
+# (scheme, host, port) of a pool's connections.
+Origin = tuple[bytes, bytes, int]
 # getaddrinfo's answer: (family, type, proto, canonname, sockaddr) per address.
 Addresses = Sequence[tuple[int, int, int, str, tuple[Any, ...]]]
 # Looks a host up: (host, port) -> addresses. The loop's getaddrinfo unless a test gives its own.
@@ -96,7 +98,7 @@ class Transport(httpx2.AsyncBaseTransport):
         self._max_connections = max_connections
         # Connections handed to a request and not yet released (a slot each).
         self._in_use = 0
-        self._idle: dict[_Origin, collections.deque[_Connection]] = {}
+        self._idle: dict[Origin, collections.deque[_Connection]] = {}
         self._idle_count = 0
         self._ssl_context = ssl_context
         self._closed = False
@@ -109,9 +111,29 @@ class Transport(httpx2.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in (b"http", b"https"):
             raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme.decode(errors='replace')!r}")
-        origin: _Origin = (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
         content = await request.aread()
         head = _request_head(request, len(content))
+        return await self._exchange(origin_of(url), head, content, timeouts, request)
+
+    async def send_head(
+        self, origin: Origin, head: bytes, content: bytes, timeouts: Mapping[str, float | None]
+    ) -> httpx2.Response:
+        """Sends a request whose head the caller made whole (request line, headers, Content-Length,
+        the blank line) and its body; the response as `handle_async_request` gives it, its body
+        unread. For a route's request template (`service.providers.upstream.RequestTemplate`):
+        no httpx2 request is built. The errors are httpx2's, without a request attached."""
+        if self._closed:
+            raise httpx2.ConnectError("the client is closed")
+        return await self._exchange(origin, head, content, timeouts, None)
+
+    async def _exchange(
+        self,
+        origin: Origin,
+        head: bytes,
+        content: bytes,
+        timeouts: Mapping[str, float | None],
+        request: httpx2.Request | None,
+    ) -> httpx2.Response:
         if self._slots.locked():
             try:
                 async with asyncio.timeout(timeouts.get("pool")):
@@ -143,7 +165,7 @@ class Transport(httpx2.AsyncBaseTransport):
             self._slots.release()
             raise
 
-    def _reuse(self, origin: _Origin) -> _Connection | None:
+    def _reuse(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
         if not idle:
             return None
@@ -195,7 +217,9 @@ class Transport(httpx2.AsyncBaseTransport):
             self._addresses[(host, port)] = (now + self._dns_ttl, found)
         return found
 
-    async def _connect(self, origin: _Origin, connect_timeout: float | None, request: httpx2.Request) -> _Connection:
+    async def _connect(
+        self, origin: Origin, connect_timeout: float | None, request: httpx2.Request | None
+    ) -> _Connection:
         if self._idle_count and self._idle_count + self._in_use > self._max_connections:
             self._close_one_idle()
         scheme, raw_host, port = origin
@@ -280,7 +304,7 @@ class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; it carries one request and its response at a time."""
 
     def __init__(self) -> None:
-        self.origin: _Origin = (b"", b"", 0)
+        self.origin: Origin = (b"", b"", 0)
         self.transport: asyncio.Transport | None = None
         self._loop = self.loop = asyncio.get_running_loop()
         # When it was opened, when it last went back to the pool, and its keep-alive expiry there.
@@ -337,8 +361,8 @@ class _Connection(asyncio.Protocol):
         pool: Transport,
         head: bytes,
         content: bytes,
-        timeouts: dict[str, float | None],
-        request: httpx2.Request,
+        timeouts: Mapping[str, float | None],
+        request: httpx2.Request | None,
     ) -> httpx2.Response:
         assert self.transport is not None
         self._pool, self._request = pool, request
@@ -608,6 +632,11 @@ class Body(httpx2.AsyncByteStream):
             connection.finished(keep=True)
 
 
+def origin_of(url: httpx2.URL) -> Origin:
+    scheme = url.raw_scheme
+    return (scheme, url.raw_host, url.port or (443 if scheme == b"https" else 80))
+
+
 def _request_head(request: httpx2.Request, length: int) -> bytes:
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
     for name, value in request.headers.raw:
@@ -656,19 +685,22 @@ def http_client(
     keepalive_expiry: float = KEEPALIVE_EXPIRY,
     max_connection_age: float = MAX_CONNECTION_AGE,
     dns_ttl: float = DNS_TTL,
+    transport: Transport | None = None,
 ) -> httpx2.AsyncClient:
-    """The httpx2 client a route's SDK sends through: on this module's transport, unless an
-    environment proxy applies to the route, which httpx2's own transport then goes through."""
+    """The httpx2 client a route's SDK sends through: on this module's transport (`transport`, or
+    a new one), unless an environment proxy applies to the route, which httpx2's own transport
+    then goes through."""
     limits = httpx2.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=keepalive_expiry
     )
-    if proxied(base_url):
-        log.info("an environment proxy applies to %s: its requests go through httpx2's transport", base_url)
-        return client_class(limits=limits)
-    transport = Transport(
-        max_connections=max_connections,
-        keepalive_expiry=keepalive_expiry,
-        max_connection_age=max_connection_age,
-        dns_ttl=dns_ttl,
-    )
+    if transport is None:
+        if proxied(base_url):
+            log.info("an environment proxy applies to %s: its requests go through httpx2's transport", base_url)
+            return client_class(limits=limits)
+        transport = Transport(
+            max_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+            max_connection_age=max_connection_age,
+            dns_ttl=dns_ttl,
+        )
     return client_class(limits=limits, transport=transport)

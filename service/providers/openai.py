@@ -1,7 +1,8 @@
 """OpenAI Chat Completions streaming: OpenAI itself, Azure OpenAI, and OpenAI-compatible servers
 (vLLM, Ollama, LM Studio, llama.cpp's server, ...), through the official `openai` SDK.
 
-The SDK sends the request; the body is read raw (see `service.providers.upstream`). Usage is
+The SDK builds the route's request once, sent from a template after that, and the body is read
+raw (see `service.providers.upstream`). Usage is
 always requested (`stream_options.include_usage`), so it arrives in a last chunk with no choices
 before `data: [DONE]`.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import base64
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httpx2
 import openai
+from openai._models import FinalRequestOptions
 
 from service.config import RouteConfig
 from service.events import (
@@ -35,14 +38,18 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import MIB, Capabilities, Options, PromptCaching, media
+from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
 from service.providers.upstream import (
     SSE_STREAM_TYPES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    TemplateSender,
+    checked_url,
+    json_bytes,
     loads,
-    post_streaming,
+    route_key,
     stream_error,
     token_count,
     truncated,
@@ -65,6 +72,8 @@ _AUDIO = media(dict.fromkeys(_AUDIO_FORMATS, frozenset({Source.DATA})), 20 * MIB
 # OpenAI's explicit breakpoints keep a prefix 30 minutes, the one lifetime they offer.
 _BREAKPOINT_TTLS = (1800.0,)
 _PROMPT_CACHE_MODES = ("automatic", "breakpoints")
+# The openai SDK's ways of making credentials per request (AsyncOpenAI's and AsyncAzureOpenAI's).
+_DYNAMIC_AUTH = ("_api_key_provider", "_provider_runtime", "_workload_identity_auth", "_azure_ad_token_provider")
 
 
 def effort_for_budget(budget: int) -> ReasoningEffort:
@@ -295,6 +304,48 @@ class ChunkParser:
         )
 
 
+def credentials_per_request(client: openai.AsyncOpenAI) -> bool:
+    """Whether the SDK makes the credentials per request (a key provider, workload identity, an
+    Azure AD token provider): then it sends every request itself, no template."""
+    return client.custom_auth is not None or any(getattr(client, name, None) is not None for name in _DYNAMIC_AUTH)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatOptions(ConnectionOptions):
+    """The options every Chat Completions route takes (`[routes.NAME.options]`)."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    max_tokens_field: str = bounds("max_completion_tokens", choices=_MAX_TOKENS_FIELDS)
+    # "breakpoints": models that take explicit `prompt_cache_breakpoint`s (gpt-5.6 and later).
+    prompt_cache: str = bounds("automatic", choices=_PROMPT_CACHE_MODES)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIOptions(ChatOptions):
+    """An `openai` route's options."""
+
+    base_url: str = "https://api.openai.com/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAICompatibleOptions(OpenAIOptions):
+    """An `openai-compatible` route's options: base_url required, key optional."""
+
+    base_url: str = ""
+    api_key_env: str = ""
+    # `max_tokens` is the field every compatible server knows.
+    max_tokens_field: str = bounds("max_tokens", choices=_MAX_TOKENS_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class AzureOpenAIOptions(ChatOptions):
+    """An `azure-openai` route's options: the route's `model` is the deployment."""
+
+    endpoint: str = ""
+    api_key_env: str = "AZURE_OPENAI_API_KEY"
+    api_version: str = "2024-10-21"
+
+
 class OpenAIProvider(HTTPProvider):
     """api.openai.com, or any base URL speaking the same API with an OpenAI-style key."""
 
@@ -306,18 +357,15 @@ class OpenAIProvider(HTTPProvider):
         status_exception=openai.APIStatusError,
         connection_exception=openai.APIConnectionError,
     )
-    default_key_env: ClassVar[str] = "OPENAI_API_KEY"
-    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
-    default_max_tokens_field: ClassVar[str] = "max_completion_tokens"
+    options_class: ClassVar[type[ChatOptions]] = OpenAIOptions
     request_id_header = "x-request-id"
 
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
-        options = Options(route)
-        self.settings = self._settings(options, route)
-        self.max_tokens_field = options.choice("max_tokens_field", self.default_max_tokens_field, _MAX_TOKENS_FIELDS)
-        # "breakpoints": models that take explicit `prompt_cache_breakpoint`s (gpt-5.6 and later).
-        self.breakpoints = options.choice("prompt_cache", "automatic", _PROMPT_CACHE_MODES) == "breakpoints"
+        self.options = o = read_options(self.options_class, route)
+        self.settings = self._settings(o, route)
+        self.max_tokens_field = o.max_tokens_field
+        self.breakpoints = o.prompt_cache == "breakpoints"
         self.capabilities = Capabilities(
             images=_IMAGES,
             documents=_DOCUMENTS,
@@ -326,17 +374,19 @@ class OpenAIProvider(HTTPProvider):
             cache_ttls=_BREAKPOINT_TTLS if self.breakpoints else (),
             response_formats=frozenset(ResponseFormatType),
         )
-        self._configure(options, route)
-        options.done()
+        self.transport = self.settings.transport()
         self.client = self._client()
-
-    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
-        return HTTPSettings.read(
-            options, route, default_key_env=self.default_key_env, default_base_url=self.default_base_url
+        self.sender = TemplateSender(
+            self.client,
+            self.transport,
+            FinalRequestOptions,
+            credential=lambda: self.client.api_key,
+            dynamic=lambda: credentials_per_request(self.client),
         )
 
-    def _configure(self, options: Options, route: RouteConfig) -> None:
-        """Reads options of a variant's own."""
+    def _settings(self, o: ChatOptions, route: RouteConfig) -> HTTPSettings:
+        assert isinstance(o, OpenAIOptions)
+        return HTTPSettings.of(o, checked_url(route, "base_url", o.base_url), route_key(route, o.api_key_env))
 
     def _client(self) -> openai.AsyncOpenAI:
         s = self.settings
@@ -346,12 +396,12 @@ class OpenAIProvider(HTTPProvider):
             # The router retries (it knows the caller's deadline); SDK retries would stack on it.
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient, self.transport),
         )
 
     def _send(self, request: GenerationRequest) -> AbstractAsyncContextManager[httpx2.Response]:
         body = request_body(request, self.max_tokens_field, breakpoints=self.breakpoints)
-        return post_streaming(self.client, self._path(request), body, self.settings.timeout(request))
+        return self.sender.post(self._path(request), json_bytes(body), self.settings.limits(request))
 
     def _path(self, request: GenerationRequest) -> str:
         return "/chat/completions"
@@ -367,26 +417,23 @@ class OpenAICompatibleProvider(OpenAIProvider):
     """A self-hosted OpenAI-compatible server (vLLM, Ollama, ...): base_url required, key optional."""
 
     kind = "openai-compatible"
-    default_key_env = ""
-    default_base_url = ""
-    # `max_tokens` is the field every compatible server knows.
-    default_max_tokens_field = "max_tokens"
+    options_class = OpenAICompatibleOptions
 
-    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
-        return HTTPSettings.read(options, route, default_key_env="", key_required=False)
+    def _settings(self, o: ChatOptions, route: RouteConfig) -> HTTPSettings:
+        assert isinstance(o, OpenAIOptions)
+        base_url = checked_url(route, "base_url", o.base_url)
+        return HTTPSettings.of(o, base_url, route_key(route, o.api_key_env, required=False))
 
 
 class AzureOpenAIProvider(OpenAIProvider):
     """An Azure OpenAI deployment: the route's `model` is the deployment name."""
 
     kind = "azure-openai"
-    default_key_env = "AZURE_OPENAI_API_KEY"
+    options_class = AzureOpenAIOptions
 
-    def _settings(self, options: Options, route: RouteConfig) -> HTTPSettings:
-        return HTTPSettings.read(options, route, default_key_env=self.default_key_env, base_url_key="endpoint")
-
-    def _configure(self, options: Options, route: RouteConfig) -> None:
-        self.api_version = options.string("api_version", "2024-10-21")
+    def _settings(self, o: ChatOptions, route: RouteConfig) -> HTTPSettings:
+        assert isinstance(o, AzureOpenAIOptions)
+        return HTTPSettings.of(o, checked_url(route, "endpoint", o.endpoint), route_key(route, o.api_key_env))
 
     def _path(self, request: GenerationRequest) -> str:
         # The SDK puts the deployment into the path itself only when it is handed the body as a
@@ -396,12 +443,13 @@ class AzureOpenAIProvider(OpenAIProvider):
         return f"/deployments/{urllib.parse.quote(request.upstream_model, safe='')}/chat/completions"
 
     def _client(self) -> openai.AsyncOpenAI:
-        s = self.settings
+        s, o = self.settings, self.options
+        assert isinstance(o, AzureOpenAIOptions)
         return openai.AsyncAzureOpenAI(
             api_key=s.api_key,
             azure_endpoint=s.base_url,
-            api_version=self.api_version,
+            api_version=o.api_version,
             max_retries=0,
             timeout=s.read_timeout,
-            http_client=s.http_client(openai.DefaultAsyncHttpxClient),
+            http_client=s.http_client(openai.DefaultAsyncHttpxClient, self.transport),
         )

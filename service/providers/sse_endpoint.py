@@ -29,6 +29,7 @@ from service.events import Finished, FinishReason, GenerationRequest, ProviderEv
 from service.providers.base import bounds, read_options
 from service.providers.upstream import (
     DEFAULT_ERRORS,
+    ConnectionOptions,
     HTTPProvider,
     HTTPSettings,
     loads,
@@ -59,7 +60,7 @@ _MISSING: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
-class SSEEndpointOptions:
+class SSEEndpointOptions(ConnectionOptions):
     """An `sse-endpoint` route's options, besides `body` (a table, read apart)."""
 
     # The endpoint's whole URL, query included.
@@ -87,9 +88,6 @@ class SSEEndpointOptions:
     # Whether a body that ends cleanly (its chunked terminator) is the end: for endpoints with no
     # end marker. A clean close in the middle of an answer then looks complete.
     end_on_close: bool = False
-    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
-    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
-    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
 
 
 Pointer = tuple[str, ...] | None
@@ -313,13 +311,7 @@ class SSEEndpointProvider(HTTPProvider):
             )
         parts = urllib.parse.urlsplit(o.url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        self.settings = HTTPSettings(
-            base_url=origin,
-            api_key=key,
-            connect_timeout=o.connect_timeout_seconds,
-            read_timeout=o.read_timeout_seconds,
-            max_connections=o.max_connections,
-        )
+        self.settings = HTTPSettings.of(o, origin, key)
         self.client = self.settings.http_client(httpx2.AsyncClient)
 
     def request_body(self, request: GenerationRequest) -> bytes:

@@ -1,7 +1,8 @@
 """What the HTTP provider adapters share: credentials, timeouts, reading the raw event stream, and
 turning HTTP and transport failures into the error taxonomy.
 
-The vendor SDKs build and send the request (auth, headers, base URLs, their error classes); the
+The vendor SDKs build the request (auth, headers, base URLs) and make their error classes; a route
+builds its request once through its SDK and keeps it as a template (`TemplateSender`), and the
 adapters read the response body themselves, through `events`, and parse each event with orjson.
 Retries are not the SDKs' business here: every client is built with `max_retries=0`, and the
 router is the one retry owner, because only it knows the caller's deadline and the fallbacks.
@@ -29,7 +30,7 @@ from service.config import ConfigError, RouteConfig
 from service.errors import ErrorCode, GatewayError, register_secret, sanitize, stream_truncated
 from service.events import EventStream, Finished, GenerationRequest, ProviderEvent
 from service.providers import http1
-from service.providers.base import Options, Provider
+from service.providers.base import Provider, bounds
 from service.providers.framing import Framing, FramingError
 from service.providers.sse import SSEDecoder
 
@@ -41,62 +42,89 @@ _DRAIN_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """The options every HTTP route takes for its connections to the provider: each provider's
+    typed options (see `service.providers.base.read_options`) extend this class, and
+    `HTTPSettings.of` turns them into the route's settings."""
+
+    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
+    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
+    # Connections to the provider open at once, all kept alive for reuse: a stream holds one
+    # for its whole life, so this bounds the route's concurrent streams.
+    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
+    # The transport's pool (service/providers/http1.py): idle keep-alive expiry, connection
+    # lifetime, and how long a DNS answer is reused.
+    keepalive_expiry_seconds: float = bounds(http1.KEEPALIVE_EXPIRY, minimum=0.0)
+    max_connection_age_seconds: float = bounds(http1.MAX_CONNECTION_AGE, minimum=0.0)
+    dns_ttl_seconds: float = bounds(http1.DNS_TTL, minimum=0.0)
+
+
+def checked_url(route: RouteConfig, key: str, url: str) -> str:
+    """A route's provider URL option `key`, which must be set and be http(s)."""
+    if not url:
+        raise ConfigError(f"[routes.{route.name}] options.{key} is required for provider {route.provider!r}")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"[routes.{route.name}] options.{key} must be an http:// or https:// URL")
+    return url
+
+
+def route_key(route: RouteConfig, key_env: str, *, required: bool = True) -> str:
+    """The API key in the environment variable `key_env` ("" for none), registered as a secret."""
+    key = os.environ.get(key_env, "") if key_env else ""
+    if required and not key:
+        raise ConfigError(
+            f"[routes.{route.name}] environment variable {key_env or '(none)'} is not set; it holds the "
+            f"provider's API key (change the variable's name with options.api_key_env)"
+        )
+    if key:
+        # From here on no log line or message can carry it, whatever shape it has.
+        register_secret(key)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPSettings:
-    """A route's connection settings, read from its options."""
+    """A route's connection settings: where, with which key, and its `ConnectionOptions`."""
 
     base_url: str
     api_key: str
     connect_timeout: float
     read_timeout: float
-    # Connections to the provider open at once, all kept alive for reuse: a stream holds one
-    # for its whole life, so this bounds the route's concurrent streams.
     max_connections: int
-    # The transport's pool (service/providers/http1.py): idle keep-alive expiry, connection
-    # lifetime, and how long a DNS answer is reused.
     keepalive_expiry: float = http1.KEEPALIVE_EXPIRY
     max_connection_age: float = http1.MAX_CONNECTION_AGE
     dns_ttl: float = http1.DNS_TTL
 
     @staticmethod
-    def read(
-        options: Options,
-        route: RouteConfig,
-        *,
-        default_key_env: str,
-        key_required: bool = True,
-        default_base_url: str = "",
-        base_url_key: str = "base_url",
-    ) -> HTTPSettings:
-        base_url = options.string(base_url_key, default_base_url)
-        if not base_url:
-            raise ConfigError(
-                f"[routes.{route.name}] options.{base_url_key} is required for provider {route.provider!r}"
-            )
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"[routes.{route.name}] options.{base_url_key} must be an http:// or https:// URL")
-        key_env = options.string("api_key_env", default_key_env)
-        api_key = os.environ.get(key_env, "") if key_env else ""
-        if key_required and not api_key:
-            raise ConfigError(
-                f"[routes.{route.name}] environment variable {key_env or '(none)'} is not set; it holds the "
-                f"provider's API key (change the variable's name with options.api_key_env)"
-            )
-        if api_key:
-            # From here on no log line or message can carry it, whatever shape it has.
-            register_secret(api_key)
+    def of(options: ConnectionOptions, base_url: str, api_key: str) -> HTTPSettings:
         return HTTPSettings(
             base_url=base_url,
             api_key=api_key,
-            connect_timeout=options.number("connect_timeout_seconds", 10.0, minimum=0.1, maximum=600.0),
-            read_timeout=options.number("read_timeout_seconds", 120.0, minimum=0.1, maximum=3600.0),
-            max_connections=options.number("max_connections", 1000, minimum=1, maximum=100_000),
-            keepalive_expiry=options.number("keepalive_expiry_seconds", http1.KEEPALIVE_EXPIRY, minimum=0.0),
-            max_connection_age=options.number("max_connection_age_seconds", http1.MAX_CONNECTION_AGE, minimum=0.0),
-            dns_ttl=options.number("dns_ttl_seconds", http1.DNS_TTL, minimum=0.0),
+            connect_timeout=options.connect_timeout_seconds,
+            read_timeout=options.read_timeout_seconds,
+            max_connections=options.max_connections,
+            keepalive_expiry=options.keepalive_expiry_seconds,
+            max_connection_age=options.max_connection_age_seconds,
+            dns_ttl=options.dns_ttl_seconds,
         )
 
-    def http_client(self, client_class: type[httpx2.AsyncClient]) -> httpx2.AsyncClient:
-        """The httpx2 client for the route's SDK (`client_class`, the SDK's own defaults)."""
+    def transport(self) -> http1.Transport | None:
+        """The route's own connection pool; None where an environment proxy applies to the route
+        (its requests then go through httpx2's transport, see `http1.http_client`)."""
+        if http1.proxied(self.base_url):
+            return None
+        return http1.Transport(
+            max_connections=self.max_connections,
+            keepalive_expiry=self.keepalive_expiry,
+            max_connection_age=self.max_connection_age,
+            dns_ttl=self.dns_ttl,
+        )
+
+    def http_client(
+        self, client_class: type[httpx2.AsyncClient], transport: http1.Transport | None = None
+    ) -> httpx2.AsyncClient:
+        """The httpx2 client for the route's SDK (`client_class`, the SDK's own defaults), on
+        `transport` when given (one pool shared with the route's request templates)."""
         return http1.http_client(
             client_class,
             self.base_url,
@@ -104,10 +132,12 @@ class HTTPSettings:
             keepalive_expiry=self.keepalive_expiry,
             max_connection_age=self.max_connection_age,
             dns_ttl=self.dns_ttl,
+            transport=transport,
         )
 
-    def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
-        """The route's timeouts, never longer than what is left of the caller's deadline.
+    def limits(self, request: GenerationRequest) -> tuple[float, float]:
+        """The route's (connect, read) timeouts, never longer than what is left of the caller's
+        deadline. Writing and waiting for a pooled connection take the connect timeout.
 
         The read timeout bounds the silence between two pieces of the body: a stalled provider
         ends as PROVIDER_TIMEOUT instead of holding the stream open.
@@ -116,6 +146,11 @@ class HTTPSettings:
         if request.deadline is not None:
             remaining = max(request.deadline - time.monotonic(), 0.001)
             connect, read = min(connect, remaining), min(read, remaining)
+        return connect, read
+
+    def timeout(self, request: GenerationRequest) -> httpx2.Timeout:
+        """`limits` as httpx2's timeouts."""
+        connect, read = self.limits(request)
         return httpx2.Timeout(connect=connect, read=read, write=connect, pool=connect)
 
 
@@ -400,27 +435,33 @@ class StreamParser(Protocol):
 _ORJSON_BUFFER = 4096
 
 
-@contextlib.asynccontextmanager
-async def post_streaming(
-    client: Any, path: str, body: dict[str, Any], limits: httpx2.Timeout, headers: Mapping[str, str] | None = None
-) -> AsyncIterator[httpx2.Response]:
-    """POSTs `body` through a vendor SDK's client and yields the response with its body unread.
+def json_bytes(body: dict[str, Any]) -> bytes:
+    """A request body as JSON bytes, made by orjson in one copy.
 
-    The SDK supplies the base URL (and Azure's deployment path), authentication, its headers and,
-    for an error status, its exception classes. Its generic `post` is used rather than the typed
-    `create`: that one first walks the whole body to rename aliased keys (our bodies have none),
-    which cost more than the rest of sending the request.
-
-    The body goes as JSON bytes made here by orjson, in one copy. Given the dict, the SDKs walk it
-    once more and serialize it with `json.dumps` to a str and then encode that: for a prompt of a
-    few MiB, two more copies of it at once. The bodies hold only what JSON has (validation
-    refuses NaN and infinities), so both ways send the same JSON.
+    The SDKs, given the dict, walk it once more and serialize it with `json.dumps` to a str and
+    then encode that: for a prompt of a few MiB, two more copies of it at once. The bodies hold
+    only what JSON has (validation refuses NaN and infinities), so both ways send the same JSON.
     """
     content = orjson.dumps(body)
     if len(content) < _ORJSON_BUFFER:
         # orjson's bytes keep its whole first buffer (4 KiB, measured with tracemalloc), and the
         # request holds them for the stream's life: an exact-size copy of a small body instead.
         content = b"".join((content, b""))
+    return content
+
+
+@contextlib.asynccontextmanager
+async def post_streaming(
+    client: Any, path: str, content: bytes, limits: httpx2.Timeout, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[httpx2.Response]:
+    """POSTs the JSON bytes `content` through a vendor SDK's client and yields the response with
+    its body unread.
+
+    The SDK supplies the base URL (and Azure's deployment path), authentication, its headers and,
+    for an error status, its exception classes. Its generic `post` is used rather than the typed
+    `create`: that one first walks the whole body to rename aliased keys (our bodies have none),
+    which cost more than the rest of sending the request.
+    """
     response: httpx2.Response = await client.post(
         path,
         cast_to=httpx2.Response,
@@ -433,6 +474,179 @@ async def post_streaming(
         yield response
     finally:
         await response.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTemplate:
+    """A route's request as its SDK builds it, made once: the head's lines that are the same for
+    every request (request line with Azure's deployment path and api-version query, Host, the
+    auth header, the SDK's User-Agent and X-Stainless-* headers, content type, anthropic-version).
+    Per request only the lines that carry its read timeout, its Content-Length and its body are
+    added (`render`)."""
+
+    url: httpx2.URL
+    origin: http1.Origin
+    head: bytes
+    # The headers whose value the SDK sets to the request's read timeout, in seconds.
+    timeout_headers: tuple[bytes, ...]
+    # The SDK's credentials when it was built: when they change it is built again.
+    credential: object
+
+    def render(self, read_timeout: float, length: int) -> bytes:
+        value = str(read_timeout).encode()
+        parts = [self.head]
+        for name in self.timeout_headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Content-Length: %d\r\n\r\n" % length)
+        return b"".join(parts)
+
+
+# Two read timeouts no route has: the SDK builds the request with each, and the headers whose
+# value follows them are the ones `render` fills in.
+_PROBE_TIMEOUTS = (httpx2.Timeout(7.25, read=11.75), httpx2.Timeout(7.5, read=13.5))
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def request_template(first: httpx2.Request, second: httpx2.Request, credential: object) -> RequestTemplate | None:
+    """The template of two builds of one request, made with the read timeouts of _PROBE_TIMEOUTS;
+    None when they differ in anything else (a per-request id or signature: only the SDK can make
+    such a request)."""
+    url = first.url
+    if (
+        first.method != "POST"
+        or second.method != "POST"
+        or url != second.url
+        or url.raw_scheme not in (b"http", b"https")
+    ):
+        return None
+    a, b = first.headers.raw, second.headers.raw
+    if len(a) != len(b):
+        return None
+    reads = [str(t.read).encode() for t in _PROBE_TIMEOUTS]
+    lines = [b"POST " + url.raw_path + b" HTTP/1.1"]
+    timeout_headers: list[bytes] = []
+    for (name, value), (other_name, other_value) in zip(a, b, strict=True):
+        lower = name.lower()
+        if lower != other_name.lower():
+            return None
+        if lower in _BODY_HEADERS:
+            continue
+        if value == other_value:
+            lines.append(name + b": " + value)
+        elif [value, other_value] == reads:
+            timeout_headers.append(name)
+        else:
+            return None
+    lines.append(b"")
+    return RequestTemplate(url, http1.origin_of(url), b"\r\n".join(lines), tuple(timeout_headers), credential)
+
+
+async def sdk_request(client: Any, options_class: Any, path: str, limits: httpx2.Timeout) -> httpx2.Request:
+    """The request a vendor SDK's `client` sends for `post_streaming(client, path, ...)`, made the
+    way its `request()` makes it for a first attempt, without sending it."""
+    options = options_class.construct(
+        method="post", url=path, content=b"{}", timeout=limits, idempotency_key=client._idempotency_key()
+    )
+    options = await client._prepare_options(options)
+    request: httpx2.Request = client._build_request(options, retries_taken=0)
+    await client._prepare_request(request)
+    return request
+
+
+# Templates one route keeps (Azure has one per deployment a request names).
+_MAX_TEMPLATES = 64
+
+
+class TemplateSender:
+    """Sends a route's requests from `RequestTemplate`s: the SDK builds each path's request once
+    (again when its credentials change), and per request only the head's variable lines and the
+    orjson body are written, through the route's own transport. What a template cannot stand for
+    goes through the SDK as before: credentials it refreshes per request (`dynamic()`), extra
+    headers, a route behind an environment proxy, a request whose builds differ, a redirect.
+
+    An error status is raised as the SDK's own exception, made by the SDK from the response,
+    so that the route's ErrorTable classifies it as it classifies the SDK's.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        transport: http1.Transport | None,
+        options_class: Any,
+        *,
+        credential: Callable[[], object],
+        dynamic: Callable[[], bool],
+    ) -> None:
+        self._client = client
+        self._transport = transport
+        self._options_class = options_class
+        self._credential = credential
+        self._dynamic = dynamic
+        self._templates: dict[str, RequestTemplate | None] = {}
+
+    async def template(self, path: str) -> RequestTemplate | None:
+        """The template for POSTs to `path`; None when the SDK must send them itself.
+
+        `dynamic()` is asked only when one is built: how an SDK client makes its credentials is
+        fixed when the client is made (a few µs a request saved); its key is compared every time.
+        """
+        if self._transport is None:
+            return None
+        credential = self._credential()
+        if path in self._templates:
+            known = self._templates[path]
+            if known is None or known.credential == credential:
+                return known
+        template = None
+        if not self._dynamic():
+            first, second = [await sdk_request(self._client, self._options_class, path, t) for t in _PROBE_TIMEOUTS]
+            template = request_template(first, second, credential)
+        if len(self._templates) >= _MAX_TEMPLATES:
+            self._templates.clear()
+        self._templates[path] = template
+        return template
+
+    @contextlib.asynccontextmanager
+    async def post(
+        self, path: str, content: bytes, limits: tuple[float, float], headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[httpx2.Response]:
+        """Like `post_streaming`: POSTs the JSON bytes `content` to `path` within `limits`
+        (HTTPSettings.limits), and yields the response with its body unread."""
+        template = None if headers else await self.template(path)
+        response = None if template is None else await self._send(template, content, limits)
+        if response is None:
+            connect, read = limits
+            timeout = httpx2.Timeout(connect=connect, read=read, write=connect, pool=connect)
+            async with post_streaming(self._client, path, content, timeout, headers) as response:
+                yield response
+            return
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(
+        self, template: RequestTemplate, content: bytes, limits: tuple[float, float]
+    ) -> httpx2.Response | None:
+        connect, read = limits
+        assert self._transport is not None
+        response = await self._transport.send_head(
+            template.origin,
+            template.render(read, len(content)),
+            content,
+            {"connect": connect, "read": read, "write": connect, "pool": connect},
+        )
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        try:
+            if status < 400:
+                return None  # the SDK's client follows redirects: it sends this one
+            response.request = httpx2.Request("POST", template.url)
+            await response.aread()
+            raise self._client._make_status_error_from_response(response)
+        finally:
+            await response.aclose()
 
 
 class HTTPProvider(Provider):
