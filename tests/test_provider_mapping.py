@@ -177,7 +177,8 @@ def test_anthropic_body_options_and_reasoning() -> None:
 
 
 def routes(provider: str, **options: Any) -> Any:
-    return build_routes({"r": {"provider": provider, "model": "m", "options": options}}, "test")["r"]
+    model = "owner/model" if provider == "replicate" else "m"
+    return build_routes({"r": {"provider": provider, "model": model, "options": options}}, "test")["r"]
 
 
 def test_a_missing_key_stops_the_server_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,6 +220,8 @@ def test_bad_route_options_are_named(
         ("gemini", {}),
         ("bedrock", {"region": "us-east-1", "auth": "api-key"}),
         ("sse-endpoint", {"url": "http://127.0.0.1:9/generate", "end_data": "[DONE]"}),
+        ("watsonx", {"url": "https://127.0.0.1:9", "project_id": "p", "auth": "token"}),
+        ("replicate", {}),
     ],
 )
 async def test_every_http_route_takes_the_connection_options(
@@ -227,6 +230,8 @@ async def test_every_http_route_takes_the_connection_options(
     for name in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
         monkeypatch.setenv(name, "test-key-for-config-checks")
     monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", "test-key-for-config-checks")
+    monkeypatch.setenv("WATSONX_TOKEN", "test-key-for-config-checks")
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "test-key-for-config-checks")
     with pytest.raises(ConfigError, match=r"options\.keepalive_expiry_seconds must be from 0\.0, got -1"):
         create_provider(routes(provider, **options, keepalive_expiry_seconds=-1))
     pool = {"max_connections": 7, "keepalive_expiry_seconds": 5, "max_connection_age_seconds": 60, "dns_ttl_seconds": 0}

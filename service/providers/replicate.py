@@ -89,6 +89,7 @@ from service.providers.framing import FramingError
 from service.providers.sse import MAX_EVENT_BYTES
 from service.providers.upstream import (
     STATUS_CODES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
@@ -122,7 +123,7 @@ ERRORS = ErrorTable(
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicateOptions:
+class ReplicateOptions(ConnectionOptions):
     """A Replicate route's options (`[routes.NAME.options]`)."""
 
     api_key_env: str = "REPLICATE_API_TOKEN"
@@ -152,9 +153,6 @@ class ReplicateOptions:
     cached_tokens_metric: str = ""
     # How long a background cancel of an abandoned prediction may take.
     cancel_timeout_seconds: float = bounds(5.0, minimum=0.1, maximum=60.0)
-    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
-    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
-    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
 
 
 # --- framing -------------------------------------------------------------------------------------
@@ -536,13 +534,7 @@ class ReplicateProvider(HTTPProvider):
             "accept": "application/json",
         }
         self.origins = _origins(o, route.name)
-        self.settings = HTTPSettings(
-            base_url=self.base,
-            api_key=key,
-            connect_timeout=o.connect_timeout_seconds,
-            read_timeout=o.read_timeout_seconds,
-            max_connections=o.max_connections,
-        )
+        self.settings = HTTPSettings.of(o, self.base, key)
         self.client = self.settings.http_client(httpx2.AsyncClient)
         self._attempts: dict[int, _Attempt] = {}
         self.cancels = _Cancels()

@@ -64,6 +64,7 @@ from service.providers.base import MIB, Capabilities, bounds, media, read_option
 from service.providers.openai import effort_for_budget
 from service.providers.upstream import (
     STATUS_CODES,
+    ConnectionOptions,
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
@@ -124,7 +125,7 @@ log = logging.getLogger("tokenwire.watsonx")
 
 
 @dataclass(frozen=True, slots=True)
-class WatsonxOptions:
+class WatsonxOptions(ConnectionOptions):
     """A watsonx route's options (`[routes.NAME.options]`)."""
 
     # The service's base URL: a region's (https://us-south.ml.cloud.ibm.com) or a Cloud Pak for Data cluster's.
@@ -148,12 +149,6 @@ class WatsonxOptions:
     # PEM file of the CAs to trust for the service and IAM; empty: the system's trust. Never off.
     ca_bundle_file: str = ""
     max_tokens_field: str = bounds("max_tokens", choices=_MAX_TOKENS_FIELDS)
-    connect_timeout_seconds: float = bounds(10.0, minimum=0.1, maximum=600.0)
-    read_timeout_seconds: float = bounds(120.0, minimum=0.1, maximum=3600.0)
-    max_connections: int = bounds(1000, minimum=1, maximum=100_000)
-    keepalive_expiry_seconds: float = bounds(http1.KEEPALIVE_EXPIRY, minimum=0.0)
-    max_connection_age_seconds: float = bounds(http1.MAX_CONNECTION_AGE, minimum=0.0)
-    dns_ttl_seconds: float = bounds(http1.DNS_TTL, minimum=0.0)
 
 
 def _b64(data: bytes | None) -> str:
@@ -691,16 +686,7 @@ class WatsonxProvider(HTTPProvider):
             self.url = hrefs.FM_CHAT.format(url, "chat_stream") + query
             self.scope = {"model_id": route.model}
             self.scope["project_id" if o.project_id else "space_id"] = o.project_id or o.space_id
-        self.settings = HTTPSettings(
-            base_url=url,
-            api_key="",
-            connect_timeout=o.connect_timeout_seconds,
-            read_timeout=o.read_timeout_seconds,
-            max_connections=o.max_connections,
-            keepalive_expiry=o.keepalive_expiry_seconds,
-            max_connection_age=o.max_connection_age_seconds,
-            dns_ttl=o.dns_ttl_seconds,
-        )
+        self.settings = HTTPSettings.of(o, url, "")
         self.iam: IAMToken | None = None
         self.token = ""
         key = iam_token_url = ""
