@@ -27,18 +27,13 @@ from service.events import (
     GenerationRequest,
     Part,
     PartKind,
-    ProviderEvent,
-    ReasoningDelta,
-    ReasoningEffort,
     ResponseFormatType,
     Role,
     Source,
-    TextDelta,
-    ToolCallDelta,
     ToolChoiceMode,
-    Usage,
 )
 from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
+from service.providers.chat_completions import ChunkReader, effort_for_budget
 from service.providers.upstream import (
     SSE_STREAM_TYPES,
     ConnectionOptions,
@@ -51,7 +46,6 @@ from service.providers.upstream import (
     loads,
     route_key,
     stream_error,
-    token_count,
     truncated,
 )
 
@@ -74,15 +68,6 @@ _BREAKPOINT_TTLS = (1800.0,)
 _PROMPT_CACHE_MODES = ("automatic", "breakpoints")
 # The openai SDK's ways of making credentials per request (AsyncOpenAI's and AsyncAzureOpenAI's).
 _DYNAMIC_AUTH = ("_api_key_provider", "_provider_runtime", "_workload_identity_auth", "_azure_ad_token_provider")
-
-
-def effort_for_budget(budget: int) -> ReasoningEffort:
-    """Chat Completions takes an effort, not a budget: the closest effort to a token budget."""
-    if budget <= 4096:
-        return ReasoningEffort.LOW
-    if budget <= 16384:
-        return ReasoningEffort.MEDIUM
-    return ReasoningEffort.HIGH
 
 
 def _b64(data: bytes | None) -> str:
@@ -196,42 +181,10 @@ def request_body(request: GenerationRequest, max_tokens_field: str, *, breakpoin
     return body
 
 
-def usage_from(raw: dict[str, Any]) -> Usage:
-    prompt = raw.get("prompt_tokens_details")
-    completion = raw.get("completion_tokens_details")
-    return Usage(
-        input_tokens=token_count(raw.get("prompt_tokens")),
-        output_tokens=token_count(raw.get("completion_tokens")),
-        cache_read_input_tokens=token_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
-        reasoning_tokens=token_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
-    )
+class ChunkParser(ChunkReader):
+    """`chat.completion.chunk` events -> neutral events."""
 
-
-def _well_typed(piece: ToolCallDelta) -> bool:
-    return (
-        type(piece.index) is int
-        and 0 <= piece.index < 2**31
-        and isinstance(piece.id, str)
-        and isinstance(piece.name, str)
-        and isinstance(piece.arguments, str)
-    )
-
-
-class ChunkParser:
-    """`chat.completion.chunk` events -> neutral events. Only choice 0 is read (tokenwire asks for one)."""
-
-    __slots__ = ("done", "finish_reason", "kind", "model", "out", "refused", "request_id", "usage")
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.out: list[ProviderEvent] = []
-        self.done = False
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.refused = False
-        self.request_id = ""
-        # The snapshot that answered, read from the usage chunk: once per stream, not per chunk.
-        self.model = ""
+    __slots__ = ()
 
     def handle(self, name: bytes, data: bytes) -> None:
         if data == b"[DONE]":
@@ -240,50 +193,7 @@ class ChunkParser:
         chunk = loads(data, self.kind)
         if "error" in chunk and chunk["error"] is not None:
             raise stream_error(self.kind, chunk, OpenAIProvider.errors)
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage_from(usage)
-            model = chunk.get("model")
-            if isinstance(model, str):
-                self.model = model
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) == 0:
-                self._choice(choice)
-
-    def _choice(self, choice: dict[str, Any]) -> None:
-        out = self.out
-        delta = choice.get("delta")
-        if delta:
-            # vLLM and DeepSeek send `reasoning_content`; Ollama and OpenRouter send `reasoning`.
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning and isinstance(reasoning, str):
-                out.append(ReasoningDelta(reasoning))
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                out.append(TextDelta(content))
-            refusal = delta.get("refusal")
-            if refusal and isinstance(refusal, str):
-                self.refused = True
-                out.append(TextDelta(refusal))
-            calls = delta.get("tool_calls")
-            if calls:
-                for position, call in enumerate(calls):
-                    function = call.get("function") or {}
-                    piece = ToolCallDelta(
-                        index=call.get("index", position),
-                        id=call.get("id") or "",
-                        name=function.get("name") or "",
-                        arguments=function.get("arguments") or "",
-                    )
-                    if not _well_typed(piece):
-                        raise TypeError("tool call delta")
-                    if piece.id or piece.name or piece.arguments:
-                        out.append(piece)
-        reason = choice.get("finish_reason")
-        if reason:
-            if not isinstance(reason, str):
-                raise TypeError("finish_reason")
-            self.finish_reason = reason
+        self._read(chunk, "model")
 
     def finish(self) -> Finished:
         raw = self.finish_reason
@@ -295,13 +205,7 @@ class ChunkParser:
         reason = _FINISH_REASONS.get(raw, FinishReason.OTHER)
         if self.refused and reason is FinishReason.STOP:
             reason = FinishReason.REFUSAL
-        return Finished(
-            reason=reason,
-            raw_reason=raw,
-            usage=self.usage,
-            provider_request_id=self.request_id,
-            provider_model=self.model,
-        )
+        return self._finished(reason, raw)
 
 
 def credentials_per_request(client: openai.AsyncOpenAI) -> bool:

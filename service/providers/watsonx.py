@@ -49,19 +49,14 @@ from service.events import (
     GenerationRequest,
     Part,
     PartKind,
-    ProviderEvent,
-    ReasoningDelta,
     ResponseFormatType,
     Role,
     Source,
-    TextDelta,
-    ToolCallDelta,
     ToolChoiceMode,
-    Usage,
 )
 from service.providers import http1
 from service.providers.base import MIB, Capabilities, bounds, media, read_options
-from service.providers.openai import effort_for_budget
+from service.providers.chat_completions import ChunkReader, effort_for_budget
 from service.providers.upstream import (
     STATUS_CODES,
     ConnectionOptions,
@@ -71,7 +66,6 @@ from service.providers.upstream import (
     loads,
     provider_text,
     status_error,
-    token_count,
     transport_error,
     truncated,
 )
@@ -306,31 +300,10 @@ def in_stream_error(provider: str, body: object) -> GatewayError:
     return kind_of(code, message, provider=provider, provider_http_status=status or 0)
 
 
-def usage_from(raw: dict[str, Any]) -> Usage:
-    prompt = raw.get("prompt_tokens_details")
-    completion = raw.get("completion_tokens_details")
-    return Usage(
-        input_tokens=token_count(raw.get("prompt_tokens")),
-        output_tokens=token_count(raw.get("completion_tokens")),
-        cache_read_input_tokens=token_count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
-        reasoning_tokens=token_count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
-    )
+class ChatStreamParser(ChunkReader):
+    """chat_stream chunks -> neutral events."""
 
-
-class ChatStreamParser:
-    """chat_stream chunks -> neutral events. Only choice 0 is read (the gateway asks for one)."""
-
-    __slots__ = ("calls", "done", "finish_reason", "kind", "model", "out", "request_id", "usage")
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.out: list[ProviderEvent] = []
-        self.done = False
-        self.request_id = ""
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.model = ""
-        self.calls = 0
+    __slots__ = ()
 
     def handle(self, name: bytes, data: bytes) -> None:
         if name == b"error":
@@ -349,55 +322,11 @@ class ChatStreamParser:
             chunk_id = chunk.get("id")
             if isinstance(chunk_id, str):
                 self.request_id = chunk_id
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage_from(usage)
-            model = chunk.get("model_id") or chunk.get("model")
-            if isinstance(model, str):
-                self.model = model
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) == 0:
-                self._choice(choice)
+        self._read(chunk, "model_id", "model")
         # Usage comes with the finish reason or in a chunk of its own after it: the answer is
         # whole once both are in (or the body ends).
         if self.finish_reason is not None and self.usage is not None:
             self.done = True
-
-    def _choice(self, choice: dict[str, Any]) -> None:
-        out = self.out
-        delta = choice.get("delta")
-        if delta:
-            reasoning = delta.get("reasoning_content")
-            if reasoning and isinstance(reasoning, str):
-                out.append(ReasoningDelta(reasoning))
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                out.append(TextDelta(content))
-            for position, call in enumerate(delta.get("tool_calls") or ()):
-                function = call.get("function") or {}
-                piece = ToolCallDelta(
-                    index=call.get("index", position),
-                    id=call.get("id") or "",
-                    name=function.get("name") or "",
-                    arguments=function.get("arguments") or "",
-                )
-                if not (
-                    type(piece.index) is int
-                    and 0 <= piece.index < 2**31
-                    and isinstance(piece.id, str)
-                    and isinstance(piece.name, str)
-                    and isinstance(piece.arguments, str)
-                ):
-                    raise TypeError("tool call delta")
-                if piece.id or piece.name:
-                    self.calls += 1
-                if piece.id or piece.name or piece.arguments:
-                    out.append(piece)
-        reason = choice.get("finish_reason")
-        if reason:
-            if not isinstance(reason, str):
-                raise TypeError("finish_reason")
-            self.finish_reason = reason
 
     def finish(self) -> Finished:
         raw = self.finish_reason
@@ -413,13 +342,7 @@ class ChatStreamParser:
         reason = FINISH_REASONS.get(raw, FinishReason.OTHER)
         if reason is FinishReason.STOP and self.calls:
             reason = FinishReason.TOOL_CALLS
-        return Finished(
-            reason=reason,
-            raw_reason=raw,
-            usage=self.usage,
-            provider_request_id=self.request_id,
-            provider_model=self.model,
-        )
+        return self._finished(reason, raw)
 
 
 class IAMToken:
