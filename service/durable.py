@@ -236,13 +236,24 @@ class _Tail:
     def __len__(self) -> int:
         return len(self._held) - self._head
 
-    def push(self, sequence: int, payload: bytes, *, terminal: bool = False) -> None:
-        """An acknowledged append of one message at `sequence`."""
+    def push(self, sequence: int, payload: bytes, *, terminal: bool = False, hold: bool = True) -> None:
+        """An acknowledged append of one message at `sequence`. With `hold` False (no reader in
+        this process) nothing is kept: a reader that comes later reads the journal, then the
+        tail once it has caught up."""
         if self.closed:
             return
         if sequence != self.last + 1:
             # Not the next one (never expected): the journal, not the tail, says what follows.
             self.close()
+            return
+        if not hold:
+            if len(self):
+                self._held, self._head, self.size = [], 0, 0
+            self.first = self.last = sequence
+            self.first += 1
+            if terminal:
+                self.terminal = self.closed = True
+            self._wake(True)
             return
         held = self._held
         held.append(payload)
@@ -357,7 +368,8 @@ class Follower:
                 tail = producer.tail if producer is not None else None
                 # Only a look at the journal, then back to the tail.
                 glance = False
-                if tail is not None and tail.covers(self.after):
+                # (A reader the journal found behind the record reads the journal until it is not.)
+                if tail is not None and not behind and tail.covers(self.after):
                     payloads = tail.after(self.after, _READ_BATCH)
                     if payloads:
                         self.after += len(payloads)
@@ -412,8 +424,11 @@ class Follower:
                     return
                 if streams.reapable(record) and await streams.reap(record):
                     continue  # its producer is gone: the terminal Error is journaled, read it
-                if glance or (tail is not None and not tail.closed and tail.covers(self.after)):
+                if not glance and tail is not None and not tail.closed and tail.covers(self.after):
                     continue  # back to the tail (a reader that was behind it has caught up)
+                # After a whole slice of silence on the tail, the journal's wait: it also wakes for
+                # a terminal another replica writes (a fenced Cancel, a reap), which the tail never
+                # sees. The next message the producer appends brings the reader back to the tail.
                 try:
                     await journal.wait(self.stream_id, self.after, _WAIT_SLICE_SECONDS)
                 except JournalError:
@@ -612,6 +627,8 @@ class DurableStreams:
                 # the fenced write here ends the stream for every reader all the same.
                 with contextlib.suppress(Fenced, JournalError):
                     await self._append_terminal(latest, cancelled)
+                if producer.tail is not None:
+                    producer.tail.close()  # its readers here read that terminal from the journal
         elif not await self.reap(record):
             # Another replica produces it: asked through the journal, its supervisor closes the
             # upstream and journals STREAM_CANCELLED. One that does not answer in time (or is not
@@ -869,7 +886,7 @@ class DurableStreams:
                         return await self._full(producer, message.sequence, "in total")
                     # Acknowledged: readers here may have it now, and not before.
                     if tail is not None:
-                        tail.push(message.sequence, payload, terminal=terminal)
+                        tail.push(message.sequence, payload, terminal=terminal, hold=producer.readers > 0)
                     count += 1
                     size += len(payload)
                     if terminal:
@@ -930,7 +947,7 @@ class DurableStreams:
                 status=StreamStatus.FAILED,
             )
             if producer.tail is not None:
-                producer.tail.push(sequence, payload, terminal=True)
+                producer.tail.push(sequence, payload, terminal=True, hold=producer.readers > 0)
         return err.code.value
 
     async def _fail_start(self, stream_id: str, err: GatewayError) -> None:

@@ -313,3 +313,16 @@ async def test_on_redis_the_first_caller_reads_nothing_back_and_sees_what_resume
         other.stub.Resume(pb.ResumeRequest(stream_id=sid, resume_token=token, after_sequence=len(first) // 2))
     )
     assert code == grpc.StatusCode.OK and wire(middle) == wire(first)[len(first) // 2 :]
+
+
+def test_with_no_reader_here_the_tail_holds_nothing_yet_stays_at_the_head() -> None:
+    tail = _Tail()
+    for sequence in range(1, 101):
+        tail.push(sequence, b"x" * 100, hold=False)
+    assert len(tail) == 0 and tail.size == 0
+    # A reader at the head waits on the tail; one behind it reads the journal.
+    assert tail.covers(100) and not tail.covers(99)
+    tail.push(101, b"next")
+    assert tail.after(100, 10) == [b"next"] and len(tail) == 1
+    tail.push(102, b"end", terminal=True, hold=False)
+    assert tail.terminal and tail.closed and len(tail) == 0
