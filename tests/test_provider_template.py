@@ -173,6 +173,47 @@ async def test_a_redirect_goes_through_the_sdk(fake_openai: FakeOpenAI, fake_ant
     assert isinstance(events[-1], Finished)
     # The template's request got the redirect; the SDK sent the request again (the next reply is 200).
     assert [r.status for r in fake_openai.requests] == [307, 200]
+    # A path that redirected once keeps the SDK's path: its body is not sent twice on every request.
+    assert p.sender._templates["/chat/completions"] is None
+
+
+async def test_cookies_the_provider_sets_are_kept_and_sent_as_the_sdk_would(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    p = provider("openai", fake_openai, fake_anthropic)
+    fake_openai.enqueue(StatusReply(429, headers={"set-cookie": "lb=node-7; Path=/"}), StreamReply())
+    try:
+        with pytest.raises(GatewayError):
+            await run(p, generation())
+        events = await run(p, generation())
+        template = p.sender._templates["/chat/completions"]
+    finally:
+        await p.aclose()
+    assert isinstance(events[-1], Finished) and template is not None, "both went through the template"
+    assert "cookie" not in fake_openai.requests[0].headers
+    assert fake_openai.requests[1].headers.get("cookie") == "lb=node-7"
+
+
+async def test_a_base_url_with_a_user_and_password_keeps_the_sdk_path(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    url = fake_openai.base_url.replace("http://", "http://user:secret-pass@")
+    p = provider("openai-compatible", fake_openai, fake_anthropic, options={"base_url": url})
+    try:
+        assert await p.sender.template("/chat/completions") is None
+    finally:
+        await p.aclose()
+
+
+async def test_a_template_shows_no_credential_in_its_repr(
+    fake_openai: FakeOpenAI, fake_anthropic: FakeAnthropic
+) -> None:
+    p = provider("openai", fake_openai, fake_anthropic)
+    try:
+        template = await p.sender.template("/chat/completions")
+    finally:
+        await p.aclose()
+    assert template is not None and p.settings.api_key and p.settings.api_key not in repr(template)
 
 
 async def test_many_first_requests_at_once_share_the_route(

@@ -486,11 +486,12 @@ class RequestTemplate:
 
     url: httpx2.URL
     origin: http1.Origin
-    head: bytes
+    # Holds the auth header: kept out of the repr, as the credential is.
+    head: bytes = field(repr=False)
     # The headers whose value the SDK sets to the request's read timeout, in seconds.
-    timeout_headers: tuple[bytes, ...]
+    timeout_headers: tuple[bytes, ...] = ()
     # The SDK's credentials when it was built: when they change it is built again.
-    credential: object
+    credential: object = field(default=None, repr=False)
 
     def render(self, read_timeout: float, length: int) -> bytes:
         value = str(read_timeout).encode()
@@ -517,6 +518,8 @@ def request_template(first: httpx2.Request, second: httpx2.Request, credential: 
         or second.method != "POST"
         or url != second.url
         or url.raw_scheme not in (b"http", b"https")
+        # A user and password in the URL: the client adds their Basic auth only as it sends.
+        or url.userinfo
     ):
         return None
     a, b = first.headers.raw, second.headers.raw
@@ -529,7 +532,8 @@ def request_template(first: httpx2.Request, second: httpx2.Request, credential: 
         lower = name.lower()
         if lower != other_name.lower():
             return None
-        if lower in _BODY_HEADERS:
+        if lower in _BODY_HEADERS or lower == b"cookie":
+            # The body's are per request; cookies come from the client's jar as each is sent.
             continue
         if value == other_value:
             lines.append(name + b": " + value)
@@ -583,6 +587,8 @@ class TemplateSender:
         self._credential = credential
         self._dynamic = dynamic
         self._templates: dict[str, RequestTemplate | None] = {}
+        # The SDK's httpx2 client: its cookie jar is kept as it keeps it on the SDK's path.
+        self._http: httpx2.AsyncClient | None = getattr(client, "_client", None)
 
     async def template(self, path: str) -> RequestTemplate | None:
         """The template for POSTs to `path`; None when the SDK must send them itself.
@@ -598,7 +604,8 @@ class TemplateSender:
             if known is None or known.credential == credential:
                 return known
         template = None
-        if not self._dynamic():
+        # The client's own auth (an httpx Auth flow) is applied as it sends: only it can send.
+        if not self._dynamic() and getattr(self._http, "auth", None) is None:
             first, second = [await sdk_request(self._client, self._options_class, path, t) for t in _PROBE_TIMEOUTS]
             template = request_template(first, second, credential)
         if len(self._templates) >= _MAX_TEMPLATES:
@@ -613,7 +620,7 @@ class TemplateSender:
         """Like `post_streaming`: POSTs the JSON bytes `content` to `path` within `limits`
         (HTTPSettings.limits), and yields the response with its body unread."""
         template = None if headers else await self.template(path)
-        response = None if template is None else await self._send(template, content, limits)
+        response = None if template is None else await self._send(path, template, content, limits)
         if response is None:
             connect, read = limits
             timeout = httpx2.Timeout(connect=connect, read=read, write=connect, pool=connect)
@@ -626,23 +633,37 @@ class TemplateSender:
             await response.aclose()
 
     async def _send(
-        self, template: RequestTemplate, content: bytes, limits: tuple[float, float]
+        self, path: str, template: RequestTemplate, content: bytes, limits: tuple[float, float]
     ) -> httpx2.Response | None:
         connect, read = limits
         assert self._transport is not None
+        head = template.render(read, len(content))
+        jar = self._http.cookies if self._http is not None else None
+        request = None
+        if jar:
+            # The client's cookies for this URL, as it would send them.
+            request = httpx2.Request("POST", template.url)
+            jar.set_cookie_header(request)
+            cookie = request.headers.get("cookie")
+            if cookie:
+                head = head[:-2] + b"Cookie: " + cookie.encode("latin-1") + b"\r\n\r\n"
         response = await self._transport.send_head(
-            template.origin,
-            template.render(read, len(content)),
-            content,
-            {"connect": connect, "read": read, "write": connect, "pool": connect},
+            template.origin, head, content, {"connect": connect, "read": read, "write": connect, "pool": connect}
         )
+        if jar is not None and "set-cookie" in response.headers:
+            # Kept as the client keeps them (a load balancer's stickiness, a bot-management cookie).
+            response.request = request = request or httpx2.Request("POST", template.url)
+            jar.extract_cookies(response)
         status = response.status_code
         if 200 <= status < 300:
             return response
         try:
             if status < 400:
-                return None  # the SDK's client follows redirects: it sends this one
-            response.request = httpx2.Request("POST", template.url)
+                # The SDK's client follows redirects: it sends this one, and the path's requests
+                # from now on (a redirect answered once is answered again).
+                self._templates[path] = None
+                return None
+            response.request = request or httpx2.Request("POST", template.url)
             await response.aread()
             raise self._client._make_status_error_from_response(response)
         finally:
