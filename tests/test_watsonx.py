@@ -782,6 +782,16 @@ def test_reasoning_tool_calls_and_usage_after_the_finish() -> None:
     assert finished.provider_request_id == "chat-1" and finished.provider_model == "m"
 
 
+def test_a_refusal_or_reasoning_under_either_name_is_read_as_for_any_chat_completions_stream() -> None:
+    parser = ChatStreamParser("watsonx")
+    parser.handle(b"message", chunk({"index": 0, "delta": {"reasoning": "think"}}))
+    parser.handle(b"message", chunk({"index": 0, "delta": {"refusal": "I won't."}, "finish_reason": "stop"}))
+    parser.handle(b"message", chunk(usage={"prompt_tokens": 3, "completion_tokens": 2}))
+    assert parser.out == [ReasoningDelta("think"), TextDelta("I won't.")]
+    finished = parser.finish()
+    assert (finished.reason, finished.raw_reason) == (FinishReason.REFUSAL, "stop")
+
+
 async def test_finish_reason_error_is_a_failure_not_a_finish(fake: FakeWatsonx) -> None:
     fake.enqueue(StreamReply(text=["partial"], finish="error"))
     p = provider(fake)

@@ -126,6 +126,9 @@ class ChunkReader:
             self.finish_reason = reason
 
     def _finished(self, reason: FinishReason, raw: str) -> Finished:
+        if self.refused and reason is FinishReason.STOP:
+            # The model declined (its refusal streamed as text): not an ordinary stop.
+            reason = FinishReason.REFUSAL
         return Finished(
             reason=reason,
             raw_reason=raw,

@@ -202,10 +202,7 @@ class ChunkParser(ChunkReader):
         # [DONE] — an answer with no finish_reason was cut short either way.
         if raw is None:
             raise truncated(self.kind)
-        reason = _FINISH_REASONS.get(raw, FinishReason.OTHER)
-        if self.refused and reason is FinishReason.STOP:
-            reason = FinishReason.REFUSAL
-        return self._finished(reason, raw)
+        return self._finished(_FINISH_REASONS.get(raw, FinishReason.OTHER), raw)
 
 
 def credentials_per_request(client: openai.AsyncOpenAI) -> bool:
