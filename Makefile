@@ -9,11 +9,12 @@ BUF := node_modules/.bin/buf
 PROTOS := $(wildcard protos/tokenwire/v1/*.proto)
 ARGS ?=
 
-.PHONY: help setup run test soak bench bench-quick lint proto proto-check clients clients-check breaking contract-baseline demo clean cluster cluster-down
+.PHONY: test-fast help setup run test soak bench bench-quick lint proto proto-check clients clients-check breaking contract-baseline demo clean cluster cluster-down
 
 help:
 	@echo "make run          serve on localhost:50051 (built-in simulated model, no API key)"
 	@echo "make test         run the test suite"
+	@echo "make test-fast    the unit tests alone (framing, parsers, sequencer, validation, config): seconds"
 	@echo "make soak         run the long soak tests (about 5 minutes): memory over cancel cycles, stalled readers"
 	@echo "make bench        the benchmark rig: direct vs bare forwarder vs tokenwire vs LiteLLM (about 10 minutes)"
 	@echo "make bench-quick  the rig in brief, without LiteLLM (about 2 minutes)"
@@ -43,6 +44,14 @@ run: $(STAMP)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# The unit tests alone (no server, no fake, no subprocess), for a quick loop while editing the
+# framing, parsers, sequencer, validation, config or error taxonomy: seconds, not minutes.
+FAST_TESTS := tests/test_sse.py tests/test_sequencer.py tests/test_provider_parsers.py \
+	tests/test_content_parsers.py tests/test_content_validation.py tests/test_config.py \
+	tests/test_redact.py tests/test_taxonomy.py
+test-fast: $(STAMP)
+	$(PY) -m pytest $(FAST_TESTS) $(ARGS)
 
 # The soak tests only; their marker keeps them out of `make test`.
 soak: $(STAMP)
