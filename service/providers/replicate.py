@@ -85,8 +85,7 @@ from service.events import (
     Usage,
 )
 from service.providers.base import bounds, read_options
-from service.providers.framing import FramingError
-from service.providers.sse import MAX_EVENT_BYTES
+from service.providers.sse import SSEDecoder
 from service.providers.upstream import (
     STATUS_CODES,
     ConnectionOptions,
@@ -157,11 +156,10 @@ class ReplicateOptions(ConnectionOptions):
 
 # --- framing -------------------------------------------------------------------------------------
 
-_BOM = b"\xef\xbb\xbf"
 
-
-class EventDecoder:
-    """Server-sent events with their ids, for the shared read loop.
+class EventDecoder(SSEDecoder):
+    """Server-sent events with their ids, for the shared read loop: the shared framing, with
+    Replicate's block rule.
 
     Each event comes out as (name, data) where name is `event` + b"\\n" + `id` when the event
     carried an id (an SSE field name never holds a line end, so the split is unambiguous) and the
@@ -169,60 +167,11 @@ class EventDecoder:
     blank: an output token may be a space or a line break.
     """
 
-    __slots__ = ("_at_start", "_buffer", "_held_cr", "max_event_bytes")
+    __slots__ = ()
 
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = bytearray()
-        self._held_cr = False
-        self._at_start = True
-        self.max_event_bytes = max_event_bytes
-
-    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        if self._at_start:
-            head = bytes(self._buffer) + chunk
-            if len(head) < len(_BOM) and _BOM.startswith(head):
-                self._buffer[:] = head
-                return []
-            self._buffer.clear()
-            self._at_start = False
-            chunk = head[len(_BOM) :] if head.startswith(_BOM) else head
-        if self._held_cr:
-            chunk = b"\r" + chunk
-            self._held_cr = False
-        if b"\r" in chunk:
-            if chunk.endswith(b"\r"):
-                chunk = chunk[:-1]
-                self._held_cr = True
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer
-        search_from = max(len(buffer) - 1, 0)
-        buffer += chunk
-        end = buffer.find(b"\n\n", search_from)
-        if end < 0:
-            self._check_size()
-            return []
-        events: list[tuple[bytes, bytes]] = []
-        start = 0
-        while end >= 0:
-            event = _parse_block(bytes(buffer[start:end]))
-            if event is not None:
-                events.append(event)
-            start = end + 2
-            end = buffer.find(b"\n\n", start)
-        del buffer[:start]
-        self._check_size()
-        return events
-
-    def close(self) -> list[tuple[bytes, bytes]]:
-        self._at_start = False
-        if self._held_cr:
-            self._held_cr = False
-            return self.feed(b"\n")
-        return []
-
-    def _check_size(self) -> None:
-        if len(self._buffer) > self.max_event_bytes:
-            raise FramingError(f"an event exceeds {self.max_event_bytes} bytes")
+    @staticmethod
+    def parse_block(block: bytes) -> tuple[bytes, bytes] | None:
+        return _parse_block(block)
 
 
 def _parse_block(block: bytes) -> tuple[bytes, bytes] | None:

@@ -15,6 +15,8 @@ line end that only the end of the body can settle (a last CR) still completes it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from service.providers.framing import FramingError
 
 # An event larger than this is no LLM chunk: the upstream is broken or hostile.
@@ -31,7 +33,12 @@ class SSEError(FramingError):
 
 class SSEDecoder:
     """Feed it body chunks as they arrive; it returns the events each chunk completed. When the
-    body has ended, `close()` returns the events its end completed."""
+    body has ended, `close()` returns the events its end completed.
+
+    A vendor whose events need more of the specification than the LLM APIs' common part (ids,
+    blank data) subclasses it with its own `parse_block`: the framing (line ends, BOM, blank
+    lines, the size bound) stays this one.
+    """
 
     __slots__ = ("_at_start", "_buffer", "_held_cr", "max_event_bytes")
 
@@ -67,7 +74,7 @@ class SSEDecoder:
                 self._keep(chunk)
                 return []
             events: list[SSEEvent] = []
-            start = _split(chunk, 0, end, events)
+            start = _split(chunk, 0, end, events, self.parse_block)
             if start < len(chunk):
                 self._keep(chunk[start:])
             return events
@@ -80,7 +87,7 @@ class SSEDecoder:
             return []
         data = bytes(buffer)
         events = []
-        start = _split(data, 0, end, events)
+        start = _split(data, 0, end, events, self.parse_block)
         del buffer[:start]
         self._check_size()
         return events
@@ -117,13 +124,21 @@ class SSEDecoder:
         if len(self._buffer) > self.max_event_bytes:
             raise SSEError(f"an event exceeds {self.max_event_bytes} bytes")
 
+    @staticmethod
+    def parse_block(block: bytes) -> SSEEvent | None:
+        """One event's lines (LF-separated, the blank line excluded) as (name, data); None for a
+        block that is not dispatched."""
+        return _parse_block(block)
+
     @property
     def pending(self) -> bool:
         """Whether bytes of an unfinished event are buffered (the body stopped mid-event)."""
         return bool(self._buffer.strip())
 
 
-def _split(data: bytes, start: int, end: int, events: list[SSEEvent]) -> int:
+def _split(
+    data: bytes, start: int, end: int, events: list[SSEEvent], parse_block: Callable[[bytes], SSEEvent | None]
+) -> int:
     """Appends the complete events of `data` from `start`, whose first blank line is at `end`;
     returns where the unfinished rest begins."""
     while end >= 0:
@@ -134,7 +149,7 @@ def _split(data: bytes, start: int, end: int, events: list[SSEEvent]) -> int:
         if block.startswith(b"data: {") and b"\n" not in block:
             events.append((b"", block[6:]))
         elif block:
-            event = _parse_block(block)
+            event = parse_block(block)
             if event is not None:
                 events.append(event)
         end = data.find(b"\n\n", start)
