@@ -8,10 +8,11 @@ sequencer (`service.streams`) does them for every provider alike.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import enum
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -300,3 +301,15 @@ def read_options(cls: type[_O], route: RouteConfig) -> _O:
             raise TypeError(f"{cls.__name__}.{f.name}: options take str, bool, int or float, not {kind}")
     options.done()
     return cls(**values)
+
+
+@contextlib.contextmanager
+def vendor_sdk(route: RouteConfig, sdk: str, extra: str) -> Iterator[None]:
+    """Around the import of a vendor SDK that is an optional extra: when it is not installed, the
+    server does not start, and says which extra to install."""
+    try:
+        yield
+    except ImportError:
+        raise ConfigError(
+            f"[routes.{route.name}] provider {route.provider!r} needs the {sdk}: pip install 'tokenwire[{extra}]'"
+        ) from None

@@ -52,7 +52,7 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import MIB, TEXT_ONLY, Capabilities, PromptCaching, bounds, media, read_options
+from service.providers.base import MIB, TEXT_ONLY, Capabilities, PromptCaching, bounds, media, read_options, vendor_sdk
 from service.providers.framing import ERROR_PREFIX, EXCEPTION_PREFIX, EventStreamDecoder, Framing
 from service.providers.upstream import (
     STATUS_CODES,
@@ -447,13 +447,9 @@ class BedrockProvider(HTTPProvider):
         self._credentials_lock = asyncio.Lock()
         if not token:
             # The SDK is needed only to sign; importing it here makes a missing extra a start-up error.
-            try:
+            with vendor_sdk(route, "AWS SDK", "bedrock"):
                 import aiobotocore.session  # noqa: F401
                 import botocore.auth  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    f"[routes.{route.name}] provider 'bedrock' needs the AWS SDK: pip install 'tokenwire[bedrock]'"
-                ) from None
 
     def _framing(self) -> Framing:
         return EventStreamDecoder()

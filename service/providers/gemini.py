@@ -55,7 +55,7 @@ from service.events import (
     ToolChoiceMode,
     Usage,
 )
-from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
+from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options, vendor_sdk
 from service.providers.upstream import (
     STATUS_CODES,
     ConnectionOptions,
@@ -401,13 +401,9 @@ class GeminiProvider(HTTPProvider):
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
         self.options = o = read_options(GeminiOptions, route)
-        try:
+        with vendor_sdk(route, "google-genai SDK", "gemini"):
             from google import genai
             from google.genai import types
-        except ImportError:
-            raise ConfigError(
-                f"[routes.{route.name}] provider 'gemini' needs the google-genai SDK: pip install 'tokenwire[gemini]'"
-            ) from None
         base_url = o.base_url
         if base_url and not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"[routes.{route.name}] options.base_url must be an http:// or https:// URL")

@@ -84,7 +84,7 @@ from service.events import (
     TextDelta,
     Usage,
 )
-from service.providers.base import bounds, read_options
+from service.providers.base import bounds, read_options, vendor_sdk
 from service.providers.sse import SSEDecoder
 from service.providers.upstream import (
     STATUS_CODES,
@@ -436,13 +436,8 @@ class ReplicateProvider(HTTPProvider):
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
         self.options = o = read_options(ReplicateOptions, route)
-        try:
+        with vendor_sdk(route, "replicate SDK", "replicate"):
             from replicate.identifier import ModelVersionIdentifier
-        except ImportError:
-            raise ConfigError(
-                f"[routes.{route.name}] provider 'replicate' needs the replicate SDK: "
-                "pip install 'tokenwire[replicate]'"
-            ) from None
         if not o.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"[routes.{route.name}] options.base_url must be an http:// or https:// URL")
         if not o.prompt_field:

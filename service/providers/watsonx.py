@@ -55,7 +55,7 @@ from service.events import (
     ToolChoiceMode,
 )
 from service.providers import http1
-from service.providers.base import MIB, Capabilities, bounds, media, read_options
+from service.providers.base import MIB, Capabilities, bounds, media, read_options, vendor_sdk
 from service.providers.chat_completions import ChunkReader, effort_for_budget
 from service.providers.upstream import (
     STATUS_CODES,
@@ -583,13 +583,8 @@ class WatsonxProvider(HTTPProvider):
     def __init__(self, route: RouteConfig) -> None:
         super().__init__(route)
         self.options = o = read_options(WatsonxOptions, route)
-        try:
+        with vendor_sdk(route, "ibm-watsonx-ai SDK", "watsonx"):
             from ibm_watsonx_ai import href_definitions as hrefs
-        except ImportError:
-            raise ConfigError(
-                f"[routes.{route.name}] provider 'watsonx' needs the ibm-watsonx-ai SDK: "
-                "pip install 'tokenwire[watsonx]'"
-            ) from None
         name = f"[routes.{route.name}]"
         url = o.url.rstrip("/")
         if not url:
