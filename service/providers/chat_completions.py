@@ -14,11 +14,14 @@ from typing import Any
 from service.events import (
     Finished,
     FinishReason,
+    GenerationRequest,
     ProviderEvent,
     ReasoningDelta,
     ReasoningEffort,
+    ResponseFormat,
     TextDelta,
     ToolCallDelta,
+    ToolSpec,
     Usage,
 )
 from service.providers.upstream import token_count
@@ -31,6 +34,50 @@ def effort_for_budget(budget: int) -> ReasoningEffort:
     if budget <= 16384:
         return ReasoningEffort.MEDIUM
     return ReasoningEffort.HIGH
+
+
+def reasoning_effort(request: GenerationRequest) -> ReasoningEffort | None:
+    """The request's effort, or the one closest to its token budget."""
+    effort = request.reasoning_effort
+    if effort is None and request.reasoning_budget_tokens is not None:
+        effort = effort_for_budget(request.reasoning_budget_tokens)
+    return effort
+
+
+def add_sampling(body: dict[str, Any], request: GenerationRequest, max_tokens_field: str) -> None:
+    """The generation options the caller set, under their Chat Completions names."""
+    if request.max_output_tokens is not None:
+        body[max_tokens_field] = request.max_output_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop_sequences:
+        body["stop"] = list(request.stop_sequences)
+    if request.seed is not None:
+        body["seed"] = request.seed
+
+
+def function_tools(tools: tuple[ToolSpec, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                **({"description": tool.description} if tool.description else {}),
+                "parameters": tool.parameters or {"type": "object", "properties": {}},
+            },
+        }
+        for tool in tools
+    ]
+
+
+def json_schema_format(fmt: ResponseFormat, name: str) -> dict[str, Any]:
+    """`response_format` for a JSON schema; `name` is the schema's (a vendor may require one)."""
+    schema: dict[str, Any] = {"name": name, "schema": fmt.schema, "strict": fmt.strict}
+    if fmt.description:
+        schema["description"] = fmt.description
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def usage_from(raw: dict[str, Any]) -> Usage:

@@ -33,7 +33,13 @@ from service.events import (
     ToolChoiceMode,
 )
 from service.providers.base import MIB, Capabilities, PromptCaching, bounds, media, read_options
-from service.providers.chat_completions import ChunkReader, effort_for_budget
+from service.providers.chat_completions import (
+    ChunkReader,
+    add_sampling,
+    function_tools,
+    json_schema_format,
+    reasoning_effort,
+)
 from service.providers.upstream import (
     SSE_STREAM_TYPES,
     ConnectionOptions,
@@ -137,45 +143,21 @@ def request_body(request: GenerationRequest, max_tokens_field: str, *, breakpoin
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if request.max_output_tokens is not None:
-        body[max_tokens_field] = request.max_output_tokens
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.top_p is not None:
-        body["top_p"] = request.top_p
-    if request.stop_sequences:
-        body["stop"] = list(request.stop_sequences)
-    if request.seed is not None:
-        body["seed"] = request.seed
+    add_sampling(body, request, max_tokens_field)
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    **({"description": tool.description} if tool.description else {}),
-                    "parameters": tool.parameters or {"type": "object", "properties": {}},
-                },
-            }
-            for tool in request.tools
-        ]
+        body["tools"] = function_tools(request.tools)
         choice = request.tool_choice
         if choice.mode is ToolChoiceMode.NAMED:
             body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
         elif choice.mode is not ToolChoiceMode.AUTO:
             body["tool_choice"] = choice.mode.value
-    effort = request.reasoning_effort
-    if effort is None and request.reasoning_budget_tokens is not None:
-        effort = effort_for_budget(request.reasoning_budget_tokens)
+    effort = reasoning_effort(request)
     if effort is not None:
         body["reasoning_effort"] = effort.value
     fmt = request.response_format
     if fmt is not None:
         if fmt.type is ResponseFormatType.JSON_SCHEMA:
-            schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict}
-            if fmt.description:
-                schema["description"] = fmt.description
-            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+            body["response_format"] = json_schema_format(fmt, fmt.name)
         else:
             body["response_format"] = {"type": fmt.type.value}
     return body

@@ -56,7 +56,13 @@ from service.events import (
 )
 from service.providers import http1
 from service.providers.base import MIB, Capabilities, bounds, media, read_options, vendor_sdk
-from service.providers.chat_completions import ChunkReader, effort_for_budget
+from service.providers.chat_completions import (
+    ChunkReader,
+    add_sampling,
+    function_tools,
+    json_schema_format,
+    reasoning_effort,
+)
 from service.providers.upstream import (
     STATUS_CODES,
     ConnectionOptions,
@@ -205,29 +211,10 @@ def request_body(
         **scope,
         "messages": [_message(m, f"messages[{i}]") for i, m in enumerate(request.messages)],
     }
-    if request.max_output_tokens is not None:
-        body[max_tokens_field] = request.max_output_tokens
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.top_p is not None:
-        body["top_p"] = request.top_p
-    if request.stop_sequences:
-        body["stop"] = list(request.stop_sequences)
-    if request.seed is not None:
-        body["seed"] = request.seed
+    add_sampling(body, request, max_tokens_field)
     choice = request.tool_choice
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    **({"description": tool.description} if tool.description else {}),
-                    "parameters": tool.parameters or {"type": "object", "properties": {}},
-                },
-            }
-            for tool in request.tools
-        ]
+        body["tools"] = function_tools(request.tools)
         if choice.mode is ToolChoiceMode.NAMED:
             body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
         else:
@@ -235,19 +222,14 @@ def request_body(
             body["tool_choice_option"] = choice.mode.value
     elif choice.mode is ToolChoiceMode.NAMED:
         raise invalid_request("tool_choice", "a named tool choice needs tools")
-    effort = request.reasoning_effort
-    if effort is None and request.reasoning_budget_tokens is not None:
-        effort = effort_for_budget(request.reasoning_budget_tokens)
+    effort = reasoning_effort(request)
     if effort is not None:
         body["reasoning_effort"] = effort.value
         body["include_reasoning"] = True
     fmt = request.response_format
     if fmt is not None and fmt.type is not ResponseFormatType.TEXT:
         if fmt.type is ResponseFormatType.JSON_SCHEMA:
-            schema: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema, "strict": fmt.strict}
-            if fmt.description:
-                schema["description"] = fmt.description
-            body["response_format"] = {"type": "json_schema", "json_schema": schema}
+            body["response_format"] = json_schema_format(fmt, fmt.name or "response")
         else:
             body["response_format"] = {"type": "json_object"}
     return body
