@@ -686,21 +686,28 @@ def http_client(
     max_connection_age: float = MAX_CONNECTION_AGE,
     dns_ttl: float = DNS_TTL,
     transport: Transport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    also: tuple[str, ...] = (),
 ) -> httpx2.AsyncClient:
     """The httpx2 client a route's SDK sends through: on this module's transport (`transport`, or
-    a new one), unless an environment proxy applies to the route, which httpx2's own transport
-    then goes through."""
+    a new one), unless an environment proxy applies to the route's URL or to one of the others it
+    reaches (`also`), which httpx2's own transport then goes through (deciding per host, NO_PROXY
+    included). `ssl_context`: the TLS trust to verify with, on either transport (default: the
+    system's)."""
     limits = httpx2.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=keepalive_expiry
     )
     if transport is None:
-        if proxied(base_url):
+        if any(proxied(url) for url in (base_url, *also)):
             log.info("an environment proxy applies to %s: its requests go through httpx2's transport", base_url)
+            if ssl_context is not None:
+                return client_class(limits=limits, verify=ssl_context)
             return client_class(limits=limits)
         transport = Transport(
             max_connections=max_connections,
             keepalive_expiry=keepalive_expiry,
             max_connection_age=max_connection_age,
             dns_ttl=dns_ttl,
+            ssl_context=ssl_context,
         )
     return client_class(limits=limits, transport=transport)

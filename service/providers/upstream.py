@@ -17,6 +17,7 @@ import dataclasses
 import email.utils
 import math
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -121,10 +122,16 @@ class HTTPSettings:
         )
 
     def http_client(
-        self, client_class: type[httpx2.AsyncClient], transport: http1.Transport | None = None
+        self,
+        client_class: type[httpx2.AsyncClient],
+        transport: http1.Transport | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        also: tuple[str, ...] = (),
     ) -> httpx2.AsyncClient:
         """The httpx2 client for the route's SDK (`client_class`, the SDK's own defaults), on
-        `transport` when given (one pool shared with the route's request templates)."""
+        `transport` when given (one pool shared with the route's request templates); see
+        `http1.http_client` for `ssl_context` and `also` (other hosts the route reaches)."""
         return http1.http_client(
             client_class,
             self.base_url,
@@ -133,6 +140,8 @@ class HTTPSettings:
             max_connection_age=self.max_connection_age,
             dns_ttl=self.dns_ttl,
             transport=transport,
+            ssl_context=ssl_context,
+            also=also,
         )
 
     def limits(self, request: GenerationRequest) -> tuple[float, float]:

@@ -54,7 +54,6 @@ from service.events import (
     Source,
     ToolChoiceMode,
 )
-from service.providers import http1
 from service.providers.base import MIB, Capabilities, bounds, media, read_options, vendor_sdk
 from service.providers.chat_completions import (
     ChunkReader,
@@ -530,28 +529,6 @@ def _ssl_context(route: RouteConfig, ca_bundle_file: str) -> ssl.SSLContext:
     return context
 
 
-def _client(settings: HTTPSettings, context: ssl.SSLContext, urls: tuple[str, ...]) -> httpx2.AsyncClient:
-    """tokenwire's transport (as `HTTPSettings.http_client` builds it) with the route's TLS trust;
-    httpx2's own, verifying with the same context, when an environment proxy applies to any of
-    `urls` (the service's and IAM's): httpx2 then decides per host, NO_PROXY included, so neither
-    the service nor IAM is reached directly when the environment says it needs the proxy."""
-    limits = httpx2.Limits(
-        max_connections=settings.max_connections,
-        max_keepalive_connections=settings.max_connections,
-        keepalive_expiry=settings.keepalive_expiry,
-    )
-    if any(http1.proxied(u) for u in urls):
-        return httpx2.AsyncClient(limits=limits, verify=context)
-    transport = http1.Transport(
-        max_connections=settings.max_connections,
-        ssl_context=context,
-        keepalive_expiry=settings.keepalive_expiry,
-        max_connection_age=settings.max_connection_age,
-        dns_ttl=settings.dns_ttl,
-    )
-    return httpx2.AsyncClient(limits=limits, transport=transport)
-
-
 class WatsonxProvider(HTTPProvider):
     """A watsonx.ai foundation model in a project or space (the route's `model` is its model id,
     `ibm/granite-3-8b-instruct`), or a deployment (options.deployment_id)."""
@@ -599,7 +576,11 @@ class WatsonxProvider(HTTPProvider):
         else:
             self.token = _secret_env(name, o.token_env, "the bearer token", "token_env")
         context = _ssl_context(route, o.ca_bundle_file)
-        self.client = _client(self.settings, context, (url, iam_token_url) if iam_token_url else (url,))
+        # The route's TLS trust for the service and IAM alike; an environment proxy that applies
+        # to either sends both through httpx2's transport, which decides per host.
+        self.client = self.settings.http_client(
+            httpx2.AsyncClient, ssl_context=context, also=(iam_token_url,) if iam_token_url else ()
+        )
         if iam_token_url:
             self.iam = IAMToken(self.kind, self.client, iam_token_url, key, o.iam_timeout_seconds)
         self.headers = {"content-type": "application/json", "accept": "text/event-stream"}
