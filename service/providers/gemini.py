@@ -62,6 +62,7 @@ from service.providers.upstream import (
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    json_or_none,
     loads,
     status_error,
     stream_error,
@@ -501,11 +502,7 @@ class GeminiProvider(HTTPProvider):
         response = await self.client.send(sent, stream=True)
         try:
             if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    error: Any = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    error = None
+                error = json_or_none(await response.aread())
                 inner = error.get("error") if isinstance(error, dict) else None
                 status = inner.get("status") if isinstance(inner, dict) else None
                 table = ERRORS

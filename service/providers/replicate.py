@@ -92,6 +92,7 @@ from service.providers.upstream import (
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    json_or_none,
     loads,
     provider_text,
     status_error,
@@ -613,10 +614,7 @@ class ReplicateProvider(HTTPProvider):
             return
         if response.status_code not in (200, 201):
             return
-        try:
-            prediction = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
+        prediction = json_or_none(raw)
         prediction_id = prediction.get("id") if isinstance(prediction, dict) else None
         if not isinstance(prediction_id, str) or not prediction_id:
             return
@@ -634,11 +632,7 @@ class ReplicateProvider(HTTPProvider):
         return url if isinstance(url, str) and self.origins.allows(url) else ""
 
     def _status_error(self, response: httpx2.Response, raw: bytes) -> GatewayError:
-        try:
-            body: Any = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        kind, problem = _problem(body)
+        kind, problem = _problem(json_or_none(raw))
         return status_error(self.kind, response.status_code, response.headers, problem, ERRORS, kind=kind)
 
     async def _settle(self, finished: Finished, attempt: _Attempt, request: GenerationRequest) -> Finished:

@@ -32,6 +32,7 @@ from service.providers.upstream import (
     ConnectionOptions,
     HTTPProvider,
     HTTPSettings,
+    json_or_none,
     loads,
     status_error,
     stream_error,
@@ -336,11 +337,7 @@ class SSEEndpointProvider(HTTPProvider):
         response = await self.client.send(sent, stream=True)
         try:
             if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    body: object = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    body = None
+                body = json_or_none(await response.aread())
                 raise status_error(self.kind, response.status_code, response.headers, body, DEFAULT_ERRORS)
             yield response
         finally:

@@ -248,6 +248,14 @@ def provider_text(message: object, limit: int = _MAX_PROVIDER_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def json_or_none(raw: bytes) -> Any:
+    """An error body as JSON, or None when it is not JSON (a proxy's HTML page, an empty body)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def error_detail(body: object) -> tuple[str, str]:
     """The (type, message) of a vendor error body: `{"error": {...}}` or the error object itself."""
     if isinstance(body, dict):

@@ -68,6 +68,7 @@ from service.providers.upstream import (
     ErrorTable,
     HTTPProvider,
     HTTPSettings,
+    json_or_none,
     loads,
     provider_text,
     status_error,
@@ -625,12 +626,7 @@ class WatsonxProvider(HTTPProvider):
         assert response is not None
         try:
             if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    error: Any = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    error = None
-                first, _ = _first_error(error)
+                first, _ = _first_error(json_or_none(await response.aread()))
                 raise http_error(self.kind, response.status_code, response.headers, first)
             try:
                 yield response
