@@ -121,11 +121,14 @@ class ChunkReader:
         # The snapshot that answered, read from the usage chunk: once per stream, not per chunk.
         self.model = ""
 
-    def _read(self, chunk: dict[str, Any], *model_keys: str) -> None:
+    # Where the usage chunk names the model that answered, first found wins.
+    model_keys: tuple[str, ...] = ("model",)
+
+    def _read(self, chunk: dict[str, Any]) -> None:
         usage = chunk.get("usage")
         if usage:
             self.usage = usage_from(usage)
-            for key in model_keys:
+            for key in self.model_keys:
                 model = chunk.get(key)
                 if isinstance(model, str) and model:
                     self.model = model

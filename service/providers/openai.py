@@ -175,7 +175,7 @@ class ChunkParser(ChunkReader):
         chunk = loads(data, self.kind)
         if "error" in chunk and chunk["error"] is not None:
             raise stream_error(self.kind, chunk, OpenAIProvider.errors)
-        self._read(chunk, "model")
+        self._read(chunk)
 
     def finish(self) -> Finished:
         raw = self.finish_reason

@@ -286,6 +286,7 @@ class ChatStreamParser(ChunkReader):
     """chat_stream chunks -> neutral events."""
 
     __slots__ = ()
+    model_keys = ("model_id", "model")
 
     def handle(self, name: bytes, data: bytes) -> None:
         if name == b"error":
@@ -304,7 +305,7 @@ class ChatStreamParser(ChunkReader):
             chunk_id = chunk.get("id")
             if isinstance(chunk_id, str):
                 self.request_id = chunk_id
-        self._read(chunk, "model_id", "model")
+        self._read(chunk)
         # Usage comes with the finish reason or in a chunk of its own after it: the answer is
         # whole once both are in (or the body ends).
         if self.finish_reason is not None and self.usage is not None:
