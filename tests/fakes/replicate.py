@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from .kit import Kit
-from .replies import Reply, ResetReply, StatusReply, StreamReply
+from .replies import Reply, ResetReply, StreamReply
 from .server import (
     FakeServer,
     Frame,
@@ -147,26 +147,21 @@ class FakeReplicate(FakeServer):
             return "- version: Invalid type. Expected: string"
         return None
 
+    def _refusal(
+        self, params: Mapping[str, str], body: dict[str, Any], headers: Mapping[str, str]
+    ) -> tuple[int, str] | None:
+        # Replicate refuses an input it cannot validate with 422.
+        if "model" not in params and not isinstance(body.get("version"), str):
+            return 422, "- version: version is required"
+        problem = self._rejection(body, headers)
+        return None if problem is None else (422, problem)
+
     def _plan(self, incoming: _Incoming, path: str, body: Any, keep_alive: bool) -> Plan | ResetReply:
         """The create: the base's checks and script, then a 201 with the prediction."""
-        params = self._route(incoming.method, path)
-        if params is None:
-            return self._error_plan(404, "", self._not_found_message(incoming.method, path), keep_alive)
-        if not self._authorized(incoming.headers):
-            return self._error_plan(401, "", self._unauthorized_message(), keep_alive)
-        if not isinstance(body, dict):
-            return self._error_plan(400, "", "The request body is not a JSON object.", keep_alive)
-        if "model" not in params and not isinstance(body.get("version"), str):
-            return self._error_plan(422, "", "- version: version is required", keep_alive)
-        problem = self._rejection(body, incoming.headers)
-        if problem is not None:
-            self.rejections.append(problem)
-            return self._error_plan(422, "", problem, keep_alive)
-        reply = self._queue.popleft() if self._queue else self.default
-        if isinstance(reply, ResetReply):
-            return reply
-        if isinstance(reply, StatusReply):
-            return self._error_plan(reply.status, reply.error_type, reply.message, keep_alive, extra=reply.headers)
+        admitted = self._admit(incoming, path, body, keep_alive)
+        if not isinstance(admitted, tuple):
+            return admitted
+        params, body, reply = admitted
         prediction = Prediction(
             id=self._new_request_id(),
             model=params.get("model", MODEL),

@@ -607,7 +607,18 @@ class FakeServer(abc.ABC):
         body = self._error_body(status, error_type, message, request_id)
         return self._json_plan(status, body, request_id, keep_alive, **kw)
 
-    def _plan(self, incoming: _Incoming, path: str, body: Any, keep_alive: bool) -> Plan | ResetReply:
+    def _refusal(
+        self, params: Mapping[str, str], body: dict[str, Any], headers: Mapping[str, str]
+    ) -> tuple[int, str] | None:
+        """The status and message the vendor refuses this request with, before any script runs."""
+        problem = self._rejection(body, headers)
+        return None if problem is None else (400, problem)
+
+    def _admit(
+        self, incoming: _Incoming, path: str, body: Any, keep_alive: bool
+    ) -> tuple[dict[str, str], dict[str, Any], StreamReply] | Plan | ResetReply:
+        """The vendor's checks (route, key, body, `_refusal`), then the script's next reply: the
+        request's route params, its body and that reply, or the plan that answers it instead."""
         params = self._route(incoming.method, path)
         if params is None:
             return self._error_plan(404, "", self._not_found_message(incoming.method, path), keep_alive)
@@ -615,15 +626,22 @@ class FakeServer(abc.ABC):
             return self._error_plan(401, "", self._unauthorized_message(), keep_alive)
         if not isinstance(body, dict):
             return self._error_plan(400, "", "The request body is not a JSON object.", keep_alive)
-        problem = self._rejection(body, incoming.headers)
-        if problem is not None:
-            self.rejections.append(problem)
-            return self._error_plan(400, "", problem, keep_alive)
+        refused = self._refusal(params, body, incoming.headers)
+        if refused is not None:
+            self.rejections.append(refused[1])
+            return self._error_plan(refused[0], "", refused[1], keep_alive)
         reply = self._queue.popleft() if self._queue else self.default
         if isinstance(reply, ResetReply):
             return reply
         if isinstance(reply, StatusReply):
             return self._error_plan(reply.status, reply.error_type, reply.message, keep_alive, extra=reply.headers)
+        return params, body, reply
+
+    def _plan(self, incoming: _Incoming, path: str, body: Any, keep_alive: bool) -> Plan | ResetReply:
+        admitted = self._admit(incoming, path, body, keep_alive)
+        if not isinstance(admitted, tuple):
+            return admitted
+        params, body, reply = admitted
         request_id = self._new_request_id()
         ctx = RequestContext(body, params, request_id)
         if self._streams(params, body):
