@@ -110,6 +110,34 @@ def generation_request() -> GenerationRequest:
     )
 
 
+def parse_loop(
+    decoder: Callable[[], Any], parser: Callable[[], Any], pieces: list[bytes]
+) -> Callable[[], Awaitable[int]]:
+    """The decoder and the adapter's parser over `pieces`, without the read loop around them."""
+
+    async def run() -> int:
+        d, p = decoder(), parser()
+        for piece in pieces:
+            for name, data in d.feed(piece):
+                p.handle(name, data)
+                p.out.clear()
+        p.finish()
+        return len(pieces)
+
+    return run
+
+
+def adapter_loop(provider: Any, count: int) -> Callable[[], Awaitable[int]]:
+    """One whole stream through the provider (its read loop, decoder and parser)."""
+
+    async def run() -> int:
+        async for _ in provider.stream(generation_request()):
+            pass
+        return count
+
+    return run
+
+
 async def cpu_per_chunk(run: Callable[[], Awaitable[int]], repeat: int) -> float:
     await run()  # warm up: imports, caches, first-request costs
     samples = []
@@ -208,19 +236,8 @@ async def measure_bedrock(chunks: int, repeat: int) -> dict[str, float]:
     provider.client = replaying_client(pieces)
     results: dict[str, float] = {}
 
-    async def parse_only() -> int:
-        decoder, parser = EventStreamDecoder(), bedrock.StreamParser("bedrock")
-        for piece in pieces:
-            for name, data in decoder.feed(piece):
-                parser.handle(name, data)
-                parser.out.clear()
-        parser.finish()
-        return len(pieces)
-
-    async def adapter() -> int:
-        async for _ in provider.stream(generation_request()):
-            pass
-        return len(pieces)
+    parse_only = parse_loop(EventStreamDecoder, lambda: bedrock.StreamParser("bedrock"), pieces)
+    adapter = adapter_loop(provider, len(pieces))
 
     model = botocore.session.get_session().get_service_model("bedrock-runtime")
     shape = model.operation_model("ConverseStream").output_shape.members["stream"]
@@ -255,20 +272,10 @@ async def measure_flow(chunks: int, repeat: int) -> dict[str, float]:
     await provider.client.aclose()
     provider.client = replaying_client(pieces)
 
-    async def parse_only() -> int:
-        decoder = SSEDecoder()
-        parser = sse_endpoint.StreamParser(provider.kind, provider.options, provider.pointers)
-        for piece in pieces:
-            for name, data in decoder.feed(piece):
-                parser.handle(name, data)
-                parser.out.clear()
-        parser.finish()
-        return len(pieces)
-
-    async def adapter() -> int:
-        async for _ in provider.stream(generation_request()):
-            pass
-        return len(pieces)
+    parse_only = parse_loop(
+        SSEDecoder, lambda: sse_endpoint.StreamParser(provider.kind, provider.options, provider.pointers), pieces
+    )
+    adapter = adapter_loop(provider, len(pieces))
 
     results = {"parse only": await cpu_per_chunk(parse_only, repeat), "adapter": await cpu_per_chunk(adapter, repeat)}
     await provider.aclose()
@@ -290,19 +297,8 @@ async def measure_gemini(chunks: int, repeat: int) -> dict[str, float]:
     await provider.client.aclose()
     provider.client = replaying_client(pieces)
 
-    async def parse_only() -> int:
-        decoder, parser = SSEDecoder(), gemini.StreamParser("gemini")
-        for piece in pieces:
-            for name, data in decoder.feed(piece):
-                parser.handle(name, data)
-                parser.out.clear()
-        parser.finish()
-        return len(pieces)
-
-    async def adapter() -> int:
-        async for _ in provider.stream(generation_request()):
-            pass
-        return len(pieces)
+    parse_only = parse_loop(SSEDecoder, lambda: gemini.StreamParser("gemini"), pieces)
+    adapter = adapter_loop(provider, len(pieces))
 
     http_options = types.HttpOptions(
         base_url="http://127.0.0.1:9",
@@ -346,19 +342,8 @@ async def measure_watsonx(chunks: int, repeat: int) -> dict[str, float]:
     await provider.client.aclose()
     provider.client = replaying_client(pieces)
 
-    async def parse_only() -> int:
-        decoder, parser = SSEDecoder(), watsonx.ChatStreamParser("watsonx")
-        for piece in pieces:
-            for name, data in decoder.feed(piece):
-                parser.handle(name, data)
-                parser.out.clear()
-        parser.finish()
-        return len(pieces)
-
-    async def adapter() -> int:
-        async for _ in provider.stream(generation_request()):
-            pass
-        return len(pieces)
+    parse_only = parse_loop(SSEDecoder, lambda: watsonx.ChatStreamParser("watsonx"), pieces)
+    adapter = adapter_loop(provider, len(pieces))
 
     async def handler(request: httpx.Request) -> httpx.Response:
         await request.aread()
@@ -448,19 +433,8 @@ async def measure_replicate(chunks: int, repeat: int) -> dict[str, float]:
     await provider.client.aclose()
     provider.client = httpx2.AsyncClient(transport=httpx2.MockTransport(ours))
 
-    async def parse_only() -> int:
-        decoder, parser = replicate.EventDecoder(), replicate.StreamParser("replicate")
-        for piece in pieces:
-            for name, data in decoder.feed(piece):
-                parser.handle(name, data)
-                parser.out.clear()
-        parser.finish()
-        return len(pieces)
-
-    async def adapter() -> int:
-        async for _ in provider.stream(generation_request()):
-            pass
-        return len(pieces)
+    parse_only = parse_loop(replicate.EventDecoder, lambda: replicate.StreamParser("replicate"), pieces)
+    adapter = adapter_loop(provider, len(pieces))
 
     sdk = Client(api_token=KEY, base_url=_REPLICATE_BASE, transport=httpx.MockTransport(theirs))
 
